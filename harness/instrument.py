@@ -1,0 +1,80 @@
+"""Counting what methods make the models do, and stopping them when a budget runs out.
+
+Hooks sit on the model module itself, so every path into `forward` (our methods,
+transformers' generate, assisted generation's draft) is counted: no method can
+under-report its cost.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from methods.base import BudgetExhausted
+
+
+@dataclass(frozen=True)
+class Budget:
+    max_target_calls: int | None = None
+    max_target_tokens: int | None = None  # tokens the target processes: a FLOP proxy
+    max_wall_s: float | None = None
+
+
+def _tokens_in(args: tuple, kwargs: dict) -> int:
+    ids = kwargs.get("input_ids")
+    if ids is None and args and isinstance(args[0], torch.Tensor):
+        ids = args[0]
+    if ids is not None:
+        return int(ids.numel())
+    embeds = kwargs.get("inputs_embeds")
+    return int(embeds.shape[0] * embeds.shape[1]) if embeds is not None else 0
+
+
+class PassCounter:
+    """Forward passes and tokens processed by one model, with optional budget enforcement."""
+
+    def __init__(self, model: torch.nn.Module, role: str) -> None:
+        self.model, self.role = model, role
+        self.budget = Budget()
+        self.deadline: float | None = None
+        self.reset()
+        self._handles = [
+            model.register_forward_pre_hook(self._before, with_kwargs=True),
+            model.register_forward_hook(self._after),
+        ]
+
+    def reset(self, budget: Budget | None = None) -> None:
+        self.calls = self.tokens = 0
+        self.widths: list[int] = []  # tokens per pass: verification width for a target
+        self.first_pass_end: float | None = None
+        self.budget = budget or Budget()
+        self.deadline = time.perf_counter() + self.budget.max_wall_s if self.budget.max_wall_s else None
+
+    def _before(self, module, args, kwargs) -> None:
+        n = _tokens_in(args, kwargs)
+        b = self.budget
+        if b.max_target_calls is not None and self.calls + 1 > b.max_target_calls:
+            raise BudgetExhausted(f"{self.role} pass budget of {b.max_target_calls} reached")
+        if b.max_target_tokens is not None and self.tokens + n > b.max_target_tokens:
+            raise BudgetExhausted(f"{self.role} token budget of {b.max_target_tokens} reached")
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            raise BudgetExhausted(f"wall-clock budget of {b.max_wall_s} s reached")
+        self.calls += 1
+        self.tokens += n
+        self.widths.append(n)
+
+    def _after(self, module, args, output) -> None:
+        if self.first_pass_end is None:
+            synchronize(self.model)
+            self.first_pass_end = time.perf_counter()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def synchronize(model: torch.nn.Module) -> None:
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

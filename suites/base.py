@@ -1,0 +1,79 @@
+"""The suite contract: a named set of items, each with user turns and optional references."""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import ClassVar
+
+
+class SuiteDataError(ValueError):
+    """Malformed suite data; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Item:
+    item_id: str
+    category: str
+    turns: tuple[str, ...]
+    reference: tuple[str, ...] | None = None
+
+    def messages(self, turn: int, answers: list[str]) -> list[dict]:
+        """The chat up to user turn `turn`, earlier turns answered by the model's own `answers`."""
+        chat: list[dict] = []
+        for i in range(turn):
+            chat += [{"role": "user", "content": self.turns[i]}, {"role": "assistant", "content": answers[i]}]
+        return chat + [{"role": "user", "content": self.turns[turn]}]
+
+
+class Suite:
+    name: ClassVar[str] = ""
+    needs: ClassVar[str] = "generation"  # or "loglikelihood"
+    description: ClassVar[str] = ""
+
+    def __init__(self, data: str | None = None) -> None:
+        self.data = data
+
+    def items(self, limit: int | None = None) -> list[Item]:
+        raise NotImplementedError
+
+
+def first_per_category(items: list[Item], limit: int | None) -> list[Item]:
+    """Keep the first `limit` items of every category, in file order."""
+    if limit is None:
+        return items
+    seen: dict[str, int] = {}
+    kept = []
+    for item in items:
+        seen[item.category] = seen.get(item.category, 0) + 1
+        if seen[item.category] <= limit:
+            kept.append(item)
+    return kept
+
+
+_REGISTRY: dict[str, type[Suite]] = {}
+
+
+def register(name: str):
+    def wrap(cls: type[Suite]) -> type[Suite]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def registry() -> dict[str, type[Suite]]:
+    import suites
+
+    for info in pkgutil.iter_modules(suites.__path__):
+        if info.name != "base":
+            importlib.import_module(f"suites.{info.name}")
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_suite(name: str) -> type[Suite]:
+    known = registry()
+    if name not in known:
+        raise KeyError(f"unknown suite {name!r}; known suites: {', '.join(known)}")
+    return known[name]
