@@ -65,6 +65,22 @@ def cmd_run(args) -> int:
     return 0
 
 
+DEMO_METHODS = "ar,sps,pld,hf_generate,hf_assisted"
+
+
+def cmd_demo(args) -> int:
+    """The main job on the embedded Qwen pair, sized for a 2-core CPU; installs what is missing."""
+    from harness import models
+
+    missing = [n for n in (models.DEFAULT_TARGET, models.DEFAULT_DRAFT) if not models.installed(models.EMBEDDED[n])]
+    if missing:
+        console.print(f"installing embedded models: {', '.join(missing)}")
+        models.install(missing)
+    argv = ["run", "--methods", DEMO_METHODS, "--limit", str(args.limit), "--max-new-tokens",
+            str(args.max_new_tokens), "--out", args.out]
+    return main(argv)
+
+
 def cmd_report(args) -> int:
     from harness.report import build_report
 
@@ -151,6 +167,12 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--no-warmup", action="store_true")
     run.add_argument("--out", help="run folder (default runs/<suite>-<time>); re-running on it resumes")
     run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="the main job on the embedded models: ar, sps, pld and transformers' peers")
+    demo.add_argument("--limit", type=int, default=1)
+    demo.add_argument("--max-new-tokens", type=int, default=32)
+    demo.add_argument("--out", default="runs/demo")
+    demo.set_defaults(func=cmd_demo)
 
     rep = sub.add_parser("report", help="(re)build DIR/report from DIR/results.jsonl")
     rep.add_argument("run_dir")

@@ -193,6 +193,39 @@ def speed_table(records: pd.DataFrame, baseline: str = "ar") -> pd.DataFrame:
     return table
 
 
+def peer_table(records: pd.DataFrame, methods_manifest: dict) -> pd.DataFrame:
+    """Our implementation's tokens/s over its transformers counterpart's, on the same (item, turn) pairs.
+
+    A reference method names the method it is a peer of (`counterpart` in the manifest).
+    """
+    ok = _successful(_normalized(records))
+    per_pair = ok.groupby(["method", *PAIR_KEY])["tokens_per_s"].mean().unstack("method")
+    rows = []
+    for reference, described in methods_manifest.items():
+        ours = described.get("counterpart")
+        if not ours or ours not in per_pair or reference not in per_pair:
+            continue
+        matched = per_pair[ours].notna() & per_pair[reference].notna()
+        if not matched.any():
+            continue
+        ours_tps, ref_tps = per_pair.loc[matched, ours].to_numpy(), per_pair.loc[matched, reference].to_numpy()
+        low, high = _bootstrap_interval(ours_tps, ref_tps)
+        rows.append({"ours": ours, "transformers": reference, "pairs": int(matched.sum()),
+                     "ours tokens/s": ours_tps.mean(), "transformers tokens/s": ref_tps.mean(),
+                     "ratio": ours_tps.mean() / ref_tps.mean(), "CI low": low, "CI high": high})
+    return pd.DataFrame(rows)
+
+
+def _peer_display(peers: pd.DataFrame) -> dict | None:
+    if peers.empty:
+        return None
+    rows = [[r["ours"], r["transformers"], r["pairs"], f"{r['ours tokens/s']:.2f}", f"{r['transformers tokens/s']:.2f}",
+             _formatted(r["ratio"], "{:.2f}", MISSING_IN_SPEED_TABLE)
+             + ("" if math.isnan(r["CI low"]) else f" [{r['CI low']:.2f}, {r['CI high']:.2f}]")]
+            for _, r in peers.iterrows()]
+    return _table(["Ours", "transformers", "Pairs", "Ours tokens/s", "transformers tokens/s", "Ratio (95% CI)"], rows)
+
+
 def _formatted(value, pattern: str, missing: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return missing
@@ -496,6 +529,7 @@ def build_report(run_dir: str | Path, baseline: str = "ar") -> Path:
         "speed": _frame_table(_speed_display(table), methods_manifest),
         "definitions": DEFINITIONS.format(baseline=baseline, resamples=BOOTSTRAP_RESAMPLES),
         "cost": _frame_table(_cost_table(ok, methods), methods_manifest),
+        "peers": _peer_display(peer_table(records, methods_manifest)),
         "lossless": _lossless_section(ok, manifest, baseline),
         "plots": _draw_plots(table, ok, methods, baseline, folder),
         "errors": _errors_table(records),

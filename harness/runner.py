@@ -131,7 +131,7 @@ class Runner:
             "draft_calls": self.draft_counter.calls if self.draft_counter else 0,
             "draft_tokens": self.draft_counter.tokens if self.draft_counter else 0,
             "mean_accepted": len(out) / tc.calls if tc.calls else None,
-            "verify_widths": tc.widths[1:],  # tokens per target pass after prefill
+            "target_widths": tc.widths,  # tokens fed to each target pass: prefill, then verification widths
             "accept_lengths": ctx.trace.accepted, "proposed_lengths": ctx.trace.proposed,
             "trace_error": self._check_trace(ctx, tc.calls), "peak_mem_bytes": memory.peak_bytes,
             "energy_j": None, "stop_reason": stop, "budget_note": stop_note,

@@ -109,6 +109,7 @@ class Method:
     needs: ClassVar[Needs] = Needs()
     lossless: ClassVar[bool] = True  # output distribution equals the target's (greedy: same tokens)
     reference: ClassVar[bool] = False  # an outside implementation shown as a peer, not ours
+    counterpart: ClassVar[str | None] = None  # for a reference: which of our methods it is compared with
 
     @dataclass
     class Config:
@@ -136,6 +137,7 @@ class Method:
             "needs": cls.needs.describe(),
             "lossless": cls.lossless,
             "reference": cls.reference,
+            "counterpart": cls.counterpart,
         }
 
 

@@ -44,6 +44,7 @@ class TransformersGenerate(Method):
     paper = Paper("transformers generate()", url=_TRANSFORMERS)
     lossless = True
     reference = True
+    counterpart = "ar"
 
     def generate(self, ctx: DecodeContext) -> list[int]:
         return _run(ctx, _generation_config(ctx))
@@ -55,6 +56,7 @@ class TransformersAssisted(Method):
     needs = Needs(draft=True)
     lossless = True
     reference = True
+    counterpart = "sps"
 
     @dataclass
     class Config:

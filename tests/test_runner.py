@@ -1,0 +1,154 @@
+"""The runner end to end on tiny local model folders: counts, budgets, lossless checks, resume."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness.instrument import Budget
+from harness.manifest import ManifestMismatch
+from harness.results import read_records
+from harness.runner import RunConfig, Runner
+from methods import base as method_base
+from methods.base import Method
+
+QUESTIONS = [
+    {"question_id": "chat-1", "category": "mt_bench", "turns": ["hello world", "the robot paints"]},
+    {"question_id": "qa-1", "category": "qa", "turns": ["the cat reads"], "reference": ["yes"]},
+    {"question_id": "qa-2", "category": "qa", "turns": ["one plus two equals"], "reference": ["three"]},
+    {"question_id": "x-1", "category": "poetry", "turns": ["red blue green house"]},
+]
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    return str(path)
+
+
+def config(model_dirs, data_file, out, **kw):
+    defaults = dict(methods=["ar", "sps", "pld", "hf_generate", "hf_assisted"], target=model_dirs[0],
+                    draft=model_dirs[1], data=data_file, max_new_tokens=12, out=str(out), warmup=False)
+    return RunConfig(**{**defaults, **kw})
+
+
+def run(cfg) -> list[dict]:
+    Runner(cfg).run()
+    return read_records(cfg.out and __import__("pathlib").Path(cfg.out) / "results.jsonl")
+
+
+def test_full_run_counts_and_lossless_checks(model_dirs, data_file, tmp_path, cache_dir):
+    records = run(config(model_dirs, data_file, tmp_path / "run"))
+    assert len(records) == 5 * 5  # 5 methods x (1 two-turn item + 3 one-turn items)
+    assert not [r for r in records if r["error"]]
+    assert {r["category"] for r in records} == {"mt_bench", "qa", "poetry"}  # unknown category kept
+    by_method = {}
+    for r in records:
+        by_method.setdefault(r["method"], []).append(r)
+        assert r["trace_error"] is None
+        assert r["target_tokens"] == sum(r["target_widths"]) and len(r["target_widths"]) == r["target_calls"]
+        if r["method"] != "hf_assisted":  # assisted generation folds the prompt into its first verification
+            assert r["target_widths"][0] == r["prompt_tokens"]
+        if r["method"] in ("ar", "hf_generate"):
+            assert r["target_calls"] == r["new_tokens"]
+            assert r["target_tokens"] == r["prompt_tokens"] + r["new_tokens"] - 1
+        if r["method"] in ("sps", "pld"):
+            assert r["target_widths"][1:] == [1 + k for k in r["proposed_lengths"][1:]]
+        if r["method"] != "ar":
+            assert r["lossless_check"]["equal"], r
+    for r in by_method["sps"]:
+        assert r["draft_calls"] > 0 and r["draft_tokens"] >= r["prompt_tokens"]
+    ar_out = {(r["item_id"], r["turn"]): r["output_ids"] for r in by_method["ar"]}
+    for name in ("sps", "pld", "hf_generate", "hf_assisted"):
+        assert {(r["item_id"], r["turn"]): r["output_ids"] for r in by_method[name]} == ar_out
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["methods"]["hf_assisted"]["reference"] is True
+    assert manifest["target"]["kind"] == "folder" and manifest["versions"]["torch"]
+
+
+def test_budgets_stop_at_exactly_the_budget(model_dirs, data_file, tmp_path, cache_dir):
+    calls = run(config(model_dirs, data_file, tmp_path / "calls", methods=["ar", "sps"],
+                       budget=Budget(max_target_calls=3), max_new_tokens=50))
+    assert sum(r["stop_reason"] == "budget" for r in calls) >= 4
+    for r in calls:
+        assert r["target_calls"] <= 3
+        if r["method"] == "ar" and r["stop_reason"] != "eos":
+            assert r["target_calls"] == 3 and r["new_tokens"] == 3 and r["stop_reason"] == "budget"
+    tokens = run(config(model_dirs, data_file, tmp_path / "tokens", methods=["ar"],
+                        budget=Budget(max_target_tokens=20), max_new_tokens=50))
+    assert sum(r["stop_reason"] == "budget" for r in tokens) >= 2
+    for r in tokens:
+        assert r["target_tokens"] <= 20
+        if r["stop_reason"] != "eos":
+            assert r["stop_reason"] == "budget" and r["new_tokens"] == max(0, 20 - r["prompt_tokens"] + 1)
+
+
+def test_interrupted_run_resumes_without_loss_or_duplicates(model_dirs, data_file, tmp_path, cache_dir, monkeypatch):
+    cfg = config(model_dirs, data_file, tmp_path / "resume", methods=["ar", "pld"])
+    real_record = Runner._record
+    calls = {"n": 0}
+
+    def interrupt_after_four(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_record(self, *args)
+
+    monkeypatch.setattr(Runner, "_record", interrupt_after_four)
+    with pytest.raises(KeyboardInterrupt):
+        Runner(cfg).run()
+    results = tmp_path / "resume" / "results.jsonl"
+    before = results.read_text()
+    assert len(before.splitlines()) == 4
+    with open(results, "a") as f:
+        f.write('{"method": "ar", "item_')  # a record cut off mid-write
+    monkeypatch.setattr(Runner, "_record", real_record)
+    Runner(cfg).run()
+    after = results.read_text()
+    assert after.startswith(before)  # finished records untouched
+    keys = [(r["method"], r["item_id"], r["turn"]) for r in read_records(results)]
+    assert len(keys) == len(set(keys)) == 2 * 5
+    Runner(cfg).run()  # a third run finds nothing to do
+    assert results.read_text() == after
+
+
+@pytest.fixture
+def flaky_method():
+    @method_base.register("flaky_test_method")
+    class Flaky(Method):
+        lossless = False
+        fail = True
+
+        def generate(self, ctx):
+            if Flaky.fail and ctx.prompt_ids and len(ctx.prompt_ids) < 7:
+                raise RuntimeError("simulated failure")
+            ctx.emit([4])
+            return ctx.output
+
+    yield Flaky
+    method_base._REGISTRY.pop("flaky_test_method")
+
+
+def test_failing_items_are_recorded_and_retried(model_dirs, data_file, tmp_path, cache_dir, flaky_method):
+    cfg = config(model_dirs, data_file, tmp_path / "flaky", methods=["flaky_test_method"])
+    records = run(cfg)
+    failed = [r for r in records if r["error"]]
+    assert failed and all("simulated failure" in r["error"] or "earlier turn" in r["error"] for r in failed)
+    assert len(records) == 5  # the run went on past the failures
+    flaky_method.fail = False
+    records = run(cfg)
+    assert len(records) == 5 and not [r for r in records if r["error"]]
+
+
+def test_changed_settings_refuse_to_mix_into_a_run(model_dirs, data_file, tmp_path, cache_dir):
+    run(config(model_dirs, data_file, tmp_path / "mix", methods=["ar"], limit=1))
+    with pytest.raises(ManifestMismatch, match="max_new_tokens"):
+        Runner(config(model_dirs, data_file, tmp_path / "mix", methods=["pld"], limit=1, max_new_tokens=5)).run()
+
+
+def test_unknown_method_and_bad_setting_fail_before_loading(model_dirs, data_file, tmp_path):
+    with pytest.raises(KeyError, match="unknown method 'nope'"):
+        Runner(config(model_dirs, data_file, tmp_path / "x", methods=["nope"]))
+    with pytest.raises(ValueError, match="has no setting delta"):
+        Runner(config(model_dirs, data_file, tmp_path / "x", methods=["sps"], settings={"sps": {"delta": "1"}}))
