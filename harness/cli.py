@@ -191,6 +191,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # our own progress bar and messages say what is happening
+    hf_logging.disable_progress_bar()
     return args.func(args)
 
 

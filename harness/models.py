@@ -74,8 +74,10 @@ def cache_root() -> Path:
     env = os.environ.get("DECODEBENCH_CACHE")
     if env:
         return Path(env).expanduser()
-    from platformdirs import user_cache_dir
-
+    try:
+        from platformdirs import user_cache_dir
+    except ImportError:  # a bare GPU image may lack it: fall back to the XDG default
+        return Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")).expanduser() / "decodebench"
     return Path(user_cache_dir("decodebench"))
 
 

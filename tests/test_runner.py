@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from harness.instrument import Budget
 from harness.manifest import ManifestMismatch
@@ -152,3 +153,17 @@ def test_unknown_method_and_bad_setting_fail_before_loading(model_dirs, data_fil
         Runner(config(model_dirs, data_file, tmp_path / "x", methods=["nope"]))
     with pytest.raises(ValueError, match="has no setting delta"):
         Runner(config(model_dirs, data_file, tmp_path / "x", methods=["sps"], settings={"sps": {"delta": "1"}}))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_run_counts_memory_and_lossless(model_dirs, data_file, tmp_path, cache_dir, dtype):
+    records = run(config(model_dirs, data_file, tmp_path / dtype, device="cuda", dtype=dtype))
+    assert not [r["error"] for r in records if r["error"]]
+    for r in records:
+        assert r["peak_mem_bytes"] > 0 and r["prefill_s"] > 0 and r["trace_error"] is None
+        check = r["lossless_check"]
+        if check:  # a divergence is allowed only where the target's top-2 logits tie numerically
+            assert check["equal"] or check["numerical_tie"], r
+    manifest = json.loads((tmp_path / dtype / "manifest.json").read_text())
+    assert "cuda" in manifest["device"] and manifest["target"]["dtype"] == dtype
