@@ -13,7 +13,7 @@ class Autoregressive(Method):
 
     def generate(self, ctx: DecodeContext) -> list[int]:
         cache = new_cache(ctx.target)
-        logits = extend(ctx.target, ctx.prompt_ids, cache, last_only=True)[-1]
+        logits = extend(ctx.target, ctx.prompt_ids, cache, keep=1)[-1]
         while True:
             token = next_token(logits, ctx.sampling, ctx.generator)
             ctx.emit([token])

@@ -25,11 +25,12 @@ class SpeculativeSampling(Method):
     def generate(self, ctx: DecodeContext) -> list[int]:
         verifier = ChainVerifier(ctx)
         draft_cache = new_cache(ctx.draft)
-        unseen = list(ctx.prompt_ids) + ctx.output  # tokens the draft's cache has not processed
+        unseen = list(ctx.prompt_ids)  # tokens the draft's cache has not processed yet
         while not ctx.done:
             k = verifier.room(self.config.gamma)
-            if k == 0:
+            if k == 0:  # only the final token is left: the target emits it alone
                 verifier.step([])
+                unseen.append(verifier.pending)
                 continue
             seen = draft_cache.get_seq_length()
             drafts, probs = self._draft(ctx, draft_cache, unseen, k)
@@ -45,7 +46,7 @@ class SpeculativeSampling(Method):
     def _draft(self, ctx: DecodeContext, cache, unseen: list[int], k: int):
         """k draft tokens, and under sampling the k distributions they were drawn from."""
         vocab = ctx.target.config.vocab_size
-        logits = extend(ctx.draft, unseen, cache, last_only=True)[-1]
+        logits = extend(ctx.draft, unseen, cache, keep=1)[-1]
         drafts, probs = [], []
         for i in range(k):
             if ctx.sampling.greedy:

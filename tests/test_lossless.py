@@ -43,8 +43,8 @@ def test_sps_any_draft_length(gamma, pair):
 def test_sps_with_identical_draft_accepts_everything(pair):
     target, _ = pair
     got, ctx = decode("sps", (target, target), PROMPTS[0], max_new_tokens=25, eos=frozenset(), gamma=4)
-    # prefill gives 1 token, then every pass accepts 4 drafts + 1 bonus
-    assert ctx.trace.accepted == [1, 5, 5, 5, 5, 4]
+    # every pass (the first also prefills the prompt) accepts 4 drafts + 1 bonus
+    assert ctx.trace.accepted == [5, 5, 5, 5, 5]
 
 
 def test_sampling_is_reproducible_with_a_seed(pair):

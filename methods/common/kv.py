@@ -9,13 +9,13 @@ def new_cache(model: torch.nn.Module) -> DynamicCache:
     return DynamicCache(config=model.config)
 
 
-def extend(model: torch.nn.Module, tokens: list[int], cache: DynamicCache, last_only: bool = False) -> torch.Tensor:
-    """Feed `tokens` after what `cache` holds; return their logits (q x vocab), or the last row only.
+def extend(model: torch.nn.Module, tokens: list[int], cache: DynamicCache, keep: int | None = None) -> torch.Tensor:
+    """Feed `tokens` after what `cache` holds; return the logits of the last `keep` of them (all if None).
 
-    `last_only` skips the LM head on all but the last position (a large saving on prefill).
+    Keeping only the rows a method reads skips most of the LM head on a prompt (a large saving).
     """
     ids = torch.tensor([tokens], dtype=torch.long, device=model.device)
-    kwargs = {"logits_to_keep": 1} if last_only else {}
+    kwargs = {"logits_to_keep": keep} if keep else {}
     with torch.inference_mode():
         out = model(input_ids=ids, past_key_values=cache, use_cache=True, **kwargs)
     return out.logits[0]
