@@ -189,7 +189,8 @@ def prepare_embedded(name: str) -> Path:
         _check_single_file(m, parts[0])
         _convert_gguf(parts[0], dest, info)
     else:
-        with tempfile.TemporaryDirectory(dir=cache_root().as_posix() if cache_root().exists() else None) as tmp:
+        cache_root().mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache_root()) as tmp:  # the assembled GGUF is deleted after conversion
             _convert_gguf(_assemble(m, Path(tmp)), dest, info)
     return dest
 

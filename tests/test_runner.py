@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,7 +37,7 @@ def config(model_dirs, data_file, out, **kw):
 
 def run(cfg) -> list[dict]:
     Runner(cfg).run()
-    return read_records(cfg.out and __import__("pathlib").Path(cfg.out) / "results.jsonl")
+    return read_records(Path(cfg.out) / "results.jsonl")
 
 
 def test_full_run_counts_and_lossless_checks(model_dirs, data_file, tmp_path, cache_dir):
