@@ -60,7 +60,8 @@ def cmd_run(args) -> int:
         return 2
     report = build_report(run_dir)
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    console.print(format_table_markdown(speed_table(load_records(run_dir / "results.jsonl")), manifest["methods"]))
+    table = format_table_markdown(speed_table(load_records(run_dir / "results.jsonl")), manifest["methods"])
+    console.print(table, markup=False, soft_wrap=True)
     console.print(f"report: {report / 'report.md'}  {report / 'report.html'}")
     return 0
 
