@@ -51,7 +51,7 @@ def cmd_run(args) -> int:
         max_new_tokens=args.max_new_tokens,
         sampling=Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed),
         budget=_budget(args.budget), settings=_settings(args.set), device=args.device, dtype=args.dtype,
-        warmup=not args.no_warmup, out=out,
+        warmup=not args.no_warmup, trackers=not args.no_trackers, out=out,
     )
     try:
         run_dir = Runner(cfg, console).run()
@@ -80,6 +80,33 @@ def cmd_demo(args) -> int:
     argv = ["run", "--methods", DEMO_METHODS, "--limit", str(args.limit), "--max-new-tokens",
             str(args.max_new_tokens), "--out", args.out]
     return main(argv)
+
+
+def cmd_reproduce(args) -> int:
+    from harness.reproduce import compare_runs, config_from_manifest
+    from harness.runner import Runner
+
+    manifest_path = Path(args.manifest)
+    if manifest_path.is_dir():
+        manifest_path = manifest_path / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    Runner(config_from_manifest(manifest, args.out), console).run()
+    result = compare_runs(manifest_path.parent, Path(args.out))
+    for line in result.environment:
+        console.print(f"[yellow]environment[/] {line}")
+    for diff in result.output_diffs:
+        console.print(f"[red]output differs[/] {diff['key']} from token {diff['position']}")
+    for diff in result.count_diffs:
+        console.print(f"[red]counts differ[/] {diff['key']}: {diff['changed']}")
+    for key in result.missing:
+        console.print(f"[red]missing in the new run[/] {key}")
+    for s in result.speed:
+        verdict = {True: "within noise", False: "OUTSIDE noise", None: "too few items to say"}[s["within_noise"]]
+        console.print(f"{s['method']:>12}: {s['then']:.2f} -> {s['now']:.2f} tok/s, ratio {s['ratio']:.2f} "
+                      f"[{s['low']:.2f}, {s['high']:.2f}] {verdict}", markup=False)
+    ok = result.identical_outputs and not result.count_diffs
+    console.print("reproduced: identical outputs and counts" if ok else "[red]NOT reproduced[/]")
+    return 0 if ok else 1
 
 
 def cmd_report(args) -> int:
@@ -166,6 +193,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     run.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
     run.add_argument("--no-warmup", action="store_true")
+    run.add_argument("--no-trackers", action="store_true", help="no memory/energy samplers (to measure their cost)")
     run.add_argument("--out", help="run folder (default runs/<suite>-<time>); re-running on it resumes")
     run.set_defaults(func=cmd_run)
 
@@ -174,6 +202,11 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=int, default=32)
     demo.add_argument("--out", default="runs/demo")
     demo.set_defaults(func=cmd_demo)
+
+    repro = sub.add_parser("reproduce", help="re-run a run from its manifest and compare outputs, counts and speed")
+    repro.add_argument("manifest", help="DIR/manifest.json (or DIR)")
+    repro.add_argument("--out", required=True, help="folder for the new run")
+    repro.set_defaults(func=cmd_reproduce)
 
     rep = sub.add_parser("report", help="(re)build DIR/report from DIR/results.jsonl")
     rep.add_argument("run_dir")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from harness.trackers import describe_energy_support
+
 PACKAGES = ("decodebench", "torch", "transformers", "accelerate", "gguf", "tokenizers", "numpy", "pandas",
             "matplotlib", "rich", "psutil", "nvidia-ml-py")
 
@@ -90,6 +92,7 @@ def write_manifest(out: Path, cfg, device: str, methods: dict, target, draft) ->
         "target": target.info,
         "draft": draft.info if draft else None,
         "device": device_description(device),
+        "energy": describe_energy_support(device),
         "versions": versions(),
         "git": git_commit(),
         "methods": described,

@@ -6,6 +6,7 @@ import hashlib
 import time
 import traceback
 import zlib
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from harness import models as model_specs
 from harness.instrument import Budget, PassCounter, synchronize
 from harness.manifest import write_manifest
 from harness.results import ResultStore
-from harness.trackers import PeakMemory
+from harness.trackers import EnergyTracker, PeakMemory
 from methods.base import BudgetExhausted, DecodeContext, Method, Sampling, get_method
 from suites.base import Item, get_suite
 
@@ -44,6 +45,7 @@ class RunConfig:
     device: str = "auto"
     dtype: str = "auto"
     warmup: bool = True
+    trackers: bool = True  # memory and energy samplers
     out: str = "runs/latest"
 
 
@@ -110,7 +112,11 @@ class Runner:
         )
         stop_note = None
         synchronize(self.target.model)
-        with PeakMemory(self.device) as memory:
+        memory, energy = PeakMemory(self.device), EnergyTracker(self.device)
+        with ExitStack() as trackers:
+            if self.cfg.trackers:  # off only to measure the trackers' own cost
+                trackers.enter_context(memory)
+                trackers.enter_context(energy)
             start = time.perf_counter()
             try:
                 method.generate(ctx)
@@ -137,7 +143,8 @@ class Runner:
             "target_widths": tc.widths,  # tokens fed to each target pass: prefill, then verification widths
             "accept_lengths": ctx.trace.accepted, "proposed_lengths": ctx.trace.proposed,
             "trace_error": self._check_trace(ctx, tc.calls), "peak_mem_bytes": memory.peak_bytes,
-            "energy_j": None, "stop_reason": stop, "budget_note": stop_note,
+            **energy.result, "stop_reason": stop, "budget_note": stop_note,
+            "energy_per_token_j": energy.result["energy_j"] / len(out) if energy.result["energy_j"] and out else None,
         }
 
     @staticmethod

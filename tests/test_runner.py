@@ -169,3 +169,24 @@ def test_cuda_run_counts_memory_and_lossless(model_dirs, data_file, tmp_path, ca
             assert check["equal"] or check["numerical_tie"], r
     manifest = json.loads((tmp_path / dtype / "manifest.json").read_text())
     assert "cuda" in manifest["device"] and manifest["target"]["dtype"] == dtype
+
+
+def test_reproduce_detects_a_changed_output(model_dirs, data_file, tmp_path, cache_dir):
+    from harness.reproduce import compare_runs, config_from_manifest
+
+    first = tmp_path / "first"
+    run(config(model_dirs, data_file, first, methods=["ar", "sps"], settings={"sps": {"gamma": 3}}))
+    manifest = json.loads((first / "manifest.json").read_text())
+    again = config_from_manifest(manifest, str(tmp_path / "again"))
+    assert again.settings["sps"]["gamma"] == 3 and again.methods == ["ar", "sps"]
+    run(again)
+    same = compare_runs(first, tmp_path / "again")
+    assert same.identical_outputs and not same.count_diffs and len(same.speed) == 2
+
+    records = read_records(first / "results.jsonl")
+    victim = next(r for r in records if len(r["output_ids"]) > 2)
+    victim["output_ids"][2] += 1
+    (first / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    changed = compare_runs(first, tmp_path / "again")
+    assert not changed.identical_outputs
+    assert changed.output_diffs[0]["position"] == 2

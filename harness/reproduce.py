@@ -1,0 +1,86 @@
+"""Re-run a run from its manifest and say what changed: outputs, harness counts, speed, environment."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from harness.instrument import Budget
+from harness.report import _bootstrap_interval
+from harness.results import read_records, record_key
+from harness.runner import RunConfig
+from methods.base import Sampling
+
+COUNTS = ("new_tokens", "target_calls", "target_tokens", "draft_calls", "draft_tokens")
+
+
+def config_from_manifest(manifest: dict, out: str) -> RunConfig:
+    settings = dict(manifest["settings"])
+    settings["sampling"] = Sampling(**settings["sampling"])
+    settings["budget"] = Budget(**settings["budget"])
+    methods = list(manifest["methods"])
+    # the manifest holds each method's full config; pass it as overrides so defaults changed since cannot drift in
+    settings["settings"] = {name: described.get("config", {}) for name, described in manifest["methods"].items()}
+    return RunConfig(**settings, methods=methods, out=out)
+
+
+@dataclass
+class Comparison:
+    output_diffs: list[dict] = field(default_factory=list)  # same settings, different tokens
+    count_diffs: list[dict] = field(default_factory=list)  # same tokens, different harness counts
+    speed: list[dict] = field(default_factory=list)  # per method: tokens/s then and now, ratio interval
+    environment: list[str] = field(default_factory=list)
+    missing: list[tuple] = field(default_factory=list)
+
+    @property
+    def identical_outputs(self) -> bool:
+        return not self.output_diffs and not self.missing
+
+
+def _first_difference(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def compare_runs(old_dir: Path, new_dir: Path) -> Comparison:
+    old = {record_key(r): r for r in read_records(Path(old_dir) / "results.jsonl") if not r.get("error")}
+    new = {record_key(r): r for r in read_records(Path(new_dir) / "results.jsonl") if not r.get("error")}
+    result = Comparison(missing=sorted(set(old) - set(new)))
+    speeds: dict[str, list[tuple[float, float]]] = {}
+    for key in sorted(set(old) & set(new)):
+        before, after = old[key], new[key]
+        if before["output_ids"] != after["output_ids"]:
+            result.output_diffs.append({"key": key, "position": _first_difference(before["output_ids"], after["output_ids"])})
+        else:
+            changed = {c: (before.get(c), after.get(c)) for c in COUNTS if before.get(c) != after.get(c)}
+            if changed:
+                result.count_diffs.append({"key": key, "changed": changed})
+        if before.get("tokens_per_s") and after.get("tokens_per_s"):
+            speeds.setdefault(key[0], []).append((before["tokens_per_s"], after["tokens_per_s"]))
+    for method, pairs in speeds.items():
+        then, now = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+        low, high = _bootstrap_interval(now, then)
+        ratio = now.mean() / then.mean()
+        result.speed.append({"method": method, "then": then.mean(), "now": now.mean(), "ratio": ratio,
+                             "low": low, "high": high, "within_noise": bool(low <= 1.0 <= high) if low == low else None})
+    result.environment = _environment_diff(Path(old_dir) / "manifest.json", Path(new_dir) / "manifest.json")
+    return result
+
+
+def _environment_diff(old_path: Path, new_path: Path) -> list[str]:
+    old, new = json.loads(old_path.read_text()), json.loads(new_path.read_text())
+    lines = []
+    for section in ("versions", "git"):
+        for name in sorted(set(old.get(section, {})) | set(new.get(section, {}))):
+            a, b = old.get(section, {}).get(name), new.get(section, {}).get(name)
+            if a != b:
+                lines.append(f"{section}.{name}: {a} -> {b}")
+    for name in ("device",):
+        if old.get(name) != new.get(name):
+            lines.append(f"{name}: {old.get(name)} -> {new.get(name)}")
+    for role in ("target", "draft"):
+        a, b = (old.get(role) or {}).get("sha256"), (new.get(role) or {}).get("sha256")
+        if a != b:
+            lines.append(f"{role} weights sha256: {a} -> {b}")
+    return lines
