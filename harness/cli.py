@@ -51,7 +51,7 @@ def cmd_run(args) -> int:
         max_new_tokens=args.max_new_tokens,
         sampling=Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed),
         budget=_budget(args.budget), settings=_settings(args.set), device=args.device, dtype=args.dtype,
-        warmup=not args.no_warmup, trackers=not args.no_trackers, out=out,
+        warmup=not args.no_warmup, trackers=not args.no_trackers, repeats=args.repeats, out=out,
     )
     try:
         run_dir = Runner(cfg, console).run()
@@ -192,6 +192,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="METHOD.KNOB=VALUE", help="override a method default")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     run.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
+    run.add_argument("--repeats", type=int, default=1, help="run every record K times; the report shows the timing spread")
     run.add_argument("--no-warmup", action="store_true")
     run.add_argument("--no-trackers", action="store_true", help="no memory/energy samplers (to measure their cost)")
     run.add_argument("--out", help="run folder (default runs/<suite>-<time>); re-running on it resumes")

@@ -226,6 +226,27 @@ def _peer_display(peers: pd.DataFrame) -> dict | None:
     return _table(["Ours", "transformers", "Pairs", "Ours tokens/s", "transformers tokens/s", "Ratio (95% CI)"], rows)
 
 
+def repeat_spread(records: pd.DataFrame) -> pd.DataFrame:
+    """Per method: how much tokens/s of the same (item, turn) varies over repeats (mean coefficient of
+    variation, and the worst one). Empty when no record was repeated."""
+    ok = _successful(_normalized(records))
+    per_pair = ok.groupby(["method", *PAIR_KEY])["tokens_per_s"].agg(["count", "mean", "std"])
+    repeated = per_pair[per_pair["count"] > 1]
+    if repeated.empty:
+        return pd.DataFrame()
+    cv = (repeated["std"] / repeated["mean"]).groupby(level="method")
+    return pd.DataFrame({"repeats": repeated["count"].groupby(level="method").max(),
+                         "mean CV": cv.mean(), "max CV": cv.max()})
+
+
+def _spread_display(spread: pd.DataFrame) -> dict | None:
+    if spread.empty:
+        return None
+    rows = [[method, int(r["repeats"]), f"{100 * r['mean CV']:.1f}%", f"{100 * r['max CV']:.1f}%"]
+            for method, r in spread.iterrows()]
+    return _table(["Method", "Repeats", "Mean CV of tokens/s", "Worst CV"], rows)
+
+
 def _formatted(value, pattern: str, missing: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return missing
@@ -530,6 +551,7 @@ def build_report(run_dir: str | Path, baseline: str = "ar") -> Path:
         "definitions": DEFINITIONS.format(baseline=baseline, resamples=BOOTSTRAP_RESAMPLES),
         "cost": _frame_table(_cost_table(ok, methods), methods_manifest),
         "peers": _peer_display(peer_table(records, methods_manifest)),
+        "spread": _spread_display(repeat_spread(records)),
         "lossless": _lossless_section(ok, manifest, baseline),
         "plots": _draw_plots(table, ok, methods, baseline, folder),
         "errors": _errors_table(records),

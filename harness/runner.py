@@ -46,6 +46,7 @@ class RunConfig:
     dtype: str = "auto"
     warmup: bool = True
     trackers: bool = True  # memory and energy samplers
+    repeats: int = 1  # runs of every record; timing spread over them (sampling: a new seed each)
     out: str = "runs/latest"
 
 
@@ -189,11 +190,12 @@ class Runner:
 
     # ------------------------------------------------------------ the run
 
-    def pending(self) -> list[tuple[str, Item, int]]:
+    def pending(self) -> list[tuple[str, Item, int, int]]:
         """Item-major order: every method runs an item before the next item starts, so the records
         a speed-up compares are measured minutes, not an hour, apart on a drifting machine."""
-        return [(name, item, turn) for item in self.items for turn in range(len(item.turns))
-                for name in self.methods if not self.store.has((name, self.cfg.suite, item.item_id, turn, 0))]
+        return [(name, item, turn, repeat) for item in self.items for turn in range(len(item.turns))
+                for repeat in range(self.cfg.repeats) for name in self.methods
+                if not self.store.has((name, self.cfg.suite, item.item_id, turn, repeat))]
 
     def run(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -204,7 +206,7 @@ class Runner:
             return self.out
         self._load_models()
         write_manifest(self.out, self.cfg, self.device, self.methods, self.target, self.draft)
-        skipped = sum(len(i.turns) for i in self.items) * len(self.methods) - len(todo)
+        skipped = sum(len(i.turns) for i in self.items) * len(self.methods) * self.cfg.repeats - len(todo)
         if skipped:
             self.console.print(f"resuming: {skipped} records already done, {len(todo)} to go")
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -212,12 +214,12 @@ class Runner:
         with Progress(*columns, console=self.console) as progress:
             task = progress.add_task("run", total=len(todo))
             warmed: set[str] = set()
-            for name, item, turn in todo:
+            for name, item, turn, repeat in todo:
                 progress.update(task, description=f"{name:>12} {item.item_id} turn {turn}")
                 if self.cfg.warmup and name not in warmed:
                     self._warm_up(self.methods[name])
                     warmed.add(name)
-                self.store.append(self._record(name, item, turn))
+                self.store.append(self._record(name, item, turn, repeat))
                 progress.advance(task)
         return self.out
 
@@ -229,13 +231,13 @@ class Runner:
         except Exception:  # noqa: BLE001 - a failing method fails again, recorded, in the timed run
             pass
 
-    def _record(self, name: str, item: Item, turn: int) -> dict:
+    def _record(self, name: str, item: Item, turn: int, repeat: int = 0) -> dict:
         record = {"method": name, "suite": self.cfg.suite, "category": item.category, "item_id": item.item_id,
-                  "turn": turn, "repeat": 0, "temperature": self.cfg.sampling.temperature,
-                  "seed": item_seed(self.cfg.sampling.seed, item.item_id, turn, 0), "error": None,
+                  "turn": turn, "repeat": repeat, "temperature": self.cfg.sampling.temperature,
+                  "seed": item_seed(self.cfg.sampling.seed, item.item_id, turn, repeat), "error": None,
                   "lossless_check": None}
         try:
-            answers = [self.store.get((name, self.cfg.suite, item.item_id, t, 0)) for t in range(turn)]
+            answers = [self.store.get((name, self.cfg.suite, item.item_id, t, repeat)) for t in range(turn)]
             if any(a is None for a in answers):
                 raise RuntimeError("an earlier turn of this item failed; the conversation cannot go on")
             prompt_ids = encode_chat(self.target.tokenizer, item.messages(turn, [a["output_text"] for a in answers]))

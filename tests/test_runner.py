@@ -190,3 +190,18 @@ def test_reproduce_detects_a_changed_output(model_dirs, data_file, tmp_path, cac
     changed = compare_runs(first, tmp_path / "again")
     assert not changed.identical_outputs
     assert changed.output_diffs[0]["position"] == 2
+
+
+def test_repeats_run_every_record_and_report_the_spread(model_dirs, data_file, tmp_path, cache_dir):
+    from harness.report import build_report, load_records, repeat_spread
+
+    out = tmp_path / "repeats"
+    records = run(config(model_dirs, data_file, out, methods=["ar", "pld"], repeats=3, limit=1))
+    keys = {(r["method"], r["item_id"], r["turn"], r["repeat"]) for r in records}
+    assert len(keys) == len(records) == 2 * 4 * 3  # methods x (item turns: 2 + 1 + 1) x repeats
+    for r in records:  # greedy: every repeat emits the same tokens, checked against ar's same repeat
+        if r["method"] == "pld":
+            assert r["lossless_check"]["equal"]
+    spread = repeat_spread(load_records(out / "results.jsonl"))
+    assert list(spread["repeats"]) == [3, 3]
+    assert "Timing spread over repeats" in (build_report(out) / "report.md").read_text()
