@@ -13,7 +13,9 @@ import torch
 
 
 class PeakMemory:
-    """Context manager; `.peak_bytes` after exit. The RSS sampler wakes every `interval` s (cheap)."""
+    """Context manager; `.peak_bytes` after exit: the CUDA allocator's peak on a GPU; on a CPU the
+    kernel's own peak resident set (VmHWM, reset through /proc/self/clear_refs: exact, no sampling),
+    or, where that reset is not allowed, an RSS sampler waking every `interval` s."""
 
     def __init__(self, device: str, interval: float = 0.05) -> None:
         self.cuda = device.startswith("cuda") and torch.cuda.is_available()
@@ -21,11 +23,12 @@ class PeakMemory:
         self.interval = interval
         self.peak_bytes: int | None = None
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def __enter__(self) -> "PeakMemory":
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        else:
+        elif not _reset_peak_rss():
             self._process = psutil.Process()
             self.peak_bytes = self._process.memory_info().rss
             self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -40,10 +43,32 @@ class PeakMemory:
         if self.cuda:
             torch.cuda.synchronize(self.device)
             self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
+        elif self._thread is None:
+            self.peak_bytes = _peak_rss()
         else:
             self._stop.set()
             self._thread.join()
             self.peak_bytes = max(self.peak_bytes or 0, self._process.memory_info().rss)
+
+
+def _reset_peak_rss() -> bool:
+    """Linux >= 4.0: writing 5 to clear_refs resets the process's peak RSS (VmHWM)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _peak_rss() is not None
+    except OSError:
+        return False
+
+
+def _peak_rss() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 # ------------------------------------------------------------------ energy

@@ -146,3 +146,18 @@ def test_no_rapl_leaves_energy_unknown_not_zero(tmp_path):
     assert tracker.result["avg_power_w"] is None
     assert "RAPL not readable" in tracker.result["energy_unavailable_reason"]
     assert describe_energy_support("cpu", powercap_root=str(tmp_path)).startswith("none: RAPL not readable")
+
+
+def test_cpu_peak_memory_sees_a_short_allocation_spike():
+    from harness.trackers import PeakMemory, _reset_peak_rss
+
+    if not _reset_peak_rss():
+        pytest.skip("this kernel does not let a process reset its peak RSS; the sampler fallback may miss spikes")
+
+    with PeakMemory("cpu") as before:
+        pass
+    with PeakMemory("cpu") as spike:
+        block = bytearray(300 * 2**20)  # 300 MiB, touched, then freed inside the window
+        block[:: 4096] = b"x" * len(block[:: 4096])
+        del block
+    assert spike.peak_bytes - before.peak_bytes > 250 * 2**20
