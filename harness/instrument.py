@@ -36,6 +36,7 @@ class PassCounter:
 
     def __init__(self, model: torch.nn.Module, role: str) -> None:
         self.model, self.role = model, role
+        self.cuda = next(model.parameters()).device.type == "cuda"
         self.budget = Budget()
         self.deadline: float | None = None
         self.reset()
@@ -47,6 +48,7 @@ class PassCounter:
     def reset(self, budget: Budget | None = None) -> None:
         self.calls = self.tokens = 0
         self.widths: list[int] = []  # tokens per pass: verification width for a target
+        self._marks: list[tuple] = []  # (start, end) per pass: CUDA events on a GPU (no sync), else perf_counter
         self.first_pass_end: float | None = None
         self.budget = budget or Budget()
         self.deadline = time.perf_counter() + self.budget.max_wall_s if self.budget.max_wall_s else None
@@ -63,11 +65,29 @@ class PassCounter:
         self.calls += 1
         self.tokens += n
         self.widths.append(n)
+        self._marks.append((self._mark(), None))
 
     def _after(self, module, args, output) -> None:
+        if self._marks and self._marks[-1][1] is None:
+            self._marks[-1] = (self._marks[-1][0], self._mark())
         if self.first_pass_end is None:
             synchronize(self.model)
             self.first_pass_end = time.perf_counter()
+
+    def _mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def pass_seconds(self) -> list[float]:
+        """Duration of every pass since `reset` (one synchronisation, after the generation)."""
+        done = [(a, b) for a, b in self._marks if b is not None]
+        if self.cuda:
+            synchronize(self.model)
+            return [a.elapsed_time(b) / 1000 for a, b in done]
+        return [b - a for a, b in done]
 
     def remove(self) -> None:
         for h in self._handles:

@@ -50,6 +50,9 @@ def test_full_run_counts_and_lossless_checks(model_dirs, data_file, tmp_path, ca
         by_method.setdefault(r["method"], []).append(r)
         assert r["trace_error"] is None
         assert r["target_tokens"] == sum(r["target_widths"]) and len(r["target_widths"]) == r["target_calls"]
+        assert len(r["target_pass_s"]) == r["target_calls"] and len(r["draft_pass_s"]) == r["draft_calls"]
+        assert 0 < sum(r["target_pass_s"]) + sum(r["draft_pass_s"]) <= r["wall_s"]
+        assert abs(r["prefill_s"] + r["decode_s"] - r["wall_s"]) < 1e-9
         if r["method"] in ("ar", "hf_generate"):  # a separate prefill pass; the others fold it into verification
             assert r["target_widths"][0] == r["prompt_tokens"]
         if r["method"] in ("ar", "hf_generate"):
