@@ -25,17 +25,26 @@ def _settings(pairs: list[str]) -> dict[str, dict]:
     return out
 
 
-def _budget(pairs: list[str]):
+def _budgets(pairs: list[str]):
+    """--budget target_calls=16,32,64 -> one Budget per sweep point (one kind may take several values)."""
     from harness.instrument import Budget
 
     names = {"target_calls": "max_target_calls", "target_tokens": "max_target_tokens", "wall_s": "max_wall_s"}
-    values = {}
+    fixed, sweep = {}, None
     for pair in pairs:
-        key, _, value = pair.partition("=")
-        if key not in names or not value:
-            raise SystemExit(f"--budget expects one of {', '.join(names)}=N, got {pair!r}")
-        values[names[key]] = float(value) if key == "wall_s" else int(value)
-    return Budget(**values)
+        key, _, values = pair.partition("=")
+        if key not in names or not values:
+            raise SystemExit(f"--budget expects one of {', '.join(names)}=N[,N...], got {pair!r}")
+        parsed = [float(v) if key == "wall_s" else int(v) for v in values.split(",")]
+        if len(parsed) == 1:
+            fixed[names[key]] = parsed[0]
+        elif sweep:
+            raise SystemExit("sweep one budget kind at a time")
+        else:
+            sweep = (names[key], parsed)
+    if not sweep:
+        return [Budget(**fixed)]
+    return [Budget(**{**fixed, sweep[0]: value}) for value in sweep[1]]
 
 
 def cmd_run(args) -> int:
@@ -50,7 +59,7 @@ def cmd_run(args) -> int:
         target=args.target, draft=args.draft or None, data=args.data, limit=args.limit,
         max_new_tokens=args.max_new_tokens,
         sampling=Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed),
-        budget=_budget(args.budget), settings=_settings(args.set), device=args.device, dtype=args.dtype,
+        budgets=_budgets(args.budget), settings=_settings(args.set), device=args.device, dtype=args.dtype,
         warmup=not args.no_warmup, trackers=not args.no_trackers, repeats=args.repeats, out=out,
     )
     try:
@@ -188,7 +197,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--top-p", type=float, default=1.0)
     run.add_argument("--top-k", type=int, default=0)
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--budget", action="append", default=[], help="target_calls=N | target_tokens=N | wall_s=S")
+    run.add_argument("--budget", action="append", default=[], help="target_calls=N | target_tokens=N | wall_s=S; N,N,... sweeps")
     run.add_argument("--set", action="append", default=[], metavar="METHOD.KNOB=VALUE", help="override a method default")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     run.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")

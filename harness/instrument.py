@@ -20,6 +20,13 @@ class Budget:
     max_target_tokens: int | None = None  # tokens the target processes: a FLOP proxy
     max_wall_s: float | None = None
 
+    @property
+    def label(self) -> str:
+        """'' when unlimited, else e.g. 'target_calls=32' (the key that tells sweep points apart)."""
+        parts = [(n, v) for n, v in (("target_calls", self.max_target_calls), ("target_tokens", self.max_target_tokens),
+                                     ("wall_s", self.max_wall_s)) if v is not None]
+        return ",".join(f"{n}={v:g}" if isinstance(v, float) else f"{n}={v}" for n, v in parts)
+
 
 def _tokens_in(args: tuple, kwargs: dict) -> int:
     ids = kwargs.get("input_ids")

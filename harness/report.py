@@ -43,7 +43,9 @@ RECORD_DEFAULTS = {
     "new_tokens": None, "wall_s": None, "tokens_per_s": None, "mean_accepted": None,
     "target_calls": None, "target_tokens": None, "draft_calls": None, "draft_tokens": None,
     "peak_mem_bytes": None, "energy_j": None, "temperature": None, "lossless_check": None, "error": None,
+    "budget": "", "max_target_calls": None, "max_target_tokens": None, "max_wall_s": None,
 }
+BUDGET_KINDS = {"max_target_calls": "target passes", "max_target_tokens": "target tokens", "max_wall_s": "seconds"}
 NUMERIC_COLUMNS = [
     "turn", "repeat", "new_tokens", "wall_s", "tokens_per_s", "mean_accepted", "target_calls",
     "target_tokens", "draft_calls", "draft_tokens", "peak_mem_bytes", "energy_j", "temperature",
@@ -501,15 +503,71 @@ def _plot_tokens_per_s(ok: pd.DataFrame, methods: list[str], path: Path) -> Path
     return _save(fig, path)
 
 
+def main_budget(records: pd.DataFrame) -> str:
+    """The budget label the main tables use: unlimited if present, else the largest sweep point."""
+    labels = list(dict.fromkeys(records["budget"].fillna("")))
+    if "" in labels or len(labels) <= 1:
+        return "" if "" in labels or not labels else labels[0]
+    kind = _swept_kind(records)
+    return records.sort_values(kind)["budget"].iloc[-1] if kind else labels[-1]
+
+
+def _swept_kind(records: pd.DataFrame) -> str | None:
+    for kind in BUDGET_KINDS:
+        if kind in records and records[kind].dropna().nunique() > 1:
+            return kind
+    return None
+
+
+def budget_sweep(records: pd.DataFrame) -> pd.DataFrame:
+    """Per method and sweep point: what a fixed compute budget buys (tokens produced, passes, tokens/pass)."""
+    ok = _successful(_normalized(records))
+    kind = _swept_kind(ok)
+    if kind is None:
+        return pd.DataFrame()
+    ok = ok[ok[kind].notna()]
+    grouped = ok.groupby(["method", kind])
+    return pd.DataFrame({
+        "new tokens": grouped["new_tokens"].mean(),
+        "target calls": grouped["target_calls"].mean(),
+        "tokens per target call": grouped["new_tokens"].sum() / grouped["target_calls"].sum(),
+        "stopped by budget": grouped["stop_reason"].apply(lambda s: (s == "budget").mean()),
+    }).reset_index().rename(columns={kind: "budget"}).assign(kind=BUDGET_KINDS[kind])
+
+
+def _sweep_display(sweep: pd.DataFrame) -> dict | None:
+    if sweep.empty:
+        return None
+    rows = [[r["method"], f"{r['budget']:g} {r['kind']}", f"{r['new tokens']:.1f}", f"{r['target calls']:.1f}",
+             f"{r['tokens per target call']:.2f}", f"{100 * r['stopped by budget']:.0f}%"] for _, r in sweep.iterrows()]
+    return _table(["Method", "Budget", "New tokens/record", "Target calls/record", "Tokens/target call",
+                   "Records stopped by the budget"], rows)
+
+
+def _plot_budget_sweep(sweep: pd.DataFrame, path: Path) -> Path | None:
+    if sweep.empty:
+        return None
+    fig, ax = _figure(4)
+    for method, rows in sweep.groupby("method", sort=False):
+        ax.plot(rows["budget"], rows["new tokens"], marker="o", label=method)
+    ax.set_xlabel(f"budget ({sweep['kind'].iloc[0]} per record)")
+    ax.set_ylabel("new tokens per record")
+    ax.set_title("What a fixed compute budget buys")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def _plot_entry(path: Path, title: str) -> dict:
     encoded = base64.b64encode(path.read_bytes()).decode("ascii")
     return {"file": path.name, "title": title, "data_uri": f"data:image/png;base64,{encoded}"}
 
 
 def _draw_plots(
-    table: pd.DataFrame, ok: pd.DataFrame, methods: list[str], baseline: str, folder: Path
+    table: pd.DataFrame, ok: pd.DataFrame, methods: list[str], baseline: str, folder: Path,
+    sweep: pd.DataFrame | None = None,
 ) -> list[dict]:
     plots = [
+        ("budget_sweep.png", "Fixed-budget sweep", lambda path: _plot_budget_sweep(sweep, path)),
         ("speedup_by_category.png", "Speed-up by category", lambda path: _plot_speedup(table, baseline, path)),
         ("mat_by_category.png", "#MAT by category", lambda path: _plot_mat(ok, methods, path)),
         ("tokens_per_s.png", "Tokens/s per method", lambda path: _plot_tokens_per_s(ok, methods, path)),
@@ -538,6 +596,8 @@ def build_report(run_dir: str | Path, baseline: str = "ar") -> Path:
     folder = run_dir / "report"
     folder.mkdir(parents=True, exist_ok=True)
 
+    sweep = budget_sweep(records)
+    records = records[records["budget"].fillna("") == main_budget(records)]  # main tables: one budget
     ok = _successful(records)
     methods = _method_order(ok, baseline)
     table = speed_table(records, baseline)
@@ -553,7 +613,9 @@ def build_report(run_dir: str | Path, baseline: str = "ar") -> Path:
         "peers": _peer_display(peer_table(records, methods_manifest)),
         "spread": _spread_display(repeat_spread(records)),
         "lossless": _lossless_section(ok, manifest, baseline),
-        "plots": _draw_plots(table, ok, methods, baseline, folder),
+        "plots": _draw_plots(table, ok, methods, baseline, folder, sweep),
+        "sweep": _sweep_display(sweep),
+        "main_budget": main_budget(load_records(run_dir / "results.jsonl")) if not sweep.empty else "",
         "errors": _errors_table(records),
         "methods": _methods_table(manifest, records),
     }

@@ -19,7 +19,7 @@ COUNTS = ("new_tokens", "target_calls", "target_tokens", "draft_calls", "draft_t
 def config_from_manifest(manifest: dict, out: str) -> RunConfig:
     settings = dict(manifest["settings"])
     settings["sampling"] = Sampling(**settings["sampling"])
-    settings["budget"] = Budget(**settings["budget"])
+    settings["budgets"] = [Budget(**b) for b in settings["budgets"]]
     methods = list(manifest["methods"])
     # the manifest holds each method's full config; pass it as overrides so defaults changed since cannot drift in
     settings["settings"] = {name: described.get("config", {}) for name, described in manifest["methods"].items()}

@@ -10,11 +10,12 @@ import os
 import warnings
 from pathlib import Path
 
-KEY_FIELDS = ("method", "suite", "item_id", "turn", "repeat")
+KEY_FIELDS = ("method", "suite", "item_id", "turn", "repeat", "budget")
+KEY_DEFAULTS = {"turn": 0, "repeat": 0, "budget": ""}
 
 
 def record_key(record: dict) -> tuple:
-    return tuple(record.get(k, 0) for k in KEY_FIELDS)
+    return tuple(record.get(k, KEY_DEFAULTS.get(k)) for k in KEY_FIELDS)
 
 
 def read_records(path: Path) -> list[dict]:

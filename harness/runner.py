@@ -40,7 +40,7 @@ class RunConfig:
     limit: int | None = None
     max_new_tokens: int = 128
     sampling: Sampling = field(default_factory=Sampling)
-    budget: Budget = field(default_factory=Budget)
+    budgets: list[Budget] = field(default_factory=lambda: [Budget()])  # several = a fixed-budget sweep
     settings: dict[str, dict] = field(default_factory=dict)  # method -> Config overrides
     device: str = "auto"
     dtype: str = "auto"
@@ -103,7 +103,7 @@ class Runner:
 
     def _generate(self, method: Method, prompt_ids: list[int], seed: int, max_new_tokens: int) -> dict:
         """Run the method once under the hooks; figures come from the harness's own counters."""
-        self.target_counter.reset(self.cfg.budget)
+        self.target_counter.reset(self.budget)
         if self.draft_counter:
             self.draft_counter.reset()
         ctx = DecodeContext(
@@ -167,7 +167,8 @@ class Runner:
     # ------------------------------------------------------------ lossless check
 
     def _lossless_check(self, record: dict, prompt_ids: list[int]) -> dict | None:
-        reference = self.store.get((BASELINE, self.cfg.suite, record["item_id"], record["turn"], record["repeat"]))
+        reference = self.store.get((BASELINE, self.cfg.suite, record["item_id"], record["turn"], record["repeat"],
+                                    record["budget"]))
         if reference is None or reference.get("prompt_sha") != record["prompt_sha"]:
             return None  # no baseline, or an earlier turn already diverged so the prompts differ
         ours, theirs = record["output_ids"], reference["output_ids"]
@@ -193,12 +194,12 @@ class Runner:
 
     # ------------------------------------------------------------ the run
 
-    def pending(self) -> list[tuple[str, Item, int, int]]:
+    def pending(self) -> list[tuple[str, Item, int, int, Budget]]:
         """Item-major order: every method runs an item before the next item starts, so the records
         a speed-up compares are measured minutes, not an hour, apart on a drifting machine."""
-        return [(name, item, turn, repeat) for item in self.items for turn in range(len(item.turns))
-                for repeat in range(self.cfg.repeats) for name in self.methods
-                if not self.store.has((name, self.cfg.suite, item.item_id, turn, repeat))]
+        return [(name, item, turn, repeat, budget) for item in self.items for turn in range(len(item.turns))
+                for repeat in range(self.cfg.repeats) for budget in self.cfg.budgets for name in self.methods
+                if not self.store.has((name, self.cfg.suite, item.item_id, turn, repeat, budget.label))]
 
     def run(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -209,7 +210,8 @@ class Runner:
             return self.out
         self._load_models()
         write_manifest(self.out, self.cfg, self.device, self.methods, self.target, self.draft)
-        skipped = sum(len(i.turns) for i in self.items) * len(self.methods) * self.cfg.repeats - len(todo)
+        per_item = len(self.methods) * self.cfg.repeats * len(self.cfg.budgets)
+        skipped = sum(len(i.turns) for i in self.items) * per_item - len(todo)
         if skipped:
             self.console.print(f"resuming: {skipped} records already done, {len(todo)} to go")
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -217,30 +219,34 @@ class Runner:
         with Progress(*columns, console=self.console) as progress:
             task = progress.add_task("run", total=len(todo))
             warmed: set[str] = set()
-            for name, item, turn, repeat in todo:
-                progress.update(task, description=f"{name:>12} {item.item_id} turn {turn}")
+            for name, item, turn, repeat, budget in todo:
+                progress.update(task, description=f"{name:>12} {item.item_id} turn {turn} {budget.label}")
                 if self.cfg.warmup and name not in warmed:
                     self._warm_up(self.methods[name])
                     warmed.add(name)
-                self.store.append(self._record(name, item, turn, repeat))
+                self.store.append(self._record(name, item, turn, repeat, budget))
                 progress.advance(task)
         return self.out
 
     def _warm_up(self, method: Method) -> None:
         """One short untimed generation per method, so lazy initialisation is not timed."""
+        self.budget = Budget()
         ids = encode_chat(self.target.tokenizer, self.items[0].messages(0, []))
         try:
             self._generate(method, ids, seed=0, max_new_tokens=min(4, self.cfg.max_new_tokens))
         except Exception:  # noqa: BLE001 - a failing method fails again, recorded, in the timed run
             pass
 
-    def _record(self, name: str, item: Item, turn: int, repeat: int = 0) -> dict:
+    def _record(self, name: str, item: Item, turn: int, repeat: int = 0, budget: Budget | None = None) -> dict:
+        self.budget = budget or Budget()
         record = {"method": name, "suite": self.cfg.suite, "category": item.category, "item_id": item.item_id,
-                  "turn": turn, "repeat": repeat, "temperature": self.cfg.sampling.temperature,
+                  "turn": turn, "repeat": repeat, "budget": self.budget.label, **asdict(self.budget),
+                  "temperature": self.cfg.sampling.temperature,
                   "seed": item_seed(self.cfg.sampling.seed, item.item_id, turn, repeat), "error": None,
                   "lossless_check": None}
         try:
-            answers = [self.store.get((name, self.cfg.suite, item.item_id, t, repeat)) for t in range(turn)]
+            answers = [self.store.get((name, self.cfg.suite, item.item_id, t, repeat, self.budget.label))
+                       for t in range(turn)]
             if any(a is None for a in answers):
                 raise RuntimeError("an earlier turn of this item failed; the conversation cannot go on")
             prompt_ids = encode_chat(self.target.tokenizer, item.messages(turn, [a["output_text"] for a in answers]))

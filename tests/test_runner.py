@@ -75,14 +75,14 @@ def test_full_run_counts_and_lossless_checks(model_dirs, data_file, tmp_path, ca
 
 def test_budgets_stop_at_exactly_the_budget(model_dirs, data_file, tmp_path, cache_dir):
     calls = run(config(model_dirs, data_file, tmp_path / "calls", methods=["ar", "sps"],
-                       budget=Budget(max_target_calls=3), max_new_tokens=50))
+                       budgets=[Budget(max_target_calls=3)], max_new_tokens=50))
     assert sum(r["stop_reason"] == "budget" for r in calls) >= 4
     for r in calls:
         assert r["target_calls"] <= 3
         if r["method"] == "ar" and r["stop_reason"] != "eos":
             assert r["target_calls"] == 3 and r["new_tokens"] == 3 and r["stop_reason"] == "budget"
     tokens = run(config(model_dirs, data_file, tmp_path / "tokens", methods=["ar"],
-                        budget=Budget(max_target_tokens=20), max_new_tokens=50))
+                        budgets=[Budget(max_target_tokens=20)], max_new_tokens=50))
     assert sum(r["stop_reason"] == "budget" for r in tokens) >= 2
     for r in tokens:
         assert r["target_tokens"] <= 20
@@ -208,3 +208,24 @@ def test_repeats_run_every_record_and_report_the_spread(model_dirs, data_file, t
     spread = repeat_spread(load_records(out / "results.jsonl"))
     assert list(spread["repeats"]) == [3, 3]
     assert "Timing spread over repeats" in (build_report(out) / "report.md").read_text()
+
+
+def test_budget_sweep_runs_every_point_and_reports_it(model_dirs, data_file, tmp_path, cache_dir):
+    from harness.report import budget_sweep, build_report, load_records
+
+    out = tmp_path / "sweep"
+    points = [Budget(max_target_calls=n) for n in (2, 4, 8)]
+    records = run(config(model_dirs, data_file, out, methods=["ar", "pld"], budgets=points, limit=1, max_new_tokens=30))
+    assert len(records) == 2 * 4 * 3  # methods x item turns x sweep points
+    for r in records:
+        assert r["target_calls"] <= r["max_target_calls"]
+        if r["method"] == "ar" and r["stop_reason"] == "budget":
+            assert r["new_tokens"] == r["max_target_calls"]
+        if r["method"] == "pld":  # checked against ar at the same budget
+            assert r["lossless_check"]["equal"]
+    sweep = budget_sweep(load_records(out / "results.jsonl"))
+    ar = sweep[sweep["method"] == "ar"].sort_values("budget")
+    assert list(ar["budget"]) == [2, 4, 8] and list(ar["new tokens"]) == sorted(ar["new tokens"])
+    report = build_report(out)
+    assert (report / "budget_sweep.png").is_file()
+    assert "target_calls=8 point" in (report / "report.md").read_text()
