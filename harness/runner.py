@@ -139,6 +139,7 @@ class Runner:
             "decode_s": (wall - (tc.first_pass_end - start)) if tc.first_pass_end else None,
             "target_pass_s": tc.pass_seconds(),  # per pass: the first is the prefill (or prefill + first verification)
             "draft_pass_s": self.draft_counter.pass_seconds() if self.draft_counter else [],
+            "draft_widths": self.draft_counter.widths if self.draft_counter else [],
             "tokens_per_s": len(out) / wall if wall > 0 else None,
             "target_calls": tc.calls, "target_tokens": tc.tokens,
             "draft_calls": self.draft_counter.calls if self.draft_counter else 0,

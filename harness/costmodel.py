@@ -1,0 +1,108 @@
+"""A hardware cost model: measured forward latency as a function of (tokens per pass, context length),
+and the speed-up it predicts from a run's hardware-independent trace.
+
+This answers why a higher acceptance length can still be slower: on a 2-core CPU a 6-token
+verification costs several one-token steps, on a GPU nearly one. Give a run the profile of another
+device to see what the same trace would give there.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harness.instrument import synchronize
+from methods.common.kv import crop, extend, new_cache
+
+WIDTHS = (1, 2, 4, 8, 16, 32, 64)
+CONTEXTS = (128, 512, 1024)
+
+
+@dataclass
+class LatencyTable:
+    """seconds[i][j]: one forward pass of widths[j] new tokens after contexts[i] cached ones."""
+
+    widths: list[int]
+    contexts: list[int]
+    seconds: list[list[float]]
+
+    def __call__(self, width: float, context: float) -> float:
+        """Interpolated latency (linear in width, then in context; clamped at the measured edges)."""
+        per_context = [np.interp(width, self.widths, row) for row in self.seconds]
+        return float(np.interp(context, self.contexts, per_context))
+
+
+def measure(model: torch.nn.Module, widths=WIDTHS, contexts=CONTEXTS, repeats: int = 3, progress=None) -> LatencyTable:
+    """Median latency of each (width, context) cell, with the cache cropped back between passes."""
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    seconds = []
+    for context in contexts:
+        cache = new_cache(model)
+        extend(model, torch.randint(0, vocab, (context,), generator=generator).tolist(), cache, keep=1)
+        row = []
+        for width in widths:
+            tokens = torch.randint(0, vocab, (width,), generator=generator).tolist()
+            samples = []
+            for _ in range(repeats + 1):  # the first is a warm-up
+                synchronize(model)
+                start = time.perf_counter()
+                extend(model, tokens, cache)
+                synchronize(model)
+                samples.append(time.perf_counter() - start)
+                crop(cache, context)
+            row.append(statistics.median(samples[1:]))
+            if progress:
+                progress()
+        seconds.append(row)
+    return LatencyTable(list(widths), list(contexts), seconds)
+
+
+def save_profile(path: Path, device: str, tables: dict[str, LatencyTable], models: dict[str, str]) -> None:
+    Path(path).write_text(json.dumps({
+        "device": device, "models": models,
+        "tables": {role: vars(table) for role, table in tables.items()},
+    }, indent=1))
+
+
+def load_profile(path: Path) -> dict:
+    profile = json.loads(Path(path).read_text())
+    profile["tables"] = {role: LatencyTable(**table) for role, table in profile["tables"].items()}
+    return profile
+
+
+def predicted_seconds(record: dict, tables: dict[str, LatencyTable]) -> float | None:
+    """The time the record's passes would take on the profiled device. Each pass is priced at the
+    record's mean context length (prompt + half the output): per-pass context is not recorded."""
+    context = record["prompt_tokens"] + record["new_tokens"] / 2
+    total = sum(tables["target"](w, context) for w in record.get("target_widths") or [])
+    draft_widths = record.get("draft_widths") or []
+    if draft_widths:
+        if "draft" not in tables:
+            return None
+        total += sum(tables["draft"](w, context) for w in draft_widths)
+    return total if total > 0 else None
+
+
+def predicted_speedups(records: list[dict], tables: dict[str, LatencyTable], baseline: str = "ar") -> dict[str, float]:
+    """Spec-Bench's definition on predicted times: mean predicted tokens/s over the baseline's, same items."""
+    speed: dict[str, dict[tuple, float]] = {}
+    for r in records:
+        if r.get("error") or not r.get("new_tokens"):
+            continue
+        seconds = predicted_seconds(r, tables)
+        if seconds:
+            speed.setdefault(r["method"], {})[(r["item_id"], r["turn"], r.get("repeat", 0), r.get("budget", ""))] = (
+                r["new_tokens"] / seconds)
+    base = speed.get(baseline, {})
+    out = {}
+    for method, per_item in speed.items():
+        shared = sorted(set(per_item) & set(base))
+        if shared:
+            out[method] = float(np.mean([per_item[k] for k in shared]) / np.mean([base[k] for k in shared]))
+    return out
