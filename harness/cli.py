@@ -118,6 +118,34 @@ def cmd_reproduce(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_profile(args) -> int:
+    from rich.progress import Progress
+
+    from harness import costmodel, models
+    from harness.manifest import device_description
+    from harness.runner import resolve_device
+
+    device = resolve_device(args.device)
+    roles = {"target": args.target, **({"draft": args.draft} if args.draft else {})}
+    widths = [int(w) for w in args.widths.split(",")]
+    contexts = [int(c) for c in args.contexts.split(",")]
+    tables = {}
+    with Progress(console=console) as progress:
+        for role, spec in roles.items():
+            model = models.load(spec, device, args.dtype).model
+            task = progress.add_task(f"{role} {spec}", total=len(widths) * len(contexts))
+            tables[role] = costmodel.measure(model, widths, contexts, args.repeats, lambda: progress.advance(task))
+            del model
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    costmodel.save_profile(out, device_description(device), tables, roles)
+    for role, table in tables.items():
+        console.print(f"{role}: " + ", ".join(f"w={w}: {s * 1000:.0f} ms" for w, s in zip(table.widths, table.seconds[0]))
+                      + f" (context {table.contexts[0]})")
+    console.print(f"profile: {out}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from harness.report import build_report
 
@@ -125,7 +153,7 @@ def cmd_report(args) -> int:
     if not (run_dir / "results.jsonl").is_file():
         console.print(f"[red]error:[/] {run_dir} has no results.jsonl")
         return 2
-    report = build_report(run_dir, baseline=args.baseline)
+    report = build_report(run_dir, baseline=args.baseline, profile=args.profile)
     console.print(f"report: {report / 'report.md'}  {report / 'report.html'}")
     return 0
 
@@ -221,7 +249,19 @@ def parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="(re)build DIR/report from DIR/results.jsonl")
     rep.add_argument("run_dir")
     rep.add_argument("--baseline", default="ar")
+    rep.add_argument("--profile", help="a `decodebench profile` file: adds the speed-up it predicts from this run's trace")
     rep.set_defaults(func=cmd_report)
+
+    prof = sub.add_parser("profile", help="measure forward latency against tokens per pass and context length")
+    prof.add_argument("--target", default=DEFAULT_TARGET)
+    prof.add_argument("--draft", help="also profile a draft model")
+    prof.add_argument("--widths", default="1,2,4,8,16,32,64", help="tokens per pass")
+    prof.add_argument("--contexts", default="128,512,1024", help="cached tokens before the pass")
+    prof.add_argument("--repeats", type=int, default=3)
+    prof.add_argument("--device", default="auto")
+    prof.add_argument("--dtype", default="auto")
+    prof.add_argument("--out", default="runs/profile.json")
+    prof.set_defaults(func=cmd_profile)
 
     sub.add_parser("methods", help="list registered methods").set_defaults(func=cmd_methods)
     sub.add_parser("suites", help="list registered suites").set_defaults(func=cmd_suites)

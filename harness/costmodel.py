@@ -82,6 +82,8 @@ def predicted_seconds(record: dict, tables: dict[str, LatencyTable]) -> float | 
     context = record["prompt_tokens"] + record["new_tokens"] / 2
     total = sum(tables["target"](w, context) for w in record.get("target_widths") or [])
     draft_widths = record.get("draft_widths") or []
+    if record.get("draft_calls") and len(draft_widths) != record["draft_calls"]:
+        return None  # a record from before draft widths were kept: its draft cost is unknown
     if draft_widths:
         if "draft" not in tables:
             return None

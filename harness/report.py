@@ -584,7 +584,28 @@ def _draw_plots(
 # ---------------------------------------------------------------- entry point
 
 
-def build_report(run_dir: str | Path, baseline: str = "ar") -> Path:
+def _prediction_display(run_dir: Path, records: pd.DataFrame, table: pd.DataFrame, baseline: str,
+                        profile: str | Path | None) -> dict | None:
+    """Measured speed-up beside the one the cost model predicts from the same trace."""
+    from harness.costmodel import load_profile, predicted_speedups
+    from harness.results import read_records
+
+    path = Path(profile) if profile else run_dir / "profile.json"
+    if not path.is_file():
+        return None
+    loaded = load_profile(path)
+    raw = read_records(run_dir / "results.jsonl")
+    keep = set(zip(records["method"], records["item_id"], records["turn"]))
+    predicted = predicted_speedups([r for r in raw if (r["method"], r["item_id"], r["turn"]) in keep],
+                                   loaded["tables"], baseline)
+    rows = []
+    for method, value in predicted.items():
+        measured = table.loc[method, OVERALL] if method in table.index and OVERALL in table else math.nan
+        rows.append([method, _formatted(measured, "{:.2f}x", MISSING_IN_SPEED_TABLE), f"{value:.2f}x"])
+    return {"device": loaded.get("device", "?"), "file": str(path), **_table(["Method", "Measured", "Predicted"], rows)}
+
+
+def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path | None = None) -> Path:
     """Read run_dir/results.jsonl and run_dir/manifest.json, write run_dir/report/report.md,
     run_dir/report/report.html (self-contained: PNG plots embedded as base64 data URIs),
     and PNG plots in run_dir/report/. Returns the report folder."""
@@ -615,6 +636,7 @@ def build_report(run_dir: str | Path, baseline: str = "ar") -> Path:
         "lossless": _lossless_section(ok, manifest, baseline),
         "plots": _draw_plots(table, ok, methods, baseline, folder, sweep),
         "sweep": _sweep_display(sweep),
+        "prediction": _prediction_display(run_dir, records, table, baseline, profile),
         "main_budget": main_budget(load_records(run_dir / "results.jsonl")) if not sweep.empty else "",
         "errors": _errors_table(records),
         "methods": _methods_table(manifest, records),

@@ -20,7 +20,7 @@ def test_prediction_equals_a_hand_computation():
     ar = {"method": "ar", "item_id": "a", "turn": 0, "prompt_tokens": 10, "new_tokens": 4,
           "target_widths": [10, 1, 1, 1], "draft_widths": []}
     sps = {"method": "sps", "item_id": "a", "turn": 0, "prompt_tokens": 10, "new_tokens": 4,
-           "target_widths": [13], "draft_widths": [10, 1, 1]}
+           "target_widths": [13], "draft_widths": [10, 1, 1], "draft_calls": 3}
     # ar: prefill of 10 tokens clamps to the 8-token cost 4.5 s, then 3 one-token passes: 7.5 s
     assert predicted_seconds(ar, {"target": TARGET}) == pytest.approx(7.5)
     # sps: one 13-token pass (4.5 s) + draft passes 0.45 + 0.1 + 0.1 = 5.15 s

@@ -229,3 +229,17 @@ def test_budget_sweep_runs_every_point_and_reports_it(model_dirs, data_file, tmp
     report = build_report(out)
     assert (report / "budget_sweep.png").is_file()
     assert "target_calls=8 point" in (report / "report.md").read_text()
+
+
+def test_report_sets_predicted_beside_measured_speedup(model_dirs, data_file, tmp_path, cache_dir, pair):
+    from harness.costmodel import measure, save_profile
+    from harness.report import build_report
+
+    out = tmp_path / "predicted"
+    records = run(config(model_dirs, data_file, out, methods=["ar", "sps"], limit=1))
+    assert all(len(r["draft_widths"]) == r["draft_calls"] for r in records)
+    tables = {role: measure(model, widths=(1, 4, 8), contexts=(8, 32), repeats=1) for role, model in zip(("target", "draft"), pair)}
+    save_profile(out / "profile.json", "test device", tables, {"target": "tiny", "draft": "tiny"})
+    text = (build_report(out) / "report.md").read_text()
+    section = text.split("## Predicted vs measured speed-up")[1].split("## ")[0]
+    assert "test device" in section and "| sps |" in section
