@@ -32,9 +32,17 @@ class LatencyTable:
     seconds: list[list[float]]
 
     def __call__(self, width: float, context: float) -> float:
-        """Interpolated latency (linear in width, then in context; clamped at the measured edges)."""
-        per_context = [np.interp(width, self.widths, row) for row in self.seconds]
+        """Interpolated latency: linear in width (extrapolated past the widest pass along the last
+        segment, since a long prompt's prefill grows about linearly), then in context (clamped)."""
+        per_context = [_along_width(width, self.widths, row) for row in self.seconds]
         return float(np.interp(context, self.contexts, per_context))
+
+
+def _along_width(width: float, widths: list[int], row: list[float]) -> float:
+    if width <= widths[-1] or len(widths) < 2:
+        return float(np.interp(width, widths, row))
+    slope = max(0.0, (row[-1] - row[-2]) / (widths[-1] - widths[-2]))
+    return row[-1] + slope * (width - widths[-1])
 
 
 def measure(model: torch.nn.Module, widths=WIDTHS, contexts=CONTEXTS, repeats: int = 3, progress=None) -> LatencyTable:

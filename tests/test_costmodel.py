@@ -11,7 +11,8 @@ DRAFT = LatencyTable([1, 8], [100, 1000], [[0.1, 0.45], [0.1, 0.45]])
 
 def test_interpolation_is_linear_and_clamped():
     assert TARGET(4, 500) == pytest.approx(2.5)  # between widths 2 (1.5 s) and 8 (4.5 s)
-    assert TARGET(64, 5000) == pytest.approx(4.5)  # clamped at the measured edge
+    assert TARGET(64, 5000) == pytest.approx(4.5 + 0.5 * 56)  # past the widest pass: the last slope
+    assert TARGET(1, 5000) == pytest.approx(1.0)  # context clamped at the measured edge
     sloped = LatencyTable([1], [0, 100], [[1.0], [3.0]])
     assert sloped(1, 50) == pytest.approx(2.0)
 
@@ -21,13 +22,13 @@ def test_prediction_equals_a_hand_computation():
           "target_widths": [10, 1, 1, 1], "draft_widths": []}
     sps = {"method": "sps", "item_id": "a", "turn": 0, "prompt_tokens": 10, "new_tokens": 4,
            "target_widths": [13], "draft_widths": [10, 1, 1], "draft_calls": 3}
-    # ar: prefill of 10 tokens clamps to the 8-token cost 4.5 s, then 3 one-token passes: 7.5 s
-    assert predicted_seconds(ar, {"target": TARGET}) == pytest.approx(7.5)
-    # sps: one 13-token pass (4.5 s) + draft passes 0.45 + 0.1 + 0.1 = 5.15 s
-    assert predicted_seconds(sps, {"target": TARGET, "draft": DRAFT}) == pytest.approx(5.15)
+    # ar: prefill of 10 tokens = 4.5 + 0.5 * 2 = 5.5 s, then 3 one-token passes: 8.5 s
+    assert predicted_seconds(ar, {"target": TARGET}) == pytest.approx(8.5)
+    # sps: one 13-token pass (4.5 + 0.5 * 5 = 7 s) + draft passes (0.45 + 0.05 * 2) + 0.1 + 0.1 = 7.75 s
+    assert predicted_seconds(sps, {"target": TARGET, "draft": DRAFT}) == pytest.approx(7.75)
     speedups = predicted_speedups([ar, sps], {"target": TARGET, "draft": DRAFT})
     assert speedups["ar"] == pytest.approx(1.0)
-    assert speedups["sps"] == pytest.approx((4 / 5.15) / (4 / 7.5))
+    assert speedups["sps"] == pytest.approx((4 / 7.75) / (4 / 8.5))
 
 
 def test_measure_fills_every_cell(pair):
