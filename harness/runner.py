@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from harness import models as model_specs
@@ -76,6 +77,7 @@ class Runner:
         self.console = console or Console()
         self.device = resolve_device(cfg.device)
         self.out = Path(cfg.out)
+        self.budget = Budget()  # the sweep point being run
         self.methods: dict[str, Method] = {}
         for name in ([BASELINE] if BASELINE in cfg.methods else []) + [m for m in cfg.methods if m != BASELINE]:
             self.methods[name] = get_method(name)(**cfg.settings.get(name, {}))  # errors before any loading
@@ -262,5 +264,5 @@ class Runner:
                 torch.cuda.empty_cache()
             record["error"] = f"{type(err).__name__}: {err}"
             record["traceback"] = traceback.format_exc(limit=8)
-            self.console.print(f"[red]{name} {item.item_id} turn {turn}: {record['error']}[/]")
+            self.console.print(f"[red]{name} {item.item_id} turn {turn}: {escape(record['error'])}[/]")
         return record
