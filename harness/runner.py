@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from harness import models as model_specs
 from harness.instrument import Budget, PassCounter, synchronize
 from harness.manifest import write_manifest
-from harness.results import ResultStore
+from harness.results import ResultStore, record_key
 from harness.trackers import EnergyTracker, PeakMemory
 from methods.base import BudgetExhausted, DecodeContext, Method, Sampling, get_method
 from suites.base import Item, get_suite
@@ -77,7 +77,6 @@ class Runner:
         self.console = console or Console()
         self.device = resolve_device(cfg.device)
         self.out = Path(cfg.out)
-        self.budget = Budget()  # the sweep point being run
         self.methods: dict[str, Method] = {}
         for name in ([BASELINE] if BASELINE in cfg.methods else []) + [m for m in cfg.methods if m != BASELINE]:
             self.methods[name] = get_method(name)(**cfg.settings.get(name, {}))  # errors before any loading
@@ -103,9 +102,10 @@ class Runner:
 
     # ------------------------------------------------------------ one generation
 
-    def _generate(self, method: Method, prompt_ids: list[int], seed: int, max_new_tokens: int) -> dict:
+    def _generate(self, method: Method, prompt_ids: list[int], seed: int, max_new_tokens: int,
+                  budget: Budget = Budget()) -> dict:
         """Run the method once under the hooks; figures come from the harness's own counters."""
-        self.target_counter.reset(self.budget)
+        self.target_counter.reset(budget)
         if self.draft_counter:
             self.draft_counter.reset()
         ctx = DecodeContext(
@@ -170,8 +170,7 @@ class Runner:
     # ------------------------------------------------------------ lossless check
 
     def _lossless_check(self, record: dict, prompt_ids: list[int]) -> dict | None:
-        reference = self.store.get((BASELINE, self.cfg.suite, record["item_id"], record["turn"], record["repeat"],
-                                    record["budget"]))
+        reference = self.store.get(record_key({**record, "method": BASELINE}))
         if reference is None or reference.get("prompt_sha") != record["prompt_sha"]:
             return None  # no baseline, or an earlier turn already diverged so the prompts differ
         ours, theirs = record["output_ids"], reference["output_ids"]
@@ -202,7 +201,7 @@ class Runner:
         a speed-up compares are measured minutes, not an hour, apart on a drifting machine."""
         return [(name, item, turn, repeat, budget) for item in self.items for turn in range(len(item.turns))
                 for repeat in range(self.cfg.repeats) for budget in self.cfg.budgets for name in self.methods
-                if not self.store.has((name, self.cfg.suite, item.item_id, turn, repeat, budget.label))]
+                if not self.store.has(self._key(name, item, turn, repeat, budget))]
 
     def run(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -233,29 +232,31 @@ class Runner:
 
     def _warm_up(self, method: Method) -> None:
         """One short untimed generation per method, so lazy initialisation is not timed."""
-        self.budget = Budget()
         ids = encode_chat(self.target.tokenizer, self.items[0].messages(0, []))
         try:
             self._generate(method, ids, seed=0, max_new_tokens=min(4, self.cfg.max_new_tokens))
         except Exception:  # noqa: BLE001 - a failing method fails again, recorded, in the timed run
             pass
 
-    def _record(self, name: str, item: Item, turn: int, repeat: int = 0, budget: Budget | None = None) -> dict:
-        self.budget = budget or Budget()
+    def _key(self, name: str, item: Item, turn: int, repeat: int, budget: Budget) -> tuple:
+        return record_key({"method": name, "suite": self.cfg.suite, "item_id": item.item_id, "turn": turn,
+                           "repeat": repeat, "budget": budget.label})
+
+    def _record(self, name: str, item: Item, turn: int, repeat: int = 0, budget: Budget = Budget()) -> dict:
         record = {"method": name, "suite": self.cfg.suite, "category": item.category, "item_id": item.item_id,
-                  "turn": turn, "repeat": repeat, "budget": self.budget.label, **asdict(self.budget),
+                  "turn": turn, "repeat": repeat, "budget": budget.label, **asdict(budget),
                   "temperature": self.cfg.sampling.temperature,
                   "seed": item_seed(self.cfg.sampling.seed, item.item_id, turn, repeat), "error": None,
                   "lossless_check": None}
         try:
-            answers = [self.store.get((name, self.cfg.suite, item.item_id, t, repeat, self.budget.label))
-                       for t in range(turn)]
+            answers = [self.store.get(self._key(name, item, t, repeat, budget)) for t in range(turn)]
             if any(a is None for a in answers):
                 raise RuntimeError("an earlier turn of this item failed; the conversation cannot go on")
             prompt_ids = encode_chat(self.target.tokenizer, item.messages(turn, [a["output_text"] for a in answers]))
             record["prompt_tokens"] = len(prompt_ids)
             record["prompt_sha"] = hashlib.sha1(str(prompt_ids).encode()).hexdigest()[:16]
-            record.update(self._generate(self.methods[name], prompt_ids, record["seed"], self.cfg.max_new_tokens))
+            record.update(self._generate(self.methods[name], prompt_ids, record["seed"], self.cfg.max_new_tokens,
+                                         budget))
             record["output_text"] = self.target.tokenizer.decode(record["output_ids"], skip_special_tokens=True)
             if self.methods[name].lossless and self.cfg.sampling.greedy and name != BASELINE:
                 record["lossless_check"] = self._lossless_check(record, prompt_ids)
