@@ -49,7 +49,7 @@ def _budgets(pairs: list[str]):
 
 def cmd_run(args) -> int:
     from harness.models import ModelError
-    from harness.report import build_report, format_table_markdown, load_records, speed_table
+    from harness.report import build_report, format_table_markdown, load_records, main_records, speed_table
     from harness.runner import RunConfig, Runner
     from methods.base import Sampling
 
@@ -69,7 +69,7 @@ def cmd_run(args) -> int:
         return 2
     report = build_report(run_dir)
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    table = format_table_markdown(speed_table(load_records(run_dir / "results.jsonl")), manifest["methods"])
+    table = format_table_markdown(speed_table(main_records(load_records(run_dir / "results.jsonl"))), manifest["methods"])
     console.print(table, markup=False, soft_wrap=True)
     console.print(f"report: {report / 'report.md'}  {report / 'report.html'}")
     return 0

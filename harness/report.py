@@ -19,6 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from harness.results import read_records  # noqa: E402
+
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "reports" / "templates"
 
 # Spec-Bench's column order; categories it does not know follow alphabetically.
@@ -72,20 +74,7 @@ LOSSLESS_DEFINITION = (
 
 def load_records(results_path: str | Path) -> pd.DataFrame:
     """One row per record of results.jsonl; unparsable lines (a killed run's last line) are skipped."""
-    results_path = Path(results_path)
-    records = []
-    for line_number, line in enumerate(results_path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if not isinstance(record, dict):
-            warnings.warn(f"{results_path}:{line_number}: skipping unparsable line", stacklevel=2)
-            continue
-        records.append(record)
-    return _normalized(pd.DataFrame(records))
+    return _normalized(pd.DataFrame(read_records(Path(results_path))))
 
 
 def _normalized(records: pd.DataFrame) -> pd.DataFrame:
@@ -519,6 +508,11 @@ def _swept_kind(records: pd.DataFrame) -> str | None:
     return None
 
 
+def main_records(records: pd.DataFrame) -> pd.DataFrame:
+    """The records of the main budget point: every table but the sweep's compares one budget."""
+    return records[records["budget"].fillna("") == main_budget(records)]
+
+
 def budget_sweep(records: pd.DataFrame) -> pd.DataFrame:
     """Per method and sweep point: what a fixed compute budget buys (tokens produced, passes, tokens/pass)."""
     ok = _successful(_normalized(records))
@@ -584,20 +578,16 @@ def _draw_plots(
 # ---------------------------------------------------------------- entry point
 
 
-def _prediction_display(run_dir: Path, records: pd.DataFrame, table: pd.DataFrame, baseline: str,
+def _prediction_display(run_dir: Path, raw: list[dict], table: pd.DataFrame, baseline: str,
                         profile: str | Path | None) -> dict | None:
-    """Measured speed-up beside the one the cost model predicts from the same trace."""
+    """Measured speed-up beside the one the cost model predicts from the same records' trace."""
     from harness.costmodel import load_profile, predicted_speedups
-    from harness.results import read_records
 
     path = Path(profile) if profile else run_dir / "profile.json"
     if not path.is_file():
         return None
     loaded = load_profile(path)
-    raw = read_records(run_dir / "results.jsonl")
-    keep = set(zip(records["method"], records["item_id"], records["turn"]))
-    predicted = predicted_speedups([r for r in raw if (r["method"], r["item_id"], r["turn"]) in keep],
-                                   loaded["tables"], baseline)
+    predicted = predicted_speedups(raw, loaded["tables"], baseline)
     rows = []
     for method, value in predicted.items():
         measured = table.loc[method, OVERALL] if method in table.index and OVERALL in table else math.nan
@@ -611,14 +601,17 @@ def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path 
     and PNG plots in run_dir/report/. Returns the report folder."""
     run_dir = Path(run_dir)
     markdown_template, html_template = _load_templates()  # fail before any work if they are missing
-    records = load_records(run_dir / "results.jsonl")
+    raw = read_records(run_dir / "results.jsonl")
+    records = _normalized(pd.DataFrame(raw))
     manifest = _load_manifest(run_dir / "manifest.json")
     methods_manifest = manifest.get("methods", {})
     folder = run_dir / "report"
     folder.mkdir(parents=True, exist_ok=True)
 
     sweep = budget_sweep(records)
-    records = records[records["budget"].fillna("") == main_budget(records)]  # main tables: one budget
+    label = main_budget(records)
+    records = main_records(records)
+    raw = [r for r in raw if r.get("budget", "") == label]
     ok = _successful(records)
     methods = _method_order(ok, baseline)
     table = speed_table(records, baseline)
@@ -636,8 +629,8 @@ def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path 
         "lossless": _lossless_section(ok, manifest, baseline),
         "plots": _draw_plots(table, ok, methods, baseline, folder, sweep),
         "sweep": _sweep_display(sweep),
-        "prediction": _prediction_display(run_dir, records, table, baseline, profile),
-        "main_budget": main_budget(load_records(run_dir / "results.jsonl")) if not sweep.empty else "",
+        "prediction": _prediction_display(run_dir, raw, table, baseline, profile),
+        "main_budget": label,
         "errors": _errors_table(records),
         "methods": _methods_table(manifest, records),
     }

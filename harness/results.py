@@ -27,9 +27,13 @@ def read_records(path: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            warnings.warn(f"{path}:{lineno}: skipping an incomplete record (interrupted write?)")
+            record = None
+        if not isinstance(record, dict):
+            warnings.warn(f"{path}:{lineno}: skipping an unparsable record (an interrupted write?)", stacklevel=2)
+            continue
+        records.append(record)
     return records
 
 
