@@ -9,7 +9,7 @@ import numpy as np
 
 from harness.instrument import Budget
 from harness.report import _bootstrap_interval
-from harness.results import read_records, record_key
+from harness.results import first_difference, read_records, record_key
 from harness.runner import RunConfig
 from methods.base import Sampling
 
@@ -39,10 +39,6 @@ class Comparison:
         return not self.output_diffs and not self.missing
 
 
-def _first_difference(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
 def compare_runs(old_dir: Path, new_dir: Path) -> Comparison:
     old = {record_key(r): r for r in read_records(Path(old_dir) / "results.jsonl") if not r.get("error")}
     new = {record_key(r): r for r in read_records(Path(new_dir) / "results.jsonl") if not r.get("error")}
@@ -51,7 +47,7 @@ def compare_runs(old_dir: Path, new_dir: Path) -> Comparison:
     for key in sorted(set(old) & set(new)):
         before, after = old[key], new[key]
         if before["output_ids"] != after["output_ids"]:
-            result.output_diffs.append({"key": key, "position": _first_difference(before["output_ids"], after["output_ids"])})
+            result.output_diffs.append({"key": key, "position": first_difference(before["output_ids"], after["output_ids"])})
         else:
             changed = {c: (before.get(c), after.get(c)) for c in COUNTS if before.get(c) != after.get(c)}
             if changed:

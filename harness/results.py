@@ -18,6 +18,13 @@ def record_key(record: dict) -> tuple:
     return tuple(record.get(k, KEY_DEFAULTS.get(k)) for k in KEY_FIELDS)
 
 
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """Index of the first differing token (the shorter length when one is a prefix of the other); None if equal."""
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def read_records(path: Path) -> list[dict]:
     """Every complete record; an unparsable line (an interrupted write) is skipped with a warning."""
     records = []

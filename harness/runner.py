@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from harness import models as model_specs
 from harness.instrument import Budget, PassCounter, synchronize
 from harness.manifest import write_manifest
-from harness.results import ResultStore, record_key
+from harness.results import ResultStore, first_difference, record_key
 from harness.trackers import EnergyTracker, PeakMemory
 from methods.base import BudgetExhausted, DecodeContext, Method, Sampling, get_method
 from suites.base import Item, get_suite
@@ -174,13 +174,12 @@ class Runner:
         if reference is None or reference.get("prompt_sha") != record["prompt_sha"]:
             return None  # no baseline, or an earlier turn already diverged so the prompts differ
         ours, theirs = record["output_ids"], reference["output_ids"]
-        common = min(len(ours), len(theirs))
-        position = next((i for i in range(common) if ours[i] != theirs[i]), None)
+        position = first_difference(ours, theirs)
         budget_cut = record["stop_reason"] == "budget" or reference["stop_reason"] == "budget"
-        if position is None and (len(ours) == len(theirs) or budget_cut):
+        # one being a prefix of the other is equality only when a budget cut the shorter one short;
+        # otherwise one stopped early (EOS) where the other went on
+        if position is None or (budget_cut and position == min(len(ours), len(theirs))):
             return {"reference": BASELINE, "equal": True, "position": None, "margin": None, "numerical_tie": False}
-        if position is None:
-            position = common  # one stopped early (EOS) where the other went on
         margin, relative = self._top2_margin(prompt_ids + theirs[:position])
         eps = TIE_EPSILON.get(self.target.info["dtype"], 1e-5)
         return {"reference": BASELINE, "equal": False, "position": position, "margin": margin,
