@@ -71,9 +71,10 @@ def measure(model: torch.nn.Module, widths=WIDTHS, contexts=CONTEXTS, repeats: i
     return LatencyTable(list(widths), list(contexts), seconds)
 
 
-def save_profile(path: Path, device: str, tables: dict[str, LatencyTable], models: dict[str, str]) -> None:
+def save_profile(path: Path, device: str, tables: dict[str, LatencyTable], models: dict[str, str],
+                 roofline: dict | None = None) -> None:
     Path(path).write_text(json.dumps({
-        "device": device, "models": models,
+        "device": device, "models": models, "roofline": roofline,
         "tables": {role: vars(table) for role, table in tables.items()},
     }, indent=1))
 

@@ -102,6 +102,10 @@ class PassCounter:
 
 
 def synchronize(model: torch.nn.Module) -> None:
-    device = next(model.parameters()).device
-    if device.type == "cuda":
+    synchronize_device(next(model.parameters()).device)
+
+
+def synchronize_device(device) -> None:
+    """Wait for queued GPU work, so that a wall-clock reading covers it (no-op on a CPU)."""
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)

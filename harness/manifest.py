@@ -68,7 +68,7 @@ def run_settings(cfg) -> dict:
     return settings
 
 
-def write_manifest(out: Path, cfg, device: str, methods: dict, target, draft) -> dict:
+def write_manifest(out: Path, cfg, device: str, methods: dict, target, draft, roofline: dict | None = None) -> dict:
     path = Path(out) / "manifest.json"
     previous = json.loads(path.read_text()) if path.is_file() else None
     settings = run_settings(cfg)
@@ -93,6 +93,7 @@ def write_manifest(out: Path, cfg, device: str, methods: dict, target, draft) ->
         "draft": draft.info if draft else None,
         "device": device_description(device),
         "energy": describe_energy_support(device),
+        "roofline": (previous or {}).get("roofline") or roofline,  # measured when the run began
         "versions": versions(),
         "git": git_commit(),
         "methods": described,

@@ -492,6 +492,26 @@ def _plot_tokens_per_s(ok: pd.DataFrame, methods: list[str], path: Path) -> Path
     return _save(fig, path)
 
 
+def _plot_memory_energy(ok: pd.DataFrame, methods: list[str], path: Path) -> Path | None:
+    """Peak memory and energy per token side by side; energy only where the device exposed it."""
+    shown = ok[ok["method"].isin(methods)]
+    memory = shown.groupby("method")["peak_mem_bytes"].max().reindex(methods).dropna() / 2**20
+    with_energy = shown[shown["energy_j"].notna()].groupby("method")[["energy_j", "new_tokens"]].sum()
+    energy = (with_energy["energy_j"] / with_energy["new_tokens"]).reindex(methods).dropna()
+    panels = [(values, label) for values, label in ((memory, "Peak memory (MiB)"), (energy, "Energy (J/token)"))
+              if len(values)]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.0, 1.1 * len(methods) * len(panels) + 2), 4.2),
+                             squeeze=False)
+    for ax, (values, label) in zip(axes[0], panels):
+        ax.bar(np.arange(len(values)), values.to_numpy(), 0.6, color="tab:green" if "Energy" in label else "tab:purple")
+        ax.set_xticks(np.arange(len(values)), list(values.index), rotation=20 if len(values) > 4 else 0)
+        ax.set_ylabel(label)
+    fig.suptitle("Memory and energy per method")
+    return _save(fig, path)
+
+
 def main_budget(records: pd.DataFrame) -> str:
     """The budget label the main tables use: unlimited if present, else the largest sweep point."""
     labels = list(dict.fromkeys(records["budget"].fillna("")))
@@ -565,6 +585,7 @@ def _draw_plots(
         ("speedup_by_category.png", "Speed-up by category", lambda path: _plot_speedup(table, baseline, path)),
         ("mat_by_category.png", "#MAT by category", lambda path: _plot_mat(ok, methods, path)),
         ("tokens_per_s.png", "Tokens/s per method", lambda path: _plot_tokens_per_s(ok, methods, path)),
+        ("memory_energy.png", "Memory and energy", lambda path: _plot_memory_energy(ok, methods, path)),
     ]
     drawn = []
     for name, title, draw in plots:
@@ -593,6 +614,29 @@ def _prediction_display(run_dir: Path, raw: list[dict], table: pd.DataFrame, bas
         measured = table.loc[method, OVERALL] if method in table.index and OVERALL in table else math.nan
         rows.append([method, _formatted(measured, "{:.2f}x", MISSING_IN_SPEED_TABLE), f"{value:.2f}x"])
     return {"device": loaded.get("device", "?"), "file": str(path), **_table(["Method", "Measured", "Predicted"], rows)}
+
+
+def _roofline_display(manifest: dict, ok: pd.DataFrame, baseline: str) -> dict | None:
+    """Where the baseline's decode speed sits under the device's memory-bound limit."""
+    from harness import roofline
+
+    roof = manifest.get("roofline") or {}
+    if "device" not in roof or "target" not in roof:
+        return None  # a run from before the roofline was measured
+    records = ok[ok["method"] == baseline].to_dict("records")
+    reached = roofline.efficiency(roof["device"], roof["target"], roofline.decode_tokens_per_s(records))
+    device = roof["device"]
+    rows = [
+        ["Read bandwidth", f"{device['read_bandwidth_bytes_s'] / 1e9:.1f} GB/s"],
+        [f"Matmul throughput ({device['dtype']})", f"{device['matmul_flops_s'] / 1e9:.0f} GFLOP/s"],
+        ["Target weight bytes read per token", f"{roof['target']['weight_bytes_per_token'] / 1e9:.2f} GB"],
+        ["Memory-bound limit", f"{reached['memory_bound_tokens_per_s']:.1f} tokens/s"],
+        [f"{baseline} decode speed (prefill excluded)",
+         _formatted(reached["measured_tokens_per_s"], "{:.2f} tokens/s", MISSING_IN_COST_TABLE)],
+        ["Fraction of the limit", _formatted(100 * reached["fraction"], "{:.0f}%", MISSING_IN_COST_TABLE)],
+        ["Ridge width (tokens per pass where compute catches up)", f"{reached['ridge_width']:.1f}"],
+    ]
+    return {"how": device.get("method", ""), **_table(["Figure", "Value"], rows)}
 
 
 def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path | None = None) -> Path:
@@ -630,6 +674,7 @@ def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path 
         "plots": _draw_plots(table, ok, methods, baseline, folder, sweep),
         "sweep": _sweep_display(sweep),
         "prediction": _prediction_display(run_dir, raw, table, baseline, profile),
+        "roofline": _roofline_display(manifest, ok, baseline),
         "main_budget": label,
         "errors": _errors_table(records),
         "methods": _methods_table(manifest, records),

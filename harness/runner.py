@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from harness import models as model_specs
+from harness import roofline
 from harness.instrument import Budget, PassCounter, synchronize
 from harness.manifest import write_manifest
 from harness.results import ResultStore, first_difference, record_key
@@ -99,6 +100,14 @@ class Runner:
         self.eos = model_specs.eos_ids(self.target)
         self.target_counter = PassCounter(self.target.model, "target")
         self.draft_counter = PassCounter(self.draft.model, "draft") if self.draft else None
+
+    def _roofline(self) -> dict:
+        """The device's bandwidth and matmul throughput (measured once per process) and the weight
+        bytes each model reads per token: what the report needs to place `ar` under its roofline."""
+        dtype = str(next(self.target.model.parameters()).dtype).removeprefix("torch.")
+        roles = {"target": self.target, **({"draft": self.draft} if self.draft else {})}
+        return {"device": roofline.measure(self.device, dtype),
+                **{role: roofline.model_roof(loaded.model) for role, loaded in roles.items()}}
 
     # ------------------------------------------------------------ one generation
 
@@ -210,7 +219,7 @@ class Runner:
             self.console.print(f"nothing to do: all records are in {self.store.path}")
             return self.out
         self._load_models()
-        write_manifest(self.out, self.cfg, self.device, self.methods, self.target, self.draft)
+        write_manifest(self.out, self.cfg, self.device, self.methods, self.target, self.draft, self._roofline())
         per_item = len(self.methods) * self.cfg.repeats * len(self.cfg.budgets)
         skipped = sum(len(i.turns) for i in self.items) * per_item - len(todo)
         if skipped:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from harness.costmodel import LatencyTable, measure, predicted_seconds, predicted_speedups
+from harness.costmodel import LatencyTable, load_profile, measure, predicted_seconds, predicted_speedups
 
 # a toy device: a pass costs 1 s + 0.5 s per extra token, at any context; the draft is 10x cheaper
 TARGET = LatencyTable([1, 2, 8], [100, 1000], [[1.0, 1.5, 4.5], [1.0, 1.5, 4.5]])
@@ -35,3 +35,18 @@ def test_measure_fills_every_cell(pair):
     target, _ = pair
     table = measure(target, widths=(1, 4), contexts=(8, 16), repeats=1)
     assert len(table.seconds) == 2 and all(len(row) == 2 and min(row) > 0 for row in table.seconds)
+
+
+def test_profile_command_writes_latencies_and_the_roofline(model_dirs, tmp_path):
+    from harness.cli import main
+
+    target, draft = model_dirs
+    out = tmp_path / "profile.json"
+    assert main(["profile", "--target", target, "--draft", draft, "--widths", "1,4", "--contexts", "8",
+                 "--repeats", "1", "--out", str(out)]) == 0
+    profile = load_profile(out)
+    assert set(profile["tables"]) == {"target", "draft"}
+    assert profile["tables"]["target"].widths == [1, 4] and profile["tables"]["target"].contexts == [8]
+    assert all(s > 0 for s in profile["tables"]["draft"].seconds[0])
+    assert profile["roofline"]["device"]["read_bandwidth_bytes_s"] > 0
+    assert profile["roofline"]["target"]["weight_bytes_per_token"] > 0

@@ -71,6 +71,9 @@ def test_full_run_counts_and_lossless_checks(model_dirs, data_file, tmp_path, ca
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["methods"]["hf_assisted"]["reference"] is True
     assert manifest["target"]["kind"] == "folder" and manifest["versions"]["torch"]
+    roof = manifest["roofline"]  # measured at the start of the run, for the report's roofline section
+    assert roof["device"]["read_bandwidth_bytes_s"] > 0 and roof["target"]["weight_bytes_per_token"] > 0
+    assert roof["draft"]["weight_bytes_per_token"] > 0
 
 
 def test_budgets_stop_at_exactly_the_budget(model_dirs, data_file, tmp_path, cache_dir):
