@@ -125,17 +125,22 @@ class Runner:
         stop_note = None
         synchronize(self.target.model)
         memory, energy = PeakMemory(self.device), EnergyTracker(self.device)
+        tracker_s = time.perf_counter()
         with ExitStack() as trackers:
             if self.cfg.trackers:  # off only to measure the trackers' own cost
                 trackers.enter_context(memory)
                 trackers.enter_context(energy)
             start = time.perf_counter()
+            tracker_s = start - tracker_s
             try:
                 method.generate(ctx)
             except BudgetExhausted as exhausted:
                 stop_note = str(exhausted)
             synchronize(self.target.model)
             wall = time.perf_counter() - start
+            stop_trackers = time.perf_counter()
+        # Their own cost, outside `wall`: entering and leaving, plus their sampler threads' CPU time
+        tracker_s += time.perf_counter() - stop_trackers + memory.thread_cpu_s + energy.thread_cpu_s
         out = ctx.output
         tc = self.target_counter
         if stop_note:
@@ -159,7 +164,7 @@ class Runner:
             "target_widths": tc.widths,  # tokens fed to each target pass: prefill, then verification widths
             "accept_lengths": ctx.trace.accepted, "proposed_lengths": ctx.trace.proposed,
             "trace_error": self._check_trace(ctx, tc.calls), "peak_mem_bytes": memory.peak_bytes,
-            **energy.result, "stop_reason": stop, "budget_note": stop_note,
+            **energy.result, "stop_reason": stop, "budget_note": stop_note, "tracker_s": tracker_s,
             "energy_per_token_j": energy.result["energy_j"] / len(out) if energy.result["energy_j"] and out else None,
         }
 

@@ -22,6 +22,7 @@ class PeakMemory:
         self.device = device
         self.interval = interval
         self.peak_bytes: int | None = None
+        self.thread_cpu_s = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -38,6 +39,7 @@ class PeakMemory:
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
             self.peak_bytes = max(self.peak_bytes or 0, self._process.memory_info().rss)
+        self.thread_cpu_s = time.thread_time()  # the sampler's own cost, reported beside the run
 
     def __exit__(self, *exc) -> None:
         if self.cuda:
@@ -170,6 +172,7 @@ class EnergyTracker:
         self._mem_peak: int | None = None
         self._process_mem_peak: int | None = None
         self._samples = 0
+        self.thread_cpu_s = 0.0
         # Filled in at exit; until then (or if never entered) every figure reads as unmeasured
         self.result: dict = self._result(None, None, self.reason or "not measured", 0.0)
 
@@ -218,6 +221,7 @@ class EnergyTracker:
     def _sample_until_stopped(self) -> None:
         while not self._stop.wait(self.interval):
             self._sample()
+        self.thread_cpu_s = time.thread_time()  # the sampler's own cost, reported beside the run
 
     def _sample(self) -> None:
         nvml, handle = self._nvml, self._handle
