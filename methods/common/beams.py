@@ -126,6 +126,14 @@ def joint_probs(weights: torch.Tensor, logits: torch.Tensor, sampling: Sampling)
     return (joint / total).reshape(-1)
 
 
+def fit_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
+    """A draft's logits on the target's vocabulary: a larger draft vocabulary is cut, a smaller one padded."""
+    if logits.shape[-1] >= vocab:
+        return logits[..., :vocab]
+    pad = torch.full((*logits.shape[:-1], vocab - logits.shape[-1]), float("-inf"), device=logits.device)
+    return torch.cat([logits, pad], -1)
+
+
 def draw(probs: torch.Tensor, count: int, generator: torch.Generator) -> list[int]:
     """`count` i.i.d. draws (with replacement, as beam sampling does) from a flattened distribution."""
     return torch.multinomial(probs.detach().cpu(), count, replacement=True, generator=generator).tolist()
