@@ -173,3 +173,13 @@ def test_runner_records_quality_outside_counts_and_budget(model_dirs, tmp_path, 
         assert r["extras"] == ({"figure": 2.0} if r["method"] == "extras_test_method" else {})
     by_method = {r["method"]: r for r in records if r["item_id"] == "qa-1"}
     assert by_method["ar"]["output_perplexity"] == by_method["extras_test_method"]["output_perplexity"]
+
+
+def test_beams_preset_and_unknown_preset():
+    from harness.cli import main
+    from harness.presets import preset
+    from methods.base import registry
+
+    assert preset("beams") == ["ar", "sps", "beam_sampling", "beam_search", "dsbd", "mjsd", "diverse_beam"]
+    assert set(preset("beams")) <= set(registry())
+    assert main(["run", "--preset", "nope", "--out", "/tmp/never-written"]) == 2
