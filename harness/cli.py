@@ -53,9 +53,16 @@ def cmd_run(args) -> int:
     from harness.runner import RunConfig, Runner
     from methods.base import Sampling
 
+    from harness.presets import preset
+
     out = args.out or f"runs/{args.suite}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        methods = preset(args.preset) if args.preset else [m.strip() for m in args.methods.split(",") if m.strip()]
+    except KeyError as err:
+        console.print(f"[red]error:[/] {err.args[0]}")
+        return 2
     cfg = RunConfig(
-        suite=args.suite, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        suite=args.suite, methods=methods,
         target=args.target, draft=args.draft or None, data=args.data, limit=args.limit,
         max_new_tokens=args.max_new_tokens,
         sampling=Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed),
@@ -221,6 +228,8 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run methods over a suite and write a report")
     run.add_argument("--suite", default="specbench")
     run.add_argument("--methods", default="ar,sps,pld", help="comma-separated; `decodebench methods` lists them")
+    run.add_argument("--preset", help="a named method list instead of --methods (beams: ar,sps,beam_sampling,"
+                     "beam_search,dsbd,mjsd,diverse_beam)")
     run.add_argument("--target", default=DEFAULT_TARGET, help="embedded name, HF id, folder or .gguf")
     run.add_argument("--draft", default=DEFAULT_DRAFT, help="draft model for draft-model methods")
     run.add_argument("--data", help="a Spec-Bench question.jsonl file instead of the built-in set")

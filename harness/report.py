@@ -596,6 +596,83 @@ def _draw_plots(
     return drawn
 
 
+# ---------------------------------------------------------------- quality
+
+
+QUALITY_DEFINITION = (
+    "Output perplexity is exp of the mean negative log-likelihood of a record's new tokens under the target "
+    "model's raw distribution (temperature 1), given the prompt: computed by the harness after generation, "
+    "outside the timing and the pass counts; lower is better; the mean over records is shown. Task scores are "
+    "0..1, per category where the item has a reference: exact match of the final number (math_reasoning), "
+    "ROUGE-L F (summarization), chrF (translation), SQuAD token F1 (qa, rag); higher is better. Mean task score "
+    "is the mean of the category columns. Further columns are figures a method reports itself (ctx.extras), "
+    "averaged over records."
+)
+OUTPUT_PPL = "Output PPL"
+MEAN_TASK_SCORE = "Mean task score"
+
+
+def quality_table(records: pd.DataFrame, baseline: str = "ar") -> pd.DataFrame:
+    """Per method (rows): mean output perplexity, mean task score per (category, metric), their mean, and
+    the mean of every figure methods put in ctx.extras. Empty when no record carries any of them."""
+    ok = _successful(_normalized(records))
+    columns: dict[str, pd.Series] = {}
+    if "output_perplexity" in ok and ok["output_perplexity"].notna().any():
+        columns[OUTPUT_PPL] = pd.to_numeric(ok["output_perplexity"], errors="coerce").groupby(ok["method"]).mean()
+    if "task_score" in ok:
+        scored = ok[ok["task_score"].notna()]
+        score_columns = []
+        for category in _ordered_categories(scored["category"]):
+            rows = scored[scored["category"] == category]
+            name = f"{category} ({rows['task_metric'].iloc[0]})"
+            columns[name] = pd.to_numeric(rows["task_score"]).groupby(rows["method"]).mean()
+            score_columns.append(name)
+        if score_columns:
+            columns[MEAN_TASK_SCORE] = pd.DataFrame({c: columns[c] for c in score_columns}).mean(axis=1)
+    if "extras" in ok:
+        extras = pd.DataFrame([e if isinstance(e, dict) else {} for e in ok["extras"]], index=ok.index)
+        for key in extras.columns:
+            columns[key] = pd.to_numeric(extras[key], errors="coerce").groupby(ok["method"]).mean()
+    if not columns:
+        return pd.DataFrame()
+    return pd.DataFrame(columns).reindex(_method_order(ok, baseline))
+
+
+def _plot_quality_vs_speed(quality: pd.DataFrame, speed: pd.DataFrame, path: Path) -> Path | None:
+    """One point per method: speed (speed-up, or tokens/s without a baseline) against each quality figure."""
+    x_column = OVERALL if OVERALL in speed and speed[OVERALL].notna().any() else TOKENS_PER_S
+    panels = [(c, label) for c, label in ((OUTPUT_PPL, "output perplexity (lower is better)"),
+                                          (MEAN_TASK_SCORE, "mean task score (higher is better)")) if c in quality]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (column, label) in zip(axes[0], panels):
+        joined = pd.concat([speed[x_column], quality[column]], axis=1).dropna()
+        ax.scatter(joined[x_column], joined[column], color="tab:blue")
+        for method, (x, y) in joined.iterrows():
+            ax.annotate(str(method), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("overall speed-up" if x_column == OVERALL else "tokens/s")
+        ax.set_ylabel(label)
+    fig.suptitle("Quality against speed (one point per method)")
+    return _save(fig, path)
+
+
+def _quality_section(records: pd.DataFrame, speed: pd.DataFrame, baseline: str, folder: Path,
+                     methods_manifest: dict) -> dict | None:
+    table = quality_table(records, baseline)
+    path = folder / "quality_vs_speed.png"
+    path.unlink(missing_ok=True)
+    if table.empty:
+        return None
+    shown = pd.DataFrame(index=table.index)
+    for column in table.columns:
+        pattern = "{:.2f}" if column == OUTPUT_PPL else "{:.3f}"
+        shown[column] = [_formatted(value, pattern, MISSING_IN_SPEED_TABLE) for value in table[column]]
+    drawn = _plot_quality_vs_speed(table, speed, path)
+    return {"definition": QUALITY_DEFINITION, "table": _frame_table(shown, methods_manifest),
+            "plot": _plot_entry(drawn, "Quality against speed") if drawn else None}
+
+
 # ---------------------------------------------------------------- entry point
 
 
@@ -678,6 +755,7 @@ def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path 
         "main_budget": label,
         "errors": _errors_table(records),
         "methods": _methods_table(manifest, records),
+        "quality": _quality_section(records, table, baseline, folder, methods_manifest),
     }
     (folder / "report.md").write_text(markdown_template.render(context), encoding="utf-8")
     (folder / "report.html").write_text(html_template.render(context), encoding="utf-8")

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from harness import models as model_specs
-from harness import roofline
+from harness import quality, roofline
 from harness.instrument import Budget, PassCounter, synchronize
 from harness.manifest import write_manifest
 from harness.results import ResultStore, first_difference, record_key
@@ -65,6 +65,17 @@ def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
     return tokenizer(text)["input_ids"]
+
+
+def _extras(ctx: DecodeContext) -> dict[str, float]:
+    """The figures a method put in ctx.extras, checked to be numbers (they go into tables)."""
+    extras = {}
+    for key, value in ctx.extras.items():
+        try:
+            extras[str(key)] = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"ctx.extras[{key!r}] must be a number, got {value!r}") from None
+    return extras
 
 
 def item_seed(seed: int, item_id: str, turn: int, repeat: int) -> int:
@@ -166,6 +177,7 @@ class Runner:
             "trace_error": self._check_trace(ctx, tc.calls), "peak_mem_bytes": memory.peak_bytes,
             **energy.result, "stop_reason": stop, "budget_note": stop_note, "tracker_s": tracker_s,
             "energy_per_token_j": energy.result["energy_j"] / len(out) if energy.result["energy_j"] and out else None,
+            "extras": _extras(ctx),
         }
 
     @staticmethod
@@ -180,6 +192,15 @@ class Runner:
         if len(accepted) != target_calls:
             problems.append(f"trace has {len(accepted)} steps, harness counted {target_calls} target passes")
         return "; ".join(problems) or None
+
+    def _quality(self, item: Item, turn: int, prompt_ids: list[int], record: dict) -> dict:
+        """Output perplexity under the target and the category's task score. The perplexity pass runs after
+        the record's counts and timings were taken, with the counter reset, so no budget or count sees it."""
+        self.target_counter.reset()
+        perplexity = quality.output_perplexity(self.target.model, prompt_ids, record["output_ids"])
+        references = quality.references_for_turn(item.reference, len(item.turns), turn)
+        score, metric = quality.task_score(item.category, record["output_text"], references)
+        return {"output_perplexity": perplexity, "task_score": score, "task_metric": metric}
 
     # ------------------------------------------------------------ lossless check
 
@@ -271,6 +292,7 @@ class Runner:
             record.update(self._generate(self.methods[name], prompt_ids, record["seed"], self.cfg.max_new_tokens,
                                          budget))
             record["output_text"] = self.target.tokenizer.decode(record["output_ids"], skip_special_tokens=True)
+            record.update(self._quality(item, turn, prompt_ids, record))
             if self.methods[name].lossless and self.cfg.sampling.greedy and name != BASELINE:
                 record["lossless_check"] = self._lossless_check(record, prompt_ids)
         except Exception as err:  # noqa: BLE001 - recorded, and the run goes on

@@ -77,6 +77,9 @@ class DecodeContext:
     generator: torch.Generator | None = None
     trace: Trace = field(default_factory=Trace)
     output: list[int] = field(default_factory=list)
+    # per-generation figures a method reports beyond its tokens (e.g. beam diversity, memory it adds);
+    # the harness copies them into the record under "extras"
+    extras: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.generator is None:

@@ -1,0 +1,129 @@
+"""Beam baselines: beam_search equals transformers' beam search; beam sampling and diverse beam search
+reduce to what they should; the batched forest pass equals separate causal passes."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from methods.base import BudgetExhausted, DecodeContext, Sampling, get_method
+from methods.common.beams import BeamCache, distinct_ngrams
+
+PROMPTS = [[4, 6, 9, 7, 8], [10, 11, 12, 10, 11, 12, 10, 11], [5, 5, 5, 20, 21]]
+
+
+def decode(name, model, prompt, eos=frozenset({1}), sampling=Sampling(), max_new_tokens=20, **settings):
+    ctx = DecodeContext(prompt_ids=prompt, target=model, draft=None, sampling=sampling,
+                        max_new_tokens=max_new_tokens, eos_token_ids=eos)
+    out = get_method(name)(**settings).generate(ctx)
+    assert sum(ctx.trace.accepted) == len(out)  # the harness's trace check
+    return out, ctx
+
+
+def transformers_beam_search(model, prompt, eos, num_beams, max_new_tokens=20):
+    config = GenerationConfig(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                              eos_token_id=sorted(eos), pad_token_id=sorted(eos)[0], length_penalty=1.0,
+                              early_stopping=False)
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    out = out[0, len(prompt):].tolist()
+    end = next((i + 1 for i, tok in enumerate(out) if tok in eos), len(out))
+    return out[:end]
+
+
+@pytest.mark.parametrize("num_beams", [1, 2, 4])
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_beam_search_equals_transformers(num_beams, prompt, pair):
+    target, _ = pair
+    for eos in (frozenset({1}), frozenset({prompt[1]}), frozenset({7, 9})):
+        ours, ctx = decode("beam_search", target, prompt, eos=eos, num_beams=num_beams)
+        assert ours == transformers_beam_search(target, prompt, eos, num_beams), (sorted(eos), num_beams)
+        assert all(a in (0, 1) for a in ctx.trace.accepted)  # one pass per step, the chosen beam's token
+
+
+def test_beam_search_with_one_beam_is_greedy(pair):
+    target, _ = pair
+    assert decode("beam_search", target, PROMPTS[0], num_beams=1)[0] == decode("ar", target, PROMPTS[0])[0]
+
+
+def test_beam_sampling_with_one_beam_is_sampling(pair):
+    target, _ = pair
+    for seed in range(4):
+        s = Sampling(temperature=1.0, top_k=20, seed=seed)
+        assert decode("beam_sampling", target, PROMPTS[0], sampling=s, num_beams=1)[0] == \
+            decode("ar", target, PROMPTS[0], sampling=s)[0]
+
+
+def test_beam_sampling_at_temperature_zero_is_greedy(pair):
+    target, _ = pair
+    assert decode("beam_sampling", target, PROMPTS[1])[0] == decode("ar", target, PROMPTS[1])[0]
+
+
+def test_beam_sampling_prefers_likely_sequences(pair):
+    """Over seeds, the chosen beam's mean log-probability beats plain sampling's (what beams are for)."""
+    from harness.quality import output_perplexity
+
+    target, _ = pair
+    beam, plain = [], []
+    for seed in range(6):
+        s = Sampling(temperature=1.0, seed=seed)
+        beam.append(output_perplexity(target, PROMPTS[0], decode("beam_sampling", target, PROMPTS[0], sampling=s)[0]))
+        plain.append(output_perplexity(target, PROMPTS[0], decode("ar", target, PROMPTS[0], sampling=s)[0]))
+    assert sum(beam) < sum(plain)
+
+
+def test_diverse_beam_one_group_is_beam_search_and_lambda_adds_diversity(pair):
+    target, _ = pair
+    one_group = decode("diverse_beam", target, PROMPTS[0], num_beams=4, num_groups=1)[0]
+    assert one_group == decode("beam_search", target, PROMPTS[0], num_beams=4, early_stopping="true")[0]
+    low = decode("diverse_beam", target, PROMPTS[0], diversity_strength=0.0)[1].extras
+    high = decode("diverse_beam", target, PROMPTS[0], diversity_strength=5.0)[1].extras
+    assert high["beam_distinct_2"] > low["beam_distinct_2"]
+    with pytest.raises(ValueError, match="dividing"):
+        decode("diverse_beam", target, PROMPTS[0], num_beams=4, num_groups=3)
+
+
+def test_distinct_ngrams():
+    assert distinct_ngrams([[1, 2, 3], [1, 2, 4]], 2) == pytest.approx(3 / 4)
+    assert distinct_ngrams([[1, 2], [1, 2]], 1) == pytest.approx(2 / 4)
+    assert distinct_ngrams([[1]], 2) is None
+
+
+def test_budget_stop_still_emits_the_best_beam_so_far(pair):
+    target, _ = pair
+    from harness.instrument import Budget, PassCounter
+
+    counter = PassCounter(target, "target")
+    try:
+        for name in ("beam_search", "beam_sampling", "diverse_beam"):
+            counter.reset(Budget(max_target_calls=5))
+            ctx = DecodeContext(prompt_ids=PROMPTS[0], target=target, sampling=Sampling(), max_new_tokens=20,
+                                eos_token_ids=frozenset())
+            with pytest.raises(BudgetExhausted):
+                get_method(name)().generate(ctx)
+            assert len(ctx.output) == 5 and ctx.trace.accepted == [1] * 5 and counter.calls == 5, name
+    finally:
+        counter.remove()
+
+
+def test_forest_pass_equals_causal_passes(pair):
+    target, _ = pair
+    cache = BeamCache(target)
+    cache.feed([[4, 6, 9], [4, 7, 9]])  # two beams of three tokens
+    # row 0: pending 10, nodes 11 (child of 10), 12 (child of 10), 13 (child of 11); row 1: pending 20, node 21
+    forest = [[(11, -1), (12, -1), (13, 0)], [(21, -1)]]
+    logits = cache.feed([[10], [20]], forest)
+    expected = {(0, 1): [4, 6, 9, 10, 11], (0, 2): [4, 6, 9, 10, 12], (0, 3): [4, 6, 9, 10, 11, 13],
+                (0, 0): [4, 6, 9, 10], (1, 1): [4, 7, 9, 20, 21]}
+    for (r, col), seq in expected.items():
+        with torch.inference_mode():
+            ref = target(torch.tensor([seq])).logits[0, -1].float()
+        assert torch.allclose(logits[r, col], ref, atol=1e-4), (r, col)
+    # two beams from row 0's tree: ...10 11 (positions 0-4) and ...10 12 (positions 0-3 and 5)
+    kept = cache.select([0, 0], [[0, 1, 2, 3, 4], [0, 1, 2, 3, 5]])
+    out = kept.feed([[30], [30]])
+    for r, seq in enumerate(([4, 6, 9, 10, 11, 30], [4, 6, 9, 10, 12, 30])):
+        with torch.inference_mode():
+            ref = target(torch.tensor([seq])).logits[0, -1].float()
+        assert torch.allclose(out[r, -1], ref, atol=1e-4), r

@@ -1,0 +1,107 @@
+"""DSBD and MJSD: what they reduce to, and DSBD's width rule."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from methods.base import DecodeContext, Sampling, get_method
+from methods.dsbd import accepted_count_distribution, adaptive_width
+
+PROMPT = [4, 6, 9, 7]
+
+
+def decode(name, pair, sampling=Sampling(), max_new_tokens=20, **settings):
+    target, draft = pair
+    ctx = DecodeContext(prompt_ids=PROMPT, target=target, draft=draft, sampling=sampling,
+                        max_new_tokens=max_new_tokens, eos_token_ids=frozenset({1}))
+    out = get_method(name)(**settings).generate(ctx)
+    assert sum(ctx.trace.accepted) == len(out)  # the harness's trace check (one step per target pass)
+    return out, ctx
+
+
+def test_dsbd_width_one_is_speculative_sampling(pair):
+    """Width 1: one draft chain sampled from q, min(1, p/q) acceptance, residual resampling, bonus from p --
+    speculative sampling, token for token and pass for pass with the same seed."""
+    for seed in range(4):
+        s = Sampling(temperature=1.0, top_k=30, seed=seed)
+        ours, ctx = decode("dsbd", pair, s, max_width=1, gamma=3)
+        theirs, sps_ctx = decode("sps", pair, s, gamma=3)
+        assert ours == theirs and ctx.trace.accepted == sps_ctx.trace.accepted
+
+
+@pytest.mark.parametrize("settings", [{}, {"keep_one_beam": True}, {"max_width": 2, "gamma": 1}])
+def test_dsbd_at_temperature_zero_is_greedy(pair, settings):
+    assert decode("dsbd", pair, **settings)[0] == decode("ar", pair)[0]
+
+
+def test_dsbd_runs_beams_and_reports_width(pair):
+    out, ctx = decode("dsbd", pair, Sampling(temperature=0.7, seed=3), max_width=3, width_threshold=0.05)
+    assert out and 1 <= ctx.extras["dsbd_mean_width"] <= 3
+    assert "beam_distinct_2" in ctx.extras
+    with pytest.raises(ValueError):
+        decode("dsbd", pair, min_width=5)
+
+
+def test_accepted_count_distribution_by_enumeration():
+    """Two draws from q on a 3-token vocabulary: enumerate draws and uniform u's exactly."""
+    p, q = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64), torch.tensor([0.2, 0.2, 0.6], dtype=torch.float64)
+    expected = torch.zeros(3, dtype=torch.float64)
+    accept1 = torch.minimum(torch.ones(3, dtype=torch.float64), p / q)
+    rest = (p - q).clamp_min(0) / (p - q).clamp_min(0).sum()
+    accept_after_reject = torch.minimum(torch.ones(3, dtype=torch.float64), rest / q)
+    for x1 in range(3):
+        for x2 in range(3):
+            w = q[x1] * q[x2]
+            a1 = accept1[x1]
+            expected[2] += w * a1 * accept1[x2]
+            expected[1] += w * (a1 * (1 - accept1[x2]) + (1 - a1) * accept_after_reject[x2])
+            expected[0] += w * (1 - a1) * (1 - accept_after_reject[x2])
+    assert torch.allclose(accepted_count_distribution(p, q, 2), expected)
+
+
+def test_adaptive_width_rule_responds_to_agreement_and_threshold():
+    p = torch.tensor([0.4, 0.3, 0.2, 0.1], dtype=torch.float64)
+    assert adaptive_width(p, p.clone(), 4, 0.7, 1) == 4  # draft = target: every draw is accepted
+    far = torch.tensor([0.01, 0.01, 0.01, 0.97], dtype=torch.float64)
+    assert adaptive_width(p, far, 4, 0.7, 1) < 4  # a poor draft: fewer beams are worth keeping
+    assert adaptive_width(p, far, 4, 0.7, 2) >= 2  # never below min_width
+    mid = torch.tensor([0.3, 0.3, 0.2, 0.2], dtype=torch.float64)
+    widths = [adaptive_width(p, mid, 4, t, 1) for t in (0.1, 0.5, 0.9, 0.99)]
+    assert widths == sorted(widths, reverse=True) and widths[0] > widths[-1]  # stricter threshold, narrower
+    dist = accepted_count_distribution(p, mid, 4)
+    w = adaptive_width(p, mid, 4, 0.7, 1)
+    assert dist[w:].sum() >= 0.7 and (w == 4 or dist[w + 1:].sum() < 0.7)  # the largest w with P(K >= w) >= t
+
+
+def test_mjsd_without_draft_tokens_is_autoregressive_sampling(pair):
+    """gamma 0: one token per target pass, sampled from the target -- `ar` with the same seed."""
+    for seed in range(3):
+        s = Sampling(temperature=1.0, seed=seed)
+        assert decode("mjsd", pair, s, gamma=0)[0] == decode("ar", pair, s)[0]
+
+
+@pytest.mark.parametrize("candidates", ["best", "tree"])
+def test_mjsd_at_temperature_zero_is_greedy(pair, candidates):
+    assert decode("mjsd", pair, candidates=candidates)[0] == decode("ar", pair)[0]
+
+
+def test_mjsd_accepts_the_longest_passing_prefix(pair):
+    """The rule on a hand-made chain: prefix ratios pass at depths 1 and 3 but not 2 -> depth 3 is accepted."""
+    from methods.common.tree import DraftTree
+    from methods.mjsd import MultiTokenJointSpeculativeDecoding, _DraftBeam
+
+    method = MultiTokenJointSpeculativeDecoding()
+    method.vocab = 4
+    tree = DraftTree()
+    nodes = tree.add_path([1, 2, 3])
+    # target probabilities of the drafted tokens: 0.5, then 0.1, then 1.0 -> joint 0.5, 0.05, 0.05
+    logits = torch.log(torch.tensor([[0.2, 0.5, 0.2, 0.1], [0.3, 0.3, 0.1, 0.3],
+                                     [0.0, 0.0, 0.0, 1.0], [0.25, 0.25, 0.25, 0.25]]).clamp_min(1e-30))
+    log_q = torch.log(torch.tensor([0.6, 0.6 * 0.9, 0.6 * 0.9 * 0.09])).tolist()  # ratios .83, .09, 1.03
+    candidates = [[_DraftBeam(n, 1.0, lq)] for n, lq in zip(nodes, log_q)]
+    ctx = DecodeContext(prompt_ids=[0], target=pair[0], sampling=Sampling(temperature=1.0), max_new_tokens=5,
+                        eos_token_ids=frozenset())
+    path, _ = method._rule(ctx, tree, logits, candidates)
+    assert path == nodes
+    method.config.accept_threshold = 1.1  # nothing passes: no draft token is accepted
+    assert method._rule(ctx, tree, logits, candidates)[0] == []
