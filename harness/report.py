@@ -540,12 +540,16 @@ def budget_sweep(records: pd.DataFrame) -> pd.DataFrame:
     if kind is None:
         return pd.DataFrame()
     ok = ok[ok[kind].notna()]
+    for quality in ("output_perplexity", "task_score"):  # absent from runs made before quality metrics
+        ok = ok.assign(**{quality: pd.to_numeric(ok.get(quality), errors="coerce")})
     grouped = ok.groupby(["method", kind])
     return pd.DataFrame({
         "new tokens": grouped["new_tokens"].mean(),
         "target calls": grouped["target_calls"].mean(),
         "tokens per target call": grouped["new_tokens"].sum() / grouped["target_calls"].sum(),
         "stopped by budget": grouped["stop_reason"].apply(lambda s: (s == "budget").mean()),
+        "output perplexity": grouped["output_perplexity"].mean(),
+        "task score": grouped["task_score"].mean(),
     }).reset_index().rename(columns={kind: "budget"}).assign(kind=BUDGET_KINDS[kind])
 
 
@@ -553,21 +557,27 @@ def _sweep_display(sweep: pd.DataFrame) -> dict | None:
     if sweep.empty:
         return None
     rows = [[r["method"], f"{r['budget']:g} {r['kind']}", f"{r['new tokens']:.1f}", f"{r['target calls']:.1f}",
-             f"{r['tokens per target call']:.2f}", f"{100 * r['stopped by budget']:.0f}%"] for _, r in sweep.iterrows()]
+             f"{r['tokens per target call']:.2f}", f"{100 * r['stopped by budget']:.0f}%",
+             _formatted(r["output perplexity"], "{:.2f}", MISSING_IN_COST_TABLE),
+             _formatted(r["task score"], "{:.3f}", MISSING_IN_COST_TABLE)] for _, r in sweep.iterrows()]
     return _table(["Method", "Budget", "New tokens/record", "Target calls/record", "Tokens/target call",
-                   "Records stopped by the budget"], rows)
+                   "Records stopped by the budget", "Output perplexity", "Task score"], rows)
 
 
 def _plot_budget_sweep(sweep: pd.DataFrame, path: Path) -> Path | None:
     if sweep.empty:
         return None
-    fig, ax = _figure(4)
-    for method, rows in sweep.groupby("method", sort=False):
-        ax.plot(rows["budget"], rows["new tokens"], marker="o", label=method)
-    ax.set_xlabel(f"budget ({sweep['kind'].iloc[0]} per record)")
-    ax.set_ylabel("new tokens per record")
-    ax.set_title("What a fixed compute budget buys")
-    ax.legend(fontsize=8)
+    panels = [("new tokens", "new tokens per record")] + [
+        (column, label) for column, label in (("output perplexity", "output perplexity (target)"),
+                                              ("task score", "task score (0-1)")) if sweep[column].notna().any()]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 4.2), squeeze=False)
+    for ax, (column, label) in zip(axes[0], panels):
+        for method, rows in sweep.groupby("method", sort=False):
+            ax.plot(rows["budget"], rows[column], marker="o", label=method)
+        ax.set_xlabel(f"budget ({sweep['kind'].iloc[0]} per record)")
+        ax.set_ylabel(label)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("What a fixed compute budget buys: tokens and quality")
     return _save(fig, path)
 
 

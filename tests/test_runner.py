@@ -229,6 +229,7 @@ def test_budget_sweep_runs_every_point_and_reports_it(model_dirs, data_file, tmp
     sweep = budget_sweep(load_records(out / "results.jsonl"))
     ar = sweep[sweep["method"] == "ar"].sort_values("budget")
     assert list(ar["budget"]) == [2, 4, 8] and list(ar["new tokens"]) == sorted(ar["new tokens"])
+    assert ar["output perplexity"].notna().all()  # quality against budget, computed by the harness
     report = build_report(out)
     assert (report / "budget_sweep.png").is_file()
     assert "target_calls=8 point" in (report / "report.md").read_text()
