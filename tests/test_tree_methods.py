@@ -94,3 +94,17 @@ def test_method_tree_shape(name):
             assert parent in tree.dists
         if not tree.replacement:
             assert len(set(draws)) == len(draws)
+
+
+@pytest.mark.parametrize("name,settings", [("specinfer_tree", {"expansion": "2,1,2,1"}), ("rsd_c", {"branching": "3,1,1,1"})])
+def test_identical_draft_accepts_the_whole_depth_every_step(name, settings, pair):
+    """With the target as its own draft, greedy top-k trees always contain the target's path: every
+    step accepts the full depth plus the bonus token, which holds only if the draft's cache follows
+    the accepted path correctly from step to step."""
+    from methods.base import DecodeContext
+
+    target, _ = pair
+    ctx = DecodeContext(prompt_ids=[4, 6, 9, 7, 8], target=target, draft=target, sampling=Sampling(),
+                        max_new_tokens=25, eos_token_ids=frozenset())
+    get_method(name)(**settings).generate(ctx)
+    assert ctx.trace.accepted == [5, 5, 5, 5, 5]
