@@ -108,3 +108,12 @@ def test_identical_draft_accepts_the_whole_depth_every_step(name, settings, pair
                         max_new_tokens=25, eos_token_ids=frozenset())
     get_method(name)(**settings).generate(ctx)
     assert ctx.trace.accepted == [5, 5, 5, 5, 5]
+
+
+@pytest.mark.parametrize("name,settings", [
+    ("specinfer_tree", {"expansion": "2,0"}), ("rsd_c", {"branching": "two"}), ("rsd_s", {"beam_width": 0}),
+    ("dyspec", {"budget": 0}), ("gsd", {"repeat_threshold": -2}),
+])
+def test_bad_settings_fail_when_the_method_is_built(name, settings):
+    with pytest.raises(ValueError, match=name.split("_")[0]):
+        get_method(name)(**settings)
