@@ -53,20 +53,22 @@ def cmd_run(args) -> int:
     from harness.runner import RunConfig, Runner
     from methods.base import Sampling
 
-    from harness.presets import preset
+    from harness.presets import get_preset, merged_settings
 
-    out = args.out or f"runs/{args.suite}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        methods = preset(args.preset) if args.preset else [m.strip() for m in args.methods.split(",") if m.strip()]
+        preset = get_preset(args.preset) if args.preset else None
     except KeyError as err:
         console.print(f"[red]error:[/] {err.args[0]}")
         return 2
+    methods = args.methods or (",".join(preset.methods) if preset else DEFAULT_METHODS)
+    out = args.out or f"runs/{args.suite}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = RunConfig(
-        suite=args.suite, methods=methods,
+        suite=args.suite, methods=[m.strip() for m in methods.split(",") if m.strip()],
         target=args.target, draft=args.draft or None, data=args.data, limit=args.limit,
         max_new_tokens=args.max_new_tokens,
         sampling=Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed),
-        budgets=_budgets(args.budget), settings=_settings(args.set), device=args.device, dtype=args.dtype,
+        budgets=_budgets(args.budget or (preset.budgets if preset else [])),
+        settings=merged_settings(preset, _settings(args.set)), device=args.device, dtype=args.dtype,
         warmup=not args.no_warmup, trackers=not args.no_trackers, repeats=args.repeats, out=out,
     )
     try:
@@ -82,6 +84,7 @@ def cmd_run(args) -> int:
     return 0
 
 
+DEFAULT_METHODS = "ar,sps,pld"
 DEMO_METHODS = "ar,sps,pld,hf_generate,hf_assisted"
 
 
@@ -128,7 +131,7 @@ def cmd_reproduce(args) -> int:
 def cmd_profile(args) -> int:
     from rich.progress import Progress
 
-    from harness import costmodel, models, roofline
+    from harness import costmodel, models
     from harness.manifest import device_description
     from harness.runner import resolve_device
 
@@ -136,21 +139,16 @@ def cmd_profile(args) -> int:
     roles = {"target": args.target, **({"draft": args.draft} if args.draft else {})}
     widths = [int(w) for w in args.widths.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
-    tables, roof = {}, {}
+    tables = {}
     with Progress(console=console) as progress:
         for role, spec in roles.items():
             model = models.load(spec, device, args.dtype).model
-            if not roof:
-                roof["device"] = roofline.measure(device, str(next(model.parameters()).dtype).removeprefix("torch."))
-            roof[role] = roofline.model_roof(model)
             task = progress.add_task(f"{role} {spec}", total=len(widths) * len(contexts))
             tables[role] = costmodel.measure(model, widths, contexts, args.repeats, lambda: progress.advance(task))
             del model
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    costmodel.save_profile(out, device_description(device), tables, roles, roof)
-    console.print(f"read bandwidth {roof['device']['read_bandwidth_bytes_s'] / 1e9:.1f} GB/s, "
-                  f"matmul {roof['device']['matmul_flops_s'] / 1e9:.0f} GFLOP/s")
+    costmodel.save_profile(out, device_description(device), tables, roles)
     for role, table in tables.items():
         console.print(f"{role}: " + ", ".join(f"w={w}: {s * 1000:.0f} ms" for w, s in zip(table.widths, table.seconds[0]))
                       + f" (context {table.contexts[0]})")
@@ -181,6 +179,19 @@ def cmd_methods(args) -> int:
         paper = d["paper"] + (" [dim](reference)[/]" if d["reference"] else "")
         defaults = ", ".join(f"{k}={v}" for k, v in vars(cls.Config()).items())
         table.add_row(name, paper, d["arxiv"] or "—", d["needs"], "yes" if d["lossless"] else "no", defaults)
+    console.print(table)
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from harness.presets import PRESETS
+
+    table = Table(title="presets (decodebench run --preset NAME)")
+    for col in ("name", "methods", "settings", "budgets", "description"):
+        table.add_column(col)
+    for name, preset in PRESETS.items():
+        settings = "; ".join(f"{m}." + ", ".join(f"{k}={v}" for k, v in knobs.items()) for m, knobs in preset.settings.items())
+        table.add_row(name, ",".join(preset.methods), settings, " ".join(preset.budgets) or "—", preset.description)
     console.print(table)
     return 0
 
@@ -227,9 +238,8 @@ def parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run methods over a suite and write a report")
     run.add_argument("--suite", default="specbench")
-    run.add_argument("--methods", default="ar,sps,pld", help="comma-separated; `decodebench methods` lists them")
-    run.add_argument("--preset", help="a named method list instead of --methods (beams: ar,sps,beam_sampling,"
-                     "beam_search,dsbd,mjsd,diverse_beam)")
+    run.add_argument("--methods", help="comma-separated (default ar,sps,pld, or the preset's); `decodebench methods` lists them")
+    run.add_argument("--preset", help="a named comparison (`decodebench presets`): methods, settings, budgets; explicit flags win")
     run.add_argument("--target", default=DEFAULT_TARGET, help="embedded name, HF id, folder or .gguf")
     run.add_argument("--draft", default=DEFAULT_DRAFT, help="draft model for draft-model methods")
     run.add_argument("--data", help="a Spec-Bench question.jsonl file instead of the built-in set")
@@ -278,6 +288,7 @@ def parser() -> argparse.ArgumentParser:
     prof.set_defaults(func=cmd_profile)
 
     sub.add_parser("methods", help="list registered methods").set_defaults(func=cmd_methods)
+    sub.add_parser("presets", help="list the named comparisons for run --preset").set_defaults(func=cmd_presets)
     sub.add_parser("suites", help="list registered suites").set_defaults(func=cmd_suites)
 
     mod = sub.add_parser("models", help="list or install the embedded models")

@@ -177,9 +177,9 @@ def test_runner_records_quality_outside_counts_and_budget(model_dirs, tmp_path, 
 
 def test_beams_preset_and_unknown_preset():
     from harness.cli import main
-    from harness.presets import preset
+    from harness.presets import get_preset
     from methods.base import registry
 
-    assert preset("beams") == ["ar", "sps", "beam_sampling", "beam_search", "dsbd", "mjsd", "diverse_beam"]
-    assert set(preset("beams")) <= set(registry())
+    assert get_preset("beams").methods == ["ar", "sps", "beam_sampling", "beam_search", "dsbd", "mjsd", "diverse_beam"]
+    assert set(get_preset("beams").methods) <= set(registry())
     assert main(["run", "--preset", "nope", "--out", "/tmp/never-written"]) == 2
