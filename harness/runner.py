@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from harness import models as model_specs
-from harness.instrument import Budget, PassCounter, synchronize
+from harness.instrument import Budget, PassCounter, state_bytes, synchronize
 from harness.manifest import write_manifest
 from harness.results import ResultStore, first_difference, record_key
 from harness.trackers import EnergyTracker, PeakMemory
@@ -99,6 +99,8 @@ class Runner:
         self.eos = model_specs.eos_ids(self.target)
         self.target_counter = PassCounter(self.target.model, "target")
         self.draft_counter = PassCounter(self.draft.model, "draft") if self.draft else None
+        # passes a self-drafting method runs through the target (layers skipped) are draft passes
+        self.self_draft_counter = PassCounter(self.target.model, "self-draft", self_draft=True)
 
     # ------------------------------------------------------------ one generation
 
@@ -106,8 +108,9 @@ class Runner:
                   budget: Budget = Budget()) -> dict:
         """Run the method once under the hooks; figures come from the harness's own counters."""
         self.target_counter.reset(budget)
-        if self.draft_counter:
-            self.draft_counter.reset()
+        drafters = [c for c in (self.draft_counter, self.self_draft_counter) if c]
+        for counter in drafters:
+            counter.reset()
         ctx = DecodeContext(
             prompt_ids=list(prompt_ids), target=self.target.model, draft=self.draft.model if self.draft else None,
             sampling=Sampling(**{**asdict(self.cfg.sampling), "seed": seed}), max_new_tokens=max_new_tokens,
@@ -140,12 +143,14 @@ class Runner:
             "prefill_s": (tc.first_pass_end - start) if tc.first_pass_end else None,
             "decode_s": (wall - (tc.first_pass_end - start)) if tc.first_pass_end else None,
             "target_pass_s": tc.pass_seconds(),  # per pass: the first is the prefill (or prefill + first verification)
-            "draft_pass_s": self.draft_counter.pass_seconds() if self.draft_counter else [],
-            "draft_widths": self.draft_counter.widths if self.draft_counter else [],
+            "draft_pass_s": [s for c in drafters for s in c.pass_seconds()],
+            "draft_widths": [w for c in drafters for w in c.widths],
             "tokens_per_s": len(out) / wall if wall > 0 else None,
             "target_calls": tc.calls, "target_tokens": tc.tokens,
-            "draft_calls": self.draft_counter.calls if self.draft_counter else 0,
-            "draft_tokens": self.draft_counter.tokens if self.draft_counter else 0,
+            "draft_calls": sum(c.calls for c in drafters), "draft_tokens": sum(c.tokens for c in drafters),
+            "self_draft_calls": self.self_draft_counter.calls,  # of draft_calls: passes through the target
+            "method_state_bytes": state_bytes(ctx.state),  # measured here, not reported by the method
+            "extras": dict(ctx.extras),
             "mean_accepted": len(out) / tc.calls if tc.calls else None,
             "target_widths": tc.widths,  # tokens fed to each target pass: prefill, then verification widths
             "accept_lengths": ctx.trace.accepted, "proposed_lengths": ctx.trace.proposed,

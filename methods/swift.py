@@ -1,0 +1,167 @@
+"""SWIFT: the target drafts for itself with a searched set of attention/MLP sublayers skipped.
+
+Two phases, as in the paper: while decoding, each step also scores one candidate skip set by its
+"matchness" (how often the skipped model, run in one parallel pass over the first generated tokens
+after the prompt's cached keys/values, predicts the token that was actually generated); candidates come
+from random search, with a Bayesian-optimisation proposal every `bayes_interval`-th iteration; a
+better-scoring set replaces the current one. The search stops once matchness passes `max_score`, after
+`max_tolerance_iter` iterations without improvement, or after `max_opt_iter` iterations; then only the
+acceleration phase runs. Drafting stops when the draft's confidence in its token falls below
+`stop_threshold`. The search state lives on the method object, so (as in the paper's evaluation) it
+carries over from one prompt to the next within a run.
+
+Not implemented: the paper's "dynamic verification" (top-k alternatives per draft position verified as a
+tree); drafts here are a chain verified by `ChainVerifier`.
+"""
+from __future__ import annotations
+
+import io
+from contextlib import redirect_stdout
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from methods.base import DecodeContext, Method, Paper, register
+from methods.common.layerskip import SkipSet, decoder_layers, draft_chain, prefix_view, skipped_forward
+from methods.common.speculation import ChainVerifier
+
+
+@register("swift")
+class Swift(Method):
+    paper = Paper("SWIFT: On-the-Fly Self-Speculative Decoding for LLM Inference Acceleration", arxiv="2410.06916",
+                  venue="ICLR 2025")
+    lossless = True
+
+    @dataclass
+    class Config:  # the official release's defaults
+        skip_ratio: float = 0.45  # share of the 2 x (layers - 2) sublayers skipped (first and last layer kept)
+        stop_threshold: float = 0.8  # drafting stops below this draft confidence
+        max_draft: int = 25  # draft tokens per step at most
+        context_window: int = 32  # generated tokens the matchness is scored on (search starts after them)
+        opt_interval: int = 1  # decoding steps between search iterations
+        bayes_interval: int = 25  # every n-th iteration is a Bayesian-optimisation proposal
+        max_opt_iter: int = 1000
+        max_tolerance_iter: int = 300
+        max_score: float = 0.95  # matchness that ends the search
+        optimization: bool = True
+        bayes: bool = True
+        seed: int = 0  # random search and the Bayesian optimiser (the release seeds the optimiser with 1)
+
+    def __init__(self, **overrides) -> None:
+        super().__init__(**overrides)
+        if not 0.0 <= self.config.skip_ratio < 1.0:
+            raise ValueError(f"swift.skip_ratio must be in [0, 1), got {self.config.skip_ratio}")
+        self._search: LayerSetSearch | None = None
+
+    def search_for(self, model: torch.nn.Module) -> "LayerSetSearch":
+        layers = len(decoder_layers(model))
+        if self._search is None or self._search.model_id != id(model):
+            self._search = LayerSetSearch(layers, self.config, id(model))
+        return self._search
+
+    def generate(self, ctx: DecodeContext) -> list[int]:
+        cfg = self.config
+        search = self.search_for(ctx.target)
+        ctx.state["layer_set_search"] = search
+        fractions: list[float] = []  # sublayers run, per draft pass (the cost model prices them with it)
+        verifier = ChainVerifier(ctx)
+        verifier.step([])  # prefill on its own: the draft reuses the prompt's keys and values
+        step = 0
+        while not ctx.done:
+            k = verifier.room(cfg.max_draft)
+            drafts, probs = [], None
+            if k:
+                drafts, probs, _ = draft_chain(ctx, verifier.cache, verifier.pending, search.current, k,
+                                               cfg.stop_threshold)
+                fractions += [search.current.fraction_run(search.layers)] * len(drafts)
+            verifier.step(drafts, probs)
+            if search.active and len(ctx.output) > cfg.context_window + 1 and step % cfg.opt_interval == 0:
+                candidate = search.propose()
+                search.observe(candidate, self._matchness(ctx, verifier.cache, candidate))
+                fractions.append(candidate.fraction_run(search.layers))
+            step += 1
+        ctx.extras.update({
+            "draft_layer_fraction": float(np.mean(fractions)) if fractions else search.current.fraction_run(search.layers),
+            "swift_search_iterations": float(search.iterations),
+            "swift_best_matchness": float(search.best_score),
+        })
+        return ctx.output
+
+    def _matchness(self, ctx: DecodeContext, cache, skip: SkipSet) -> float:
+        """Share of the first generated tokens the skipped model predicts, in one parallel pass after the
+        prompt's keys and values (a view: the target's cache is left as it is)."""
+        window = ctx.output[: self.config.context_window + 1]
+        logits = skipped_forward(ctx.target, window, prefix_view(cache, len(ctx.prompt_ids)), skip, keep=None)
+        guesses = logits[:-1, : ctx.target.config.vocab_size].argmax(-1).cpu()
+        return float((guesses == torch.tensor(window[1:])).float().mean())
+
+
+class LayerSetSearch:
+    """Random search plus Bayesian optimisation over which middle sublayers to skip (first and last
+    layer always run). A point has one coordinate in [0, 1] per middle sublayer, attention ones first;
+    a proposal skips the `count` sublayers with the largest coordinates."""
+
+    def __init__(self, layers: int, cfg: Swift.Config, model_id: int) -> None:
+        self.layers, self.cfg, self.model_id = layers, cfg, model_id
+        self.middle = max(layers - 2, 0)
+        self.count = int(self.middle * 2 * cfg.skip_ratio)
+        every_other = range(1, layers - 1, 2)  # the release's starting set
+        self.current = SkipSet.of(every_other, every_other)
+        self.best_score = 0.0
+        self.iterations = self.tolerance = 0
+        self.active = cfg.optimization and self.middle > 0 and self.count > 0
+        self.rng = np.random.default_rng(cfg.seed)
+        self._optimizer = None
+        self._pending_point: dict[str, float] | None = None
+
+    def _point(self, skip: SkipSet) -> dict[str, float]:
+        values = [float(i + 1 in skip.attention) for i in range(self.middle)]
+        values += [float(i + 1 in skip.mlp) for i in range(self.middle)]
+        return {f"x{j}": v for j, v in enumerate(values)}
+
+    def _skip_set(self, slots) -> SkipSet:
+        slots = [int(s) for s in slots]
+        return SkipSet.of([s + 1 for s in slots if s < self.middle], [s - self.middle + 1 for s in slots if s >= self.middle])
+
+    def propose(self) -> SkipSet:
+        if self.cfg.bayes and (self.iterations + 1) % self.cfg.bayes_interval == 0:
+            point = self.optimizer.suggest()
+            order = sorted(point, key=lambda name: -point[name])[: self.count]
+            candidate = self._skip_set(int(name[1:]) for name in order)
+        else:
+            candidate = self._skip_set(self.rng.choice(2 * self.middle, self.count, replace=False))
+            point = self._point(candidate)
+        self._pending_point = point
+        return candidate
+
+    def observe(self, candidate: SkipSet, score: float) -> None:
+        if self.cfg.bayes:
+            with redirect_stdout(io.StringIO()):  # bayes_opt prints a line for every repeated point
+                self.optimizer.register(params=self._pending_point, target=score)
+        if score > self.best_score:
+            self.current, self.best_score, self.tolerance = candidate, score, 0
+            if score > self.cfg.max_score:
+                self.active = False
+        else:
+            self.tolerance += 1
+        self.iterations += 1
+        if self.tolerance > self.cfg.max_tolerance_iter or self.iterations > self.cfg.max_opt_iter:
+            self.active = False
+
+    @property
+    def optimizer(self):
+        if self._optimizer is None:
+            from bayes_opt import BayesianOptimization, acquisition
+
+            bounds = {f"x{j}": (0.0, 1.0) for j in range(2 * self.middle)}
+            self._optimizer = BayesianOptimization(
+                f=None, pbounds=bounds, acquisition_function=acquisition.UpperConfidenceBound(kappa=2.5),
+                random_state=self.cfg.seed + 1, verbose=0, allow_duplicate_points=True)
+            self._optimizer.set_gp_params(alpha=1e-2)  # the release's GP noise
+        return self._optimizer
+
+    def __repr__(self) -> str:
+        return (f"LayerSetSearch(attention={sorted(self.current.attention)}, mlp={sorted(self.current.mlp)}, "
+                f"score={self.best_score:.3f}, iterations={self.iterations}, active={self.active})")
+
