@@ -57,18 +57,18 @@ def speculative_sequence(p, q, first, gamma, generator, one_hot_draft=False):
     return tuple(out[:LENGTH])
 
 
-def assert_matches(p, first, draw):
+def assert_matches(p, first, draw, draws=DRAWS):
     g = torch.Generator().manual_seed(1234)
     counts = {}
-    for _ in range(DRAWS):
+    for _ in range(draws):
         seq = draw(g)
         counts[seq] = counts.get(seq, 0) + 1
     exact = exact_sequence_probs(p, first)
     keys = sorted(exact)
     observed = np.array([counts.get(k, 0) for k in keys], dtype=float)
     expected = np.array([exact[k] for k in keys])
-    expected = expected / expected.sum() * DRAWS  # float32 tables: renormalise in float64
-    assert observed.sum() == DRAWS
+    expected = expected / expected.sum() * draws  # float32 tables: renormalise in float64
+    assert observed.sum() == draws
     impossible = expected == 0
     assert observed[impossible].sum() == 0, "emitted a sequence the target gives probability 0"
     result = chisquare(observed[~impossible], expected[~impossible])

@@ -28,3 +28,14 @@ def crop(cache: DynamicCache, keep: int) -> None:
         remove = layer.get_seq_length() - keep
         if remove > 0:
             layer.crop(-remove)
+
+def gather(cache: DynamicCache, positions: list[int]) -> None:
+    """Keep only `positions` (in that order) of every layer: the accepted path of a token tree."""
+    for layer in cache.layers:
+        if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
+            raise NotImplementedError(f"gathering a {type(layer).__name__} cache layer is not supported")
+        if layer.keys is None or layer.keys.numel() == 0:
+            continue
+        index = torch.tensor(positions, dtype=torch.long, device=layer.keys.device)
+        layer.keys = layer.keys.index_select(-2, index)
+        layer.values = layer.values.index_select(-2, index)

@@ -59,3 +59,88 @@ def verify(
         draft_probs = torch.zeros(len(draft), target_logits.shape[-1])
         draft_probs[torch.arange(len(draft)), torch.tensor(draft, dtype=torch.long)] = 1.0
     return verify_speculative(draft, draft_probs.cpu(), warp(target_logits, sampling).cpu(), generator)
+
+
+def _normalise(dist: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    total = dist.sum()
+    return dist / total if total > 0 else fallback
+
+
+def verify_siblings(
+    tokens: list[int],
+    draft_probs: torch.Tensor | None,
+    target_probs: torch.Tensor,
+    replacement: bool,
+    generator: torch.Generator,
+) -> tuple[int | None, int]:
+    """Recursive rejection sampling over one node's drafted children, in draw order (SpecInfer,
+    arXiv 2305.09781, Alg. 2; RSD, arXiv 2402.15678, Alg. 1). Returns (index in `tokens` of the
+    accepted child or None, the token emitted); the token is distributed exactly as `target_probs`.
+
+    Child i is accepted with min(1, p_i(x_i) / q_i(x_i)), where q_i is x_i's distribution given the
+    earlier draws; after a rejection p_{i+1} = normalise(max(0, p_i - q_i)). q_i is:
+    - `draft_probs` itself for i.i.d. draws (`replacement=True`, SpecInfer);
+    - `draft_probs` with x_1..x_{i-1} removed and renormalised for draws without replacement
+      (Gumbel-Top-k or stochastic beam search, RSD);
+    - a point mass on x_i when `draft_probs` is None (a deterministic drafter): then p_{i+1} is
+      p_i with x_i removed.
+    If every child is rejected, the token is sampled from the final residual.
+    """
+    residual = target_probs.float().cpu()
+    q = None if draft_probs is None else draft_probs.float().cpu()
+    for i, tok in enumerate(tokens):
+        u = float(torch.rand((), generator=generator))
+        if q is None:
+            if u < float(residual[tok]):
+                return i, tok
+            removed = residual.clone()
+            removed[tok] = 0.0
+            residual = _normalise(removed, residual)
+            continue
+        p_x, q_x = float(residual[tok]), float(q[tok])
+        if q_x > 0 and u * q_x < p_x:  # u < p/q without dividing
+            return i, tok
+        residual = _normalise((residual - q).clamp_min(0), residual)
+        if not replacement:
+            rest = q.clone()
+            rest[tok] = 0.0
+            q = _normalise(rest, rest)
+    return None, sample(residual, generator)
+
+
+def verify_tree_greedy(tree, logits: torch.Tensor) -> tuple[list[int], int]:
+    """Longest root-to-node path whose tokens equal the target's argmax; returns (path, next token).
+    `logits[0]` scores the root's children, `logits[1 + i]` node i's."""
+    choices = logits.argmax(-1).tolist()
+    path, node = [], -1
+    while True:
+        token = choices[node + 1]
+        child = tree.children[node].get(token)
+        if child is None:
+            return path, token
+        path.append(child)
+        node = child
+
+
+def verify_tree_stochastic(tree, target_probs: torch.Tensor, generator: torch.Generator) -> tuple[list[int], int]:
+    """Walk down from the root, at each node verifying its children by `verify_siblings`."""
+    path, node = [], -1
+    while True:
+        draws = tree.draws[node]
+        p = target_probs[node + 1]
+        if not draws:
+            return path, sample(p, generator)
+        index, token = verify_siblings(
+            [tree.tokens[c] for c in draws], tree.dists.get(node), p, tree.replacement, generator
+        )
+        if index is None:
+            return path, token
+        node = draws[index]
+        path.append(node)
+
+
+def verify_tree(tree, logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> tuple[list[int], int]:
+    """Greedy or stochastic tree verification, whichever `sampling` asks for."""
+    if sampling.greedy:
+        return verify_tree_greedy(tree, logits)
+    return verify_tree_stochastic(tree, warp(logits, sampling).cpu(), generator)
