@@ -29,6 +29,7 @@ def crop(cache: DynamicCache, keep: int) -> None:
         if remove > 0:
             layer.crop(-remove)
 
+
 def gather(cache: DynamicCache, positions: list[int]) -> None:
     """Keep only `positions` (in that order) of every layer: the accepted path of a token tree."""
     for layer in cache.layers:
