@@ -150,7 +150,7 @@ class Runner:
             "draft_calls": sum(c.calls for c in drafters), "draft_tokens": sum(c.tokens for c in drafters),
             "self_draft_calls": self.self_draft_counter.calls,  # of draft_calls: passes through the target
             "method_state_bytes": state_bytes(ctx.state),  # measured here, not reported by the method
-            "extras": dict(ctx.extras),
+            "extras": dict(ctx.extras), "alternatives": [list(a) for a in ctx.alternatives],
             "mean_accepted": len(out) / tc.calls if tc.calls else None,
             "target_widths": tc.widths,  # tokens fed to each target pass: prefill, then verification widths
             "accept_lengths": ctx.trace.accepted, "proposed_lengths": ctx.trace.proposed,
@@ -197,6 +197,17 @@ class Runner:
             logits = self.target.model(torch.tensor([ids], device=self.target.model.device), logits_to_keep=1).logits
         top = torch.topk(logits[0, -1].float(), 2).values.tolist()
         return top[0] - top[1], (top[0] - top[1]) / max(abs(top[0]), 1e-6)
+
+    def _perplexity(self, prompt_ids: list[int], output_ids: list[int]) -> float | None:
+        """The target's perplexity of the output given the prompt (one clean pass, not counted)."""
+        if not output_ids:
+            return None
+        self.target_counter.reset()
+        ids = torch.tensor([prompt_ids + output_ids], device=self.target.model.device)
+        with torch.inference_mode():
+            logits = self.target.model(ids, logits_to_keep=len(output_ids) + 1).logits[0, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits, torch.tensor(output_ids, device=logits.device))
+        return float(torch.exp(nll))
 
     # ------------------------------------------------------------ the run
 
@@ -262,6 +273,10 @@ class Runner:
             record.update(self._generate(self.methods[name], prompt_ids, record["seed"], self.cfg.max_new_tokens,
                                          budget))
             record["output_text"] = self.target.tokenizer.decode(record["output_ids"], skip_special_tokens=True)
+            record["alternatives_text"] = [self.target.tokenizer.decode(a, skip_special_tokens=True)
+                                           for a in record["alternatives"]]
+            if not self.methods[name].lossless or name == BASELINE:  # quality of a lossy output, and ar's to compare
+                record["output_perplexity"] = self._perplexity(prompt_ids, record["output_ids"])
             if self.methods[name].lossless and self.cfg.sampling.greedy and name != BASELINE:
                 record["lossless_check"] = self._lossless_check(record, prompt_ids)
         except Exception as err:  # noqa: BLE001 - recorded, and the run goes on

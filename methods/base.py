@@ -83,6 +83,8 @@ class DecodeContext:
     # the method's own data structures (tables, matrices, datastores): the HARNESS measures their bytes
     # (`method_state_bytes`), so the memory a method adds is not a self-reported figure
     state: dict[str, Any] = field(default_factory=dict)
+    # other outputs a multi-draft method produced besides `output` (kept in the record, decoded)
+    alternatives: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.generator is None:

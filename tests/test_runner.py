@@ -263,7 +263,7 @@ def stateful_method():
 
 def test_method_state_is_measured_by_the_harness_and_self_drafts_count_as_draft(
         model_dirs, data_file, tmp_path, cache_dir, stateful_method):
-    records = run(config(model_dirs, data_file, tmp_path / "state", methods=["ar", "layer_skip", "stateful_test_method"],
+    records = run(config(model_dirs, data_file, tmp_path / "state", methods=["ar", "layer_skip", "superposed", "stateful_test_method"],
                          limit=1))
     by_method = {r["method"]: r for r in records if r["turn"] == 0 and r["item_id"] == "chat-1"}
     assert by_method["stateful_test_method"]["method_state_bytes"] >= 32_000
@@ -273,3 +273,8 @@ def test_method_state_is_measured_by_the_harness_and_self_drafts_count_as_draft(
     assert skip["trace_error"] is None and skip["lossless_check"]["equal"]
     assert skip["self_draft_calls"] == skip["draft_calls"] > 0 and len(skip["draft_widths"]) == skip["draft_calls"]
     assert skip["target_calls"] == len(skip["accept_lengths"])
+    superposed = by_method["superposed"]  # lossy: its k drafts and the output's perplexity are recorded
+    assert superposed["trace_error"] is None and superposed["lossless_check"] is None
+    assert len(superposed["alternatives_text"]) == 3 and superposed["output_text"] == superposed["alternatives_text"][0]
+    assert superposed["output_perplexity"] > 1 and by_method["ar"]["output_perplexity"] > 1
+    assert superposed["method_state_bytes"] > 0 and "output_perplexity" not in skip
