@@ -53,13 +53,22 @@ def cmd_run(args) -> int:
     from harness.runner import RunConfig, Runner
     from methods.base import Sampling
 
+    from harness.presets import get_preset, merged_settings
+
+    try:
+        preset = get_preset(args.preset) if args.preset else None
+    except KeyError as err:
+        console.print(f"[red]error:[/] {err.args[0]}")
+        return 2
+    methods = args.methods or (",".join(preset.methods) if preset else DEFAULT_METHODS)
     out = args.out or f"runs/{args.suite}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = RunConfig(
-        suite=args.suite, methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        suite=args.suite, methods=[m.strip() for m in methods.split(",") if m.strip()],
         target=args.target, draft=args.draft or None, data=args.data, limit=args.limit,
         max_new_tokens=args.max_new_tokens,
         sampling=Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed),
-        budgets=_budgets(args.budget), settings=_settings(args.set), device=args.device, dtype=args.dtype,
+        budgets=_budgets(args.budget or (preset.budgets if preset else [])),
+        settings=merged_settings(preset, _settings(args.set)), device=args.device, dtype=args.dtype,
         warmup=not args.no_warmup, trackers=not args.no_trackers, repeats=args.repeats, out=out,
     )
     try:
@@ -75,6 +84,7 @@ def cmd_run(args) -> int:
     return 0
 
 
+DEFAULT_METHODS = "ar,sps,pld"
 DEMO_METHODS = "ar,sps,pld,hf_generate,hf_assisted"
 
 
@@ -173,6 +183,19 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def cmd_presets(args) -> int:
+    from harness.presets import PRESETS
+
+    table = Table(title="presets (decodebench run --preset NAME)")
+    for col in ("name", "methods", "settings", "budgets", "description"):
+        table.add_column(col)
+    for name, preset in PRESETS.items():
+        settings = "; ".join(f"{m}." + ", ".join(f"{k}={v}" for k, v in knobs.items()) for m, knobs in preset.settings.items())
+        table.add_row(name, ",".join(preset.methods), settings, " ".join(preset.budgets) or "—", preset.description)
+    console.print(table)
+    return 0
+
+
 def cmd_suites(args) -> int:
     from suites.base import registry
 
@@ -215,7 +238,8 @@ def parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run methods over a suite and write a report")
     run.add_argument("--suite", default="specbench")
-    run.add_argument("--methods", default="ar,sps,pld", help="comma-separated; `decodebench methods` lists them")
+    run.add_argument("--methods", help="comma-separated (default ar,sps,pld, or the preset's); `decodebench methods` lists them")
+    run.add_argument("--preset", help="a named comparison (`decodebench presets`): methods, settings, budgets; explicit flags win")
     run.add_argument("--target", default=DEFAULT_TARGET, help="embedded name, HF id, folder or .gguf")
     run.add_argument("--draft", default=DEFAULT_DRAFT, help="draft model for draft-model methods")
     run.add_argument("--data", help="a Spec-Bench question.jsonl file instead of the built-in set")
@@ -264,6 +288,7 @@ def parser() -> argparse.ArgumentParser:
     prof.set_defaults(func=cmd_profile)
 
     sub.add_parser("methods", help="list registered methods").set_defaults(func=cmd_methods)
+    sub.add_parser("presets", help="list the named comparisons for run --preset").set_defaults(func=cmd_presets)
     sub.add_parser("suites", help="list registered suites").set_defaults(func=cmd_suites)
 
     mod = sub.add_parser("models", help="list or install the embedded models")

@@ -284,6 +284,36 @@ def _cost_table(ok: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
     return table
 
 
+DRAFTING_NOTE = (
+    "Draft tokens verified per target call is the number of drafted tokens (chain or tree nodes) fed "
+    "to each target pass beside the pending token: the tree size, i.e. the verification width a tree "
+    "method pays for. Accepted drafts per call excludes the bonus/correction token. Draft calls per "
+    "token is all draft forward passes divided by all new tokens."
+)
+
+
+def drafting_table(ok: pd.DataFrame, methods: list[str]) -> dict | None:
+    """Per method that drafts: tokens verified per target call (mean tree width), accepted drafts per
+    call, the fraction of verified drafts accepted and draft calls per token; None if none drafts."""
+    rows = []
+    for method in methods:
+        records = ok[ok["method"] == method]
+        proposed = [n for lengths in records.get("proposed_lengths", pd.Series(dtype=object)).dropna() for n in lengths]
+        accepted = [n for lengths in records.get("accept_lengths", pd.Series(dtype=object)).dropna() for n in lengths]
+        if not proposed or not sum(proposed):
+            continue
+        drafts_kept = sum(accepted) - len(accepted)  # one bonus/correction token per target call
+        rows.append([method, f"{sum(proposed) / len(proposed):.2f}", f"{drafts_kept / len(accepted):.2f}",
+                     f"{drafts_kept / sum(proposed):.1%}",
+                     f"{_ratio(records['draft_calls'].sum(), records['new_tokens'].sum()):.2f}"])
+    if not rows:
+        return None
+    columns = ["Method", "Draft tokens verified/target call", "Accepted drafts/target call",
+               "Verified drafts accepted", "Draft calls/token"]
+    sampled = bool((ok["temperature"].fillna(0) > 0).any())
+    return {**_table(columns, rows), "note": DRAFTING_NOTE, "sampled": sampled}
+
+
 def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator > 0 else math.nan
 
@@ -624,6 +654,7 @@ def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path 
         "speed": _frame_table(_speed_display(table), methods_manifest),
         "definitions": DEFINITIONS.format(baseline=baseline, resamples=BOOTSTRAP_RESAMPLES),
         "cost": _frame_table(_cost_table(ok, methods), methods_manifest),
+        "drafting": drafting_table(ok, methods),
         "peers": _peer_display(peer_table(records, methods_manifest)),
         "spread": _spread_display(repeat_spread(records)),
         "lossless": _lossless_section(ok, manifest, baseline),

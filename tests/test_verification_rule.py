@@ -27,9 +27,9 @@ def tables(seed: int):
     return target_logits, draft_logits
 
 
-def exact_sequence_probs(p: torch.Tensor, first: int) -> dict[tuple, float]:
+def exact_sequence_probs(p: torch.Tensor, first: int, length: int = LENGTH) -> dict[tuple, float]:
     probs = {}
-    for seq in itertools.product(range(V), repeat=LENGTH):
+    for seq in itertools.product(range(V), repeat=length):
         prob, last = 1.0, first
         for tok in seq:
             prob *= float(p[last, tok])
@@ -57,13 +57,13 @@ def speculative_sequence(p, q, first, gamma, generator, one_hot_draft=False):
     return tuple(out[:LENGTH])
 
 
-def assert_matches(p, first, draw, draws=DRAWS):
+def assert_matches(p, first, draw, draws=DRAWS, length=LENGTH):
     g = torch.Generator().manual_seed(1234)
     counts = {}
     for _ in range(draws):
         seq = draw(g)
         counts[seq] = counts.get(seq, 0) + 1
-    exact = exact_sequence_probs(p, first)
+    exact = exact_sequence_probs(p, first, length)
     keys = sorted(exact)
     observed = np.array([counts.get(k, 0) for k in keys], dtype=float)
     expected = np.array([exact[k] for k in keys])

@@ -35,3 +35,14 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
     if sampling.greedy:
         return int(logits.argmax(-1))
     return sample(warp(logits, sampling), generator)
+
+
+def gumbel_top_k(log_probs: torch.Tensor, k: int, generator: torch.Generator | None) -> list[int]:
+    """k distinct tokens drawn without replacement from softmax(log_probs), in draw order, by the
+    Gumbel-Top-k trick (Kool et al., arXiv 1903.06059). generator None: the plain top-k (greedy)."""
+    log_probs = log_probs.detach().float().cpu()
+    k = min(k, int(torch.isfinite(log_probs).sum()))
+    if generator is None:
+        return torch.topk(log_probs, k).indices.tolist()
+    u = torch.rand(log_probs.shape, generator=generator).clamp(1e-20, 1.0 - 1e-7)
+    return torch.topk(log_probs - (-u.log()).log(), k).indices.tolist()

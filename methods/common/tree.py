@@ -24,6 +24,13 @@ API (shared by every tree, graph and beam method):
   the correction/bonus token with `proposed=len(tree)`, keeps only the path in the cache, and
   returns the accepted node indices. `rule(tree, logits) -> (path, token)` replaces the default
   rule; `logits[0]` is the root's row and `logits[1 + i]` node i's (the `row` helper).
+- `TreeDrafter(ctx)`: the draft model's side (its own `TreeKV`): `start` (root logits), `expand`
+  (logits of new nodes, one draft pass), `commit(tree, path, [token])` after each target step,
+  `dist` (the draft distribution over the target vocabulary), `grow_levels` (level-by-level
+  growth with a per-node choice of children).
+
+A method step is then: build a `DraftTree` with the drafter, `path = verifier.step(tree)`,
+`drafter.commit(tree, path, [verifier.pending])`.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ from transformers import DynamicCache
 
 from methods.base import DecodeContext
 from methods.common.kv import gather, new_cache
+from methods.common.sampling import warp
 from methods.common.verify import verify_tree
 
 ROOT = -1
@@ -207,3 +215,60 @@ class TreeVerifier:
         ctx.emit([tree.tokens[n] for n in path] + [token], proposed=len(tree))
         self.kv.commit(tree, path, [token])
         return path
+
+
+class TreeDrafter:
+    """The draft model's side of a tree method: its own `TreeKV`, which keeps the draft's keys and
+    values of the accepted path (the path's nodes it never fed, and the correction token, are
+    recomputed in the next step's first draft pass together with the root)."""
+
+    def __init__(self, ctx: DecodeContext) -> None:
+        if ctx.draft is None:
+            raise ValueError("this method needs a draft model (--draft)")
+        self.ctx = ctx
+        self.kv = TreeKV(ctx.draft, ctx.prompt_ids)
+        self.vocab = ctx.target.config.vocab_size
+
+    @property
+    def last_token(self) -> int:
+        """The last accepted token: the root of the next tree."""
+        return self.kv.pending[-1]
+
+    def start(self, tree: DraftTree) -> torch.Tensor:
+        """The root's logits (one draft pass over the tokens accepted since the last step)."""
+        return self.kv.feed(tree, [])[0]
+
+    def expand(self, tree: DraftTree, nodes: list[int]) -> torch.Tensor:
+        """Logits after each of `nodes` (one draft pass with tree attention)."""
+        return self.kv.feed(tree, nodes)
+
+    def commit(self, tree: DraftTree, path: list[int], extra: list[int]) -> None:
+        self.kv.commit(tree, path, extra)
+
+    def dist(self, logits: torch.Tensor) -> torch.Tensor:
+        """The draft's distribution over the target's vocabulary: the warped one children are sampled
+        from under sampling; under greedy decoding the plain softmax, used to rank and value children."""
+        logits = logits[: self.vocab].float().cpu()
+        if self.ctx.sampling.greedy:
+            q = logits.softmax(-1)
+        else:
+            q = warp(logits, self.ctx.sampling)
+        return torch.nn.functional.pad(q, (0, self.vocab - q.shape[-1]))  # the draft vocab may be smaller
+
+    def grow_levels(self, tree: DraftTree, widths: list[int], choose) -> None:
+        """Grow `tree` level by level: `choose(node, q)` returns the tokens to draft under `node`
+        (in draw order); one draft pass per level feeds the new nodes (none after the last level)."""
+        frontier, rows = [ROOT], self.start(tree)[None]
+        for level, width in enumerate(widths):
+            new: list[int] = []
+            for node, logits in zip(frontier, rows):
+                q = self.dist(logits)
+                for token in choose(node, q, width):
+                    before = len(tree)
+                    child = tree.add(node, token)
+                    if len(tree) > before:
+                        new.append(child)
+            frontier = new
+            if not frontier or level == len(widths) - 1:
+                return
+            rows = self.expand(tree, frontier)
