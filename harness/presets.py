@@ -44,6 +44,11 @@ PRESETS: dict[str, Preset] = {
         },
         ["target_calls=4,8"],
     ),
+    "draftfree": Preset(
+        "methods that need no draft model (rasd fuses retrieval with the draft model's chain, so it loads one), "
+        "each at its paper's defaults, beside ar and pld",
+        ["ar", "pld", "token_recycling", "aded", "swift", "layer_skip", "rasd", "superposed"],
+    ),
 }
 
 
