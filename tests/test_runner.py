@@ -263,7 +263,10 @@ def stateful_method():
 
 def test_method_state_is_measured_by_the_harness_and_self_drafts_count_as_draft(
         model_dirs, data_file, tmp_path, cache_dir, stateful_method):
-    records = run(config(model_dirs, data_file, tmp_path / "state", methods=["ar", "layer_skip", "superposed", "stateful_test_method"],
+    from harness.report import build_report
+
+    out = tmp_path / "state"
+    records = run(config(model_dirs, data_file, out, methods=["ar", "layer_skip", "superposed", "stateful_test_method"],
                          limit=1))
     by_method = {r["method"]: r for r in records if r["turn"] == 0 and r["item_id"] == "chat-1"}
     assert by_method["stateful_test_method"]["method_state_bytes"] >= 32_000
@@ -278,3 +281,7 @@ def test_method_state_is_measured_by_the_harness_and_self_drafts_count_as_draft(
     assert len(superposed["alternatives_text"]) == 3 and superposed["output_text"] == superposed["alternatives_text"][0]
     assert superposed["output_perplexity"] > 1 and by_method["ar"]["output_perplexity"] > 1
     assert superposed["method_state_bytes"] > 0 and "output_perplexity" not in skip
+    text = (build_report(out) / "report.md").read_text()
+    assert "Method state (MiB)" in text and "Output perplexity" in text
+    section = text.split("## Multiple outputs")[1].split("## ")[0]
+    assert "| superposed |" in section and "| 3 |" in section
