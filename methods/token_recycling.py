@@ -36,12 +36,14 @@ def build_tree(matrix: torch.Tensor, root: int, template, max_depth: int) -> Dra
     sibling tokens merge (a fresh, all-zero row proposes one token, not k copies)."""
     tree = DraftTree()
     node_of: dict[tuple[int, ...], int] = {(): ROOT}
-    rows = matrix.tolist()
+    rows: dict[int, list[int]] = {}  # the rows this tree reads (not the whole matrix)
     for path in sorted(template, key=lambda p: (len(p), p)):  # breadth first: parents before children
         if len(path) > max_depth or path[:-1] not in node_of:
             continue
         parent = node_of[path[:-1]]
         parent_token = root if parent == ROOT else tree.tokens[parent]
+        if parent_token not in rows:
+            rows[parent_token] = matrix[parent_token].tolist()
         node_of[path] = tree.add(parent, rows[parent_token][path[-1]])
     return tree
 

@@ -87,3 +87,16 @@ def test_aded_search_prefers_the_likely_continuation():
     assert [3, 4, 5] in [d[:3] for d in drafts]
     assert any(d[0] == 7 for d in drafts)  # the unlikely branch is explored too
     assert mcts_drafts(NGramTable(3), (1, 2), 10, 3, 4, np.random.default_rng(0)) == []
+
+
+@pytest.mark.parametrize("name", ["token_recycling", "aded", "rasd", "layer_skip"])
+def test_sampling_runs_and_repeats_with_a_seed(name, pair):
+    from methods.base import DecodeContext, Sampling, get_method
+
+    def once():
+        ctx = DecodeContext(prompt_ids=[4, 6, 9, 7, 8], target=pair[0], draft=pair[1], max_new_tokens=12,
+                            sampling=Sampling(temperature=1.0, seed=3), eos_token_ids=frozenset())
+        return get_method(name)().generate(ctx), ctx
+
+    (first, ctx), (second, _) = once(), once()
+    assert first == second and len(first) == 12 and sum(ctx.trace.accepted) == 12
