@@ -46,9 +46,9 @@ class UnifiedLayerSkipping(Method):
         verifier.step([])  # prefill on its own: the draft reuses the prompt's keys and values
         while not ctx.done:
             k = verifier.room(self.config.draft_tokens)
-            drafts, probs = [], None
+            drafts, dists = [], None
             if k:
-                drafts, probs, _ = draft_chain(ctx, verifier.cache, verifier.pending, skip, k)
-            verifier.step(drafts, probs)
+                drafts, dists, _ = draft_chain(ctx, verifier.cache, verifier.pending, skip, k)
+            verifier.step(drafts, None if ctx.sampling.greedy else dists)
         ctx.extras["draft_layer_fraction"] = skip.fraction_run(layers)
         return ctx.output

@@ -7,11 +7,12 @@ from random search, with a Bayesian-optimisation proposal every `bayes_interval`
 better-scoring set replaces the current one. The search stops once matchness passes `max_score`, after
 `max_tolerance_iter` iterations without improvement, or after `max_opt_iter` iterations; then only the
 acceleration phase runs. Drafting stops when the draft's confidence in its token falls below
-`stop_threshold`. The search state lives on the method object, so (as in the paper's evaluation) it
-carries over from one prompt to the next within a run.
-
-Not implemented: the paper's "dynamic verification" (top-k alternatives per draft position verified as a
-tree); drafts here are a chain verified by `ChainVerifier`.
+`stop_threshold`. Dynamic verification (on by default, as in the release): beside each draft token
+the tree also holds the draft's next-best alternatives at that position, more of them the less
+confident the draft was (the release's 3/5/8/10 under greedy, 1/3/5/10 under sampling, for confidence
+above 0.95/0.8/0.5/else; sampled alternatives are further draws without replacement from the draft's
+q), and the target verifies the tree in one pass. The search state lives on the method object, so (as
+in the paper's evaluation) it carries over from one prompt to the next within a run.
 """
 from __future__ import annotations
 
@@ -24,7 +25,54 @@ import torch
 
 from methods.base import DecodeContext, Method, Paper, register
 from methods.common.layerskip import SkipSet, decoder_layers, draft_chain, prefix_view, skipped_forward
+from methods.common.sampling import sample
 from methods.common.speculation import ChainVerifier
+from methods.common.tree import ROOT, DraftTree, TreeVerifier
+
+# Tree candidates per draft position by the draft's confidence (above 0.95, 0.8, 0.5, else): the release's.
+CANDIDATES = {"greedy": (3, 5, 8, 10), "sampled": (1, 3, 5, 10)}
+CONFIDENCE_STEPS = (0.95, 0.8, 0.5)
+
+
+def candidate_count(confidence: float, greedy: bool) -> int:
+    counts = CANDIDATES["greedy" if greedy else "sampled"]
+    for step, count in zip(CONFIDENCE_STEPS, counts):
+        if confidence > step:
+            return count
+    return counts[-1]
+
+
+def dynamic_tree(ctx: DecodeContext, drafts: list[int], dists, confidence: list[float]) -> DraftTree:
+    """The draft chain plus, at every position, the draft's next alternatives as leaves beside it."""
+    greedy = ctx.sampling.greedy
+    tree = DraftTree(replacement=False)
+    parent = ROOT
+    for token, q, conf in zip(drafts, dists, confidence):
+        if not greedy:
+            tree.set_dist(parent, q)
+        node = tree.add(parent, token)  # the chain's token is the first draw
+        for alt in _alternatives(ctx, token, q, candidate_count(conf, greedy) - 1):
+            tree.add(parent, alt)
+        parent = node
+    return tree
+
+
+def _alternatives(ctx: DecodeContext, token: int, q, count: int) -> list[int]:
+    """Greedy: the next `count` most likely tokens. Sampling: `count` further draws without replacement."""
+    if count <= 0:
+        return []
+    if ctx.sampling.greedy:
+        ranked = torch.topk(q, min(count + 1, q.shape[-1])).indices.tolist()
+        return [t for t in ranked if t != token][:count]
+    left, drawn = q.clone(), []
+    left[token] = 0
+    for _ in range(count):
+        total = float(left.sum())
+        if total <= 0:
+            break
+        drawn.append(sample(left / total, ctx.generator))
+        left[drawn[-1]] = 0
+    return drawn
 
 
 @register("swift")
@@ -46,6 +94,7 @@ class Swift(Method):
         max_score: float = 0.95  # matchness that ends the search
         optimization: bool = True
         bayes: bool = True
+        dynamic_verification: bool = True  # verify the draft's alternatives too, as a tree
         seed: int = 0  # random search and the Bayesian optimiser (the release seeds the optimiser with 1)
 
     def __init__(self, **overrides) -> None:
@@ -65,20 +114,25 @@ class Swift(Method):
         search = self.search_for(ctx.target)
         ctx.state["layer_set_search"] = search
         fractions: list[float] = []  # sublayers run, per draft pass (the cost model prices them with it)
-        verifier = ChainVerifier(ctx)
-        verifier.step([])  # prefill on its own: the draft reuses the prompt's keys and values
+        tree_mode = cfg.dynamic_verification
+        verifier = TreeVerifier(ctx) if tree_mode else ChainVerifier(ctx)
+        cache = verifier.kv.cache if tree_mode else verifier.cache
+        verifier.step(DraftTree() if tree_mode else [])  # prefill alone: the draft reuses the prompt's KV
         step = 0
         while not ctx.done:
             k = verifier.room(cfg.max_draft)
-            drafts, probs = [], None
+            drafts, dists, confidence = [], None, []
             if k:
-                drafts, probs, _ = draft_chain(ctx, verifier.cache, verifier.pending, search.current, k,
-                                               cfg.stop_threshold)
+                drafts, dists, confidence = draft_chain(ctx, cache, verifier.pending, search.current, k,
+                                                        cfg.stop_threshold)
                 fractions += [search.current.fraction_run(search.layers)] * len(drafts)
-            verifier.step(drafts, probs)
+            if tree_mode:
+                verifier.step(dynamic_tree(ctx, drafts, dists, confidence))
+            else:
+                verifier.step(drafts, None if ctx.sampling.greedy else dists)
             if search.active and len(ctx.output) > cfg.context_window + 1 and step % cfg.opt_interval == 0:
                 candidate = search.propose()
-                search.observe(candidate, self._matchness(ctx, verifier.cache, candidate))
+                search.observe(candidate, self._matchness(ctx, cache, candidate))
                 fractions.append(candidate.fraction_run(search.layers))
             step += 1
         ctx.extras.update({

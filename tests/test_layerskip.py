@@ -9,6 +9,7 @@ from harness.instrument import PassCounter, state_bytes
 from methods.base import DecodeContext, Sampling, get_method
 from methods.common.kv import extend, new_cache
 from methods.common.layerskip import SkipSet, draft_chain, prefix_view, skipped_forward
+from methods.common.tree import ROOT
 from methods.layer_skip import uniform_skip_set
 from tests.conftest import tiny_llama
 
@@ -132,3 +133,21 @@ def test_state_bytes_measures_tensors_arrays_and_containers():
     assert state_bytes({}) < 1000
     shared = torch.zeros(1000)
     assert state_bytes([shared, shared]) < 2 * 4000  # one object counted once
+
+
+def test_dynamic_tree_adds_more_alternatives_where_the_draft_is_less_sure(deep):
+    from methods.swift import dynamic_tree
+
+    dists = torch.softmax(torch.arange(20, dtype=torch.float32).repeat(2, 1), -1)  # token 19 most likely
+    tree = dynamic_tree(context(deep), [19, 3], dists, [0.99, 0.6])
+    first = tree.children[ROOT]
+    assert list(first) == [19, 18, 17]  # confidence > 0.95: 3 candidates, the chain's token first
+    second = tree.children[first[19]]
+    assert len(second) == 8 and list(second)[0] == 3 and 19 in second  # > 0.5: 8 candidates under the chain
+    sampled = dynamic_tree(context(deep, sampling=Sampling(temperature=1.0, seed=1)), [19], dists[:1], [0.3])
+    assert len(sampled.children[ROOT]) == 10 and ROOT in sampled.dists  # draws without replacement from q
+
+
+def test_swift_chain_mode_equals_ar(deep):
+    expected = get_method("ar")().generate(context(deep, 24))
+    assert get_method("swift")(dynamic_verification=False, context_window=6).generate(context(deep, 24)) == expected

@@ -134,11 +134,12 @@ def prefix_view(cache: DynamicCache, length: int) -> DynamicCache:
 
 
 def draft_chain(ctx: DecodeContext, cache: DynamicCache, pending: int, skip: SkipSet, max_tokens: int,
-                stop_below: float = 0.0) -> tuple[list[int], torch.Tensor | None, list[float]]:
+                stop_below: float = 0.0) -> tuple[list[int], torch.Tensor, list[float]]:
     """Draft up to `max_tokens` tokens after `pending` (the last emitted token, not yet in `cache`) with
     the skipped model; stop early once the draft's own probability of its chosen token falls below
-    `stop_below` (that token is kept: it is the last one drafted). Returns the drafts, under sampling the
-    distributions they were drawn from, and each draft's confidence. `cache` comes back as it was."""
+    `stop_below` (that token is kept: it is the last one drafted). Returns the drafts, the distributions
+    they were chosen from (rows; under sampling the warped q they were drawn from, under greedy the
+    plain softmax, whose argmax they are) and each draft's confidence. `cache` comes back as it was."""
     verified = cache.get_seq_length()
     vocab = ctx.target.config.vocab_size
     drafts: list[int] = []
@@ -148,16 +149,18 @@ def draft_chain(ctx: DecodeContext, cache: DynamicCache, pending: int, skip: Ski
     try:
         while len(drafts) < max_tokens:
             logits = skipped_forward(ctx.target, [token], cache, skip)[-1][:vocab].float()
+            plain = logits.softmax(-1)
             if ctx.sampling.greedy:
                 token = int(logits.argmax())
+                probs.append(plain)
             else:
                 q = warp(logits, ctx.sampling)
                 token = sample(q, ctx.generator)
                 probs.append(q)
             drafts.append(token)
-            confidence.append(float(logits.softmax(-1)[token]))
+            confidence.append(float(plain[token]))
             if confidence[-1] < stop_below:
                 break
     finally:
         crop(cache, verified)
-    return drafts, (torch.stack(probs) if probs else None), confidence
+    return drafts, (torch.stack(probs) if probs else torch.zeros(0, vocab)), confidence
