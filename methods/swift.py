@@ -121,7 +121,7 @@ class Swift(Method):
         step = 0
         while not ctx.done:
             k = verifier.room(cfg.max_draft)
-            drafts, dists, confidence = [], None, []
+            drafts, dists, confidence = [], [], []
             if k:
                 drafts, dists, confidence = draft_chain(ctx, cache, verifier.pending, search.current, k,
                                                         cfg.stop_threshold)

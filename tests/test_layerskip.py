@@ -151,3 +151,9 @@ def test_dynamic_tree_adds_more_alternatives_where_the_draft_is_less_sure(deep):
 def test_swift_chain_mode_equals_ar(deep):
     expected = get_method("ar")().generate(context(deep, 24))
     assert get_method("swift")(dynamic_verification=False, context_window=6).generate(context(deep, 24)) == expected
+
+
+@pytest.mark.parametrize("name,settings", [("swift", {}), ("swift", {"dynamic_verification": False}), ("layer_skip", {})])
+def test_last_token_alone_after_a_rejection(deep, name, settings):
+    for n in (2, 3, 5):  # short budgets reach the step where no draft fits (room 0)
+        assert get_method(name)(**settings).generate(context(deep, n)) == get_method("ar")().generate(context(deep, n))
