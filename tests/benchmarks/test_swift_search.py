@@ -1,6 +1,7 @@
 """Benchmark figure (acceptance, not time): SWIFT's searched skip set drafts better than random sets.
 
-`pytest -m bench tests/benchmarks/test_swift_search.py -s`. A tiny 10-layer model in which half of the
+`pytest -m bench tests/benchmarks/test_swift_search.py -s` (about 20 minutes on 2 busy cores; measured
+once: searched set 1.34 tokens per verification against 1.09-1.14 for three random sets of the same size). A tiny 10-layer model in which half of the
 middle sublayers are made nearly inert (their output projections scaled down), so that which sublayers
 a draft skips matters: the search, scored by matchness on already generated tokens, should find a set
 whose drafts the target accepts more often than a random set of the same size.
@@ -52,13 +53,13 @@ def mean_accepted(method: Swift, model, items) -> float:
 
 def test_searched_skip_set_beats_random_sets():
     model = model_with_inert_sublayers()
-    searching = Swift(context_window=WINDOW)
+    searching = Swift(context_window=WINDOW, dynamic_verification=False)  # chains: the skip set alone decides
     mean_accepted(searching, model, prompts(8, seed=1))  # the search runs across these prompts
     search = searching.search_for(model)
     held_out = prompts(4, seed=2)
 
     def fixed(skip: SkipSet) -> float:
-        method = Swift(optimization=False)
+        method = Swift(optimization=False, dynamic_verification=False)
         method.search_for(model).current = skip
         return mean_accepted(method, model, held_out)
 
