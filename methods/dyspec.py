@@ -24,9 +24,11 @@ class DySpec(Method):
         budget: int = 64  # draft tokens per step (tree size); the paper's smaller budget setting
         max_depth: int = 0  # 0: no limit beyond the budget (and the tokens left to generate)
 
+        def __post_init__(self):
+            if self.budget < 1 or self.max_depth < 0:
+                raise ValueError("dyspec.budget must be positive and dyspec.max_depth >= 0")
+
     def generate(self, ctx: DecodeContext) -> list[int]:
-        if self.config.budget < 1 or self.config.max_depth < 0:
-            raise ValueError("dyspec.budget must be positive and dyspec.max_depth >= 0")
         return run_tree_method(ctx, partial(self.draft_tree, ctx))
 
     def draft_tree(self, ctx: DecodeContext, drafter, depth: int) -> DraftTree:

@@ -30,10 +30,11 @@ class GraphSpeculativeDecoding(Method):
         max_depth: int = 8  # draft steps per round (not fixed in the paper: ours)
         max_nodes: int = 100  # size cap of the tree expanded from the graph (the official code's)
 
+        def __post_init__(self):
+            if self.candidates < 1 or self.max_depth < 1 or self.max_nodes < 1 or self.repeat_threshold < -1:
+                raise ValueError("gsd: candidates, max_depth and max_nodes must be positive, repeat_threshold >= -1")
+
     def generate(self, ctx: DecodeContext) -> list[int]:
-        c = self.config
-        if c.candidates < 1 or c.max_depth < 1 or c.max_nodes < 1 or c.repeat_threshold < -1:
-            raise ValueError("gsd: candidates, max_depth and max_nodes must be positive, repeat_threshold >= -1")
         self._step = None
         return run_tree_method(ctx, partial(self.draft_tree, ctx), self._follow)
 

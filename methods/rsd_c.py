@@ -27,8 +27,10 @@ class RecursiveSpeculativeDecodingConstant(Method):
         # none, so this default (depth 5 like sps's gamma, 2 x 2 leaves) is ours
         branching: str = "2,2,1,1,1"
 
+        def __post_init__(self):
+            parse_widths(self.branching, "rsd_c.branching")
+
     def generate(self, ctx: DecodeContext) -> list[int]:
-        parse_widths(self.config.branching, "rsd_c.branching")
         return run_tree_method(ctx, partial(self.draft_tree, ctx))
 
     def draft_tree(self, ctx: DecodeContext, drafter, depth: int) -> DraftTree:

@@ -35,9 +35,11 @@ class RecursiveSpeculativeDecodingBeam(Method):
         beam_width: int = 3
         depth: int = 5
 
+        def __post_init__(self):
+            if self.beam_width < 1 or self.depth < 1:
+                raise ValueError("rsd_s.beam_width and rsd_s.depth must be positive")
+
     def generate(self, ctx: DecodeContext) -> list[int]:
-        if self.config.beam_width < 1 or self.config.depth < 1:
-            raise ValueError("rsd_s.beam_width and rsd_s.depth must be positive")
         return run_tree_method(ctx, partial(self.draft_tree, ctx))
 
     def draft_tree(self, ctx: DecodeContext, drafter, depth: int) -> DraftTree:

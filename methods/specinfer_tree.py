@@ -24,8 +24,10 @@ class SpecInferTree(Method):
         # children per node at each level: the paper's expansion config <1,1,3,1,1,1,1,1> (8 levels, 3 leaves)
         expansion: str = "1,1,3,1,1,1,1,1"
 
+        def __post_init__(self):
+            parse_widths(self.expansion, "specinfer_tree.expansion")
+
     def generate(self, ctx: DecodeContext) -> list[int]:
-        parse_widths(self.config.expansion, "specinfer_tree.expansion")
         return run_tree_method(ctx, partial(self.draft_tree, ctx))
 
     def draft_tree(self, ctx: DecodeContext, drafter, depth: int) -> DraftTree:

@@ -94,3 +94,26 @@ def test_method_tree_shape(name):
             assert parent in tree.dists
         if not tree.replacement:
             assert len(set(draws)) == len(draws)
+
+
+@pytest.mark.parametrize("name,settings", [("specinfer_tree", {"expansion": "2,1,2,1"}), ("rsd_c", {"branching": "3,1,1,1"})])
+def test_identical_draft_accepts_the_whole_depth_every_step(name, settings, pair):
+    """With the target as its own draft, greedy top-k trees always contain the target's path: every
+    step accepts the full depth plus the bonus token, which holds only if the draft's cache follows
+    the accepted path correctly from step to step."""
+    from methods.base import DecodeContext
+
+    target, _ = pair
+    ctx = DecodeContext(prompt_ids=[4, 6, 9, 7, 8], target=target, draft=target, sampling=Sampling(),
+                        max_new_tokens=25, eos_token_ids=frozenset())
+    get_method(name)(**settings).generate(ctx)
+    assert ctx.trace.accepted == [5, 5, 5, 5, 5]
+
+
+@pytest.mark.parametrize("name,settings", [
+    ("specinfer_tree", {"expansion": "2,0"}), ("rsd_c", {"branching": "two"}), ("rsd_s", {"beam_width": 0}),
+    ("dyspec", {"budget": 0}), ("gsd", {"repeat_threshold": -2}),
+])
+def test_bad_settings_fail_when_the_method_is_built(name, settings):
+    with pytest.raises(ValueError, match=name.split("_")[0]):
+        get_method(name)(**settings)
