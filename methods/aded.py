@@ -109,6 +109,9 @@ class AdaptiveDraftVerification(Method):
 
     def __init__(self, **overrides) -> None:
         super().__init__(**overrides)
+        cfg = self.config
+        if min(cfg.num_draft, cfg.keep_top, cfg.iterations, cfg.depth, cfg.top_k) < 1:
+            raise ValueError(f"aded's num_draft, keep_top, iterations, depth and top_k must be >= 1, got {cfg}")
         self._table: NGramTable | None = None
         self._table_key = None
 

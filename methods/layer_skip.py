@@ -36,8 +36,13 @@ class UnifiedLayerSkipping(Method):
 
     @dataclass
     class Config:
-        speedup: float = 2.0  # target speed-up ratio of the draft (the paper sweeps several; 2x is its middle one)
+        speedup: float = 2.0  # the paper's knob, the target speed-up ratio: ours at 2x (half the layers run)
         draft_tokens: int = 5  # chain length per step: ours (the paper does not speculate), sps's gamma
+
+    def __init__(self, **overrides) -> None:
+        super().__init__(**overrides)
+        if self.config.speedup < 1.0 or self.config.draft_tokens < 1:
+            raise ValueError(f"layer_skip needs speedup >= 1 and draft_tokens >= 1, got {self.config}")
 
     def generate(self, ctx: DecodeContext) -> list[int]:
         layers = len(decoder_layers(ctx.target))

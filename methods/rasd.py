@@ -61,6 +61,9 @@ class RetrievalAugmentedSpeculativeDecoding(Method):
 
     def __init__(self, **overrides) -> None:
         super().__init__(**overrides)
+        cfg = self.config
+        if min(cfg.gamma, cfg.retrieve_length, cfg.retrieve_count, cfg.prune_top_k, cfg.max_nodes, cfg.max_ngram) < 1:
+            raise ValueError(f"rasd's settings must all be >= 1, got {cfg}")
         self._datastore: SuffixIndex | None = None
         self._datastore_key = None
 

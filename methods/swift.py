@@ -99,8 +99,11 @@ class Swift(Method):
 
     def __init__(self, **overrides) -> None:
         super().__init__(**overrides)
-        if not 0.0 <= self.config.skip_ratio < 1.0:
-            raise ValueError(f"swift.skip_ratio must be in [0, 1), got {self.config.skip_ratio}")
+        cfg = self.config
+        if not 0.0 <= cfg.skip_ratio < 1.0:
+            raise ValueError(f"swift.skip_ratio must be in [0, 1), got {cfg.skip_ratio}")
+        if min(cfg.max_draft, cfg.context_window, cfg.opt_interval, cfg.bayes_interval) < 1:
+            raise ValueError(f"swift's max_draft, context_window, opt_interval and bayes_interval must be >= 1, got {cfg}")
         self._search: LayerSetSearch | None = None
 
     def search_for(self, model: torch.nn.Module) -> "LayerSetSearch":

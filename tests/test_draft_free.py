@@ -100,3 +100,12 @@ def test_sampling_runs_and_repeats_with_a_seed(name, pair):
 
     (first, ctx), (second, _) = once(), once()
     assert first == second and len(first) == 12 and sum(ctx.trace.accepted) == 12
+
+
+@pytest.mark.parametrize("name,bad", [("token_recycling", {"k": 0}), ("aded", {"depth": 0}), ("swift", {"skip_ratio": 1.5}),
+                                      ("layer_skip", {"speedup": 0.5}), ("rasd", {"gamma": 0}), ("superposed", {"alpha": 1.0})])
+def test_bad_settings_fail_when_the_method_is_built(name, bad):
+    from methods.base import get_method
+
+    with pytest.raises(ValueError):
+        get_method(name)(**bad)
