@@ -131,7 +131,7 @@ def cmd_reproduce(args) -> int:
 def cmd_profile(args) -> int:
     from rich.progress import Progress
 
-    from harness import costmodel, models
+    from harness import costmodel, models, roofline
     from harness.manifest import device_description
     from harness.runner import resolve_device
 
@@ -139,16 +139,21 @@ def cmd_profile(args) -> int:
     roles = {"target": args.target, **({"draft": args.draft} if args.draft else {})}
     widths = [int(w) for w in args.widths.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
-    tables = {}
+    tables, roof = {}, {}
     with Progress(console=console) as progress:
         for role, spec in roles.items():
             model = models.load(spec, device, args.dtype).model
+            if not roof:
+                roof["device"] = roofline.measure(device, str(next(model.parameters()).dtype).removeprefix("torch."))
+            roof[role] = roofline.model_roof(model)
             task = progress.add_task(f"{role} {spec}", total=len(widths) * len(contexts))
             tables[role] = costmodel.measure(model, widths, contexts, args.repeats, lambda: progress.advance(task))
             del model
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    costmodel.save_profile(out, device_description(device), tables, roles)
+    costmodel.save_profile(out, device_description(device), tables, roles, roof)
+    console.print(f"read bandwidth {roof['device']['read_bandwidth_bytes_s'] / 1e9:.1f} GB/s, "
+                  f"matmul {roof['device']['matmul_flops_s'] / 1e9:.0f} GFLOP/s")
     for role, table in tables.items():
         console.print(f"{role}: " + ", ".join(f"w={w}: {s * 1000:.0f} ms" for w, s in zip(table.widths, table.seconds[0]))
                       + f" (context {table.contexts[0]})")

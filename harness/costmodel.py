@@ -93,10 +93,19 @@ def predicted_seconds(record: dict, tables: dict[str, LatencyTable]) -> float | 
     draft_widths = record.get("draft_widths") or []
     if record.get("draft_calls") and len(draft_widths) != record["draft_calls"]:
         return None  # a record from before draft widths were kept: its draft cost is unknown
-    if draft_widths:
+    # passes a self-drafting method ran through the target come last; they cost the fraction of the
+    # target's layers they ran (the method reports it: it is a property of the skip set, not a timing)
+    own = record.get("self_draft_calls") or 0
+    model_widths, self_widths = draft_widths[: len(draft_widths) - own], draft_widths[len(draft_widths) - own:]
+    if model_widths:
         if "draft" not in tables:
             return None
-        total += sum(tables["draft"](w, context) for w in draft_widths)
+        total += sum(tables["draft"](w, context) for w in model_widths)
+    if self_widths:
+        fraction = (record.get("extras") or {}).get("draft_layer_fraction")
+        if fraction is None:
+            return None
+        total += fraction * sum(tables["target"](w, context) for w in self_widths)
     return total if total > 0 else None
 
 

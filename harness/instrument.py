@@ -6,12 +6,14 @@ under-report its cost.
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from methods.base import BudgetExhausted
+from methods.base import BudgetExhausted, is_self_drafting
 
 
 @dataclass(frozen=True)
@@ -39,10 +41,14 @@ def _tokens_in(args: tuple, kwargs: dict) -> int:
 
 
 class PassCounter:
-    """Forward passes and tokens processed by one model, with optional budget enforcement."""
+    """Forward passes and tokens processed by one model, with optional budget enforcement.
 
-    def __init__(self, model: torch.nn.Module, role: str) -> None:
-        self.model, self.role = model, role
+    `self_draft` picks which passes of the module it counts: those a self-drafting method marked as
+    drafting (`methods.base.self_drafting`) or all the others. Two counters on the target, one of
+    each kind, split its passes into draft and target passes."""
+
+    def __init__(self, model: torch.nn.Module, role: str, self_draft: bool = False) -> None:
+        self.model, self.role, self.self_draft = model, role, self_draft
         self.cuda = next(model.parameters()).device.type == "cuda"
         self.budget = Budget()
         self.deadline: float | None = None
@@ -60,7 +66,12 @@ class PassCounter:
         self.budget = budget or Budget()
         self.deadline = time.perf_counter() + self.budget.max_wall_s if self.budget.max_wall_s else None
 
+    def _mine(self, module) -> bool:
+        return is_self_drafting(module) == self.self_draft
+
     def _before(self, module, args, kwargs) -> None:
+        if not self._mine(module):
+            return
         n = _tokens_in(args, kwargs)
         b = self.budget
         if b.max_target_calls is not None and self.calls + 1 > b.max_target_calls:
@@ -75,6 +86,8 @@ class PassCounter:
         self._marks.append((self._mark(), None))
 
     def _after(self, module, args, output) -> None:
+        if not self._mine(module):
+            return
         if self._marks and self._marks[-1][1] is None:
             self._marks[-1] = (self._marks[-1][0], self._mark())
         if self.first_pass_end is None:
@@ -109,3 +122,26 @@ def synchronize_device(device) -> None:
     """Wait for queued GPU work, so that a wall-clock reading covers it (no-op on a CPU)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def state_bytes(obj, _seen: set | None = None) -> int:
+    """Bytes held by a method's registered data structures: tensor and array storage, plus Python
+    containers walked deeply (each object counted once)."""
+    seen = set() if _seen is None else _seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.element_size() * obj.nelement()
+    if isinstance(obj, np.ndarray):
+        return int(obj.nbytes)
+    size = sys.getsizeof(obj)
+    if isinstance(obj, dict):
+        return size + sum(state_bytes(k, seen) + state_bytes(v, seen) for k, v in obj.items())
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return size + sum(state_bytes(item, seen) for item in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, type):
+        return size + state_bytes(vars(obj), seen)
+    if hasattr(obj, "__slots__"):
+        return size + sum(state_bytes(getattr(obj, name), seen) for name in obj.__slots__ if hasattr(obj, name))
+    return size

@@ -50,6 +50,11 @@ PRESETS: dict[str, Preset] = {
         "DSBD and MJSD reduce to greedy decoding",
         ["ar", "sps", "beam_sampling", "beam_search", "dsbd", "mjsd", "diverse_beam"],
     ),
+    "draftfree": Preset(
+        "methods that need no draft model (rasd fuses retrieval with the draft model's chain, so it loads one), "
+        "each at its paper's defaults, beside ar and pld",
+        ["ar", "pld", "token_recycling", "aded", "swift", "layer_skip", "rasd", "superposed"],
+    ),
 }
 
 

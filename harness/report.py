@@ -46,11 +46,13 @@ RECORD_DEFAULTS = {
     "target_calls": None, "target_tokens": None, "draft_calls": None, "draft_tokens": None,
     "peak_mem_bytes": None, "energy_j": None, "temperature": None, "lossless_check": None, "error": None,
     "budget": "", "max_target_calls": None, "max_target_tokens": None, "max_wall_s": None,
+    "method_state_bytes": None, "output_perplexity": None, "alternatives_text": None,
 }
 BUDGET_KINDS = {"max_target_calls": "target passes", "max_target_tokens": "target tokens", "max_wall_s": "seconds"}
 NUMERIC_COLUMNS = [
     "turn", "repeat", "new_tokens", "wall_s", "tokens_per_s", "mean_accepted", "target_calls",
     "target_tokens", "draft_calls", "draft_tokens", "peak_mem_bytes", "energy_j", "temperature",
+    "method_state_bytes", "output_perplexity",
 ]
 
 DEFINITIONS = (
@@ -274,14 +276,34 @@ def _cost_table(ok: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
             "Mean new tokens": records["new_tokens"].mean(),
             "Peak memory (MiB)": peak_bytes / 2**20,
             "Energy (J/token)": _ratio(with_energy["energy_j"].sum(), with_energy["new_tokens"].sum()),
+            "Method state (MiB)": records["method_state_bytes"].max() / 2**20,  # measured by the harness
+            "Output perplexity": records["output_perplexity"].mean(),  # lossy methods and the baseline
         }
-    patterns = {"Tokens/target call": "{:.2f}", "Peak memory (MiB)": "{:.0f}", "Energy (J/token)": "{:.3g}"}
+    patterns = {"Tokens/target call": "{:.2f}", "Peak memory (MiB)": "{:.0f}", "Energy (J/token)": "{:.3g}",
+                "Method state (MiB)": "{:.2f}", "Output perplexity": "{:.2f}"}
     table = pd.DataFrame.from_dict(rows, orient="index", dtype=float)
     table.index.name = "method"
     for column in table.columns:
         pattern = patterns.get(column, "{:.1f}")
         table[column] = [_formatted(value, pattern, MISSING_IN_COST_TABLE) for value in table[column]]
     return table
+
+
+ALTERNATIVES_SHOWN = 160  # characters of each output shown
+
+
+def alternatives_table(ok: pd.DataFrame, methods: list[str]) -> dict | None:
+    """The k outputs of multi-draft methods (e.g. Superposed Decoding) for each method's first record."""
+    rows = []
+    for method in methods:
+        records = ok[(ok["method"] == method) & ok["alternatives_text"].map(lambda a: bool(a) if isinstance(a, list) else False)]
+        if records.empty:
+            continue
+        first = records.iloc[0]
+        for rank, text in enumerate(first["alternatives_text"], start=1):
+            shown = text if len(text) <= ALTERNATIVES_SHOWN else text[:ALTERNATIVES_SHOWN] + "..."
+            rows.append([method, f"{first['item_id']} turn {first['turn']}", rank, shown])
+    return _table(["Method", "Item", "Draft", "Text (rank 1 is the output)"], rows) if rows else None
 
 
 DRAFTING_NOTE = (
@@ -786,6 +808,7 @@ def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path 
         "definitions": DEFINITIONS.format(baseline=baseline, resamples=BOOTSTRAP_RESAMPLES),
         "cost": _frame_table(_cost_table(ok, methods), methods_manifest),
         "drafting": drafting_table(ok, methods),
+        "alternatives": alternatives_table(ok, methods),
         "peers": _peer_display(peer_table(records, methods_manifest)),
         "spread": _spread_display(repeat_spread(records)),
         "lossless": _lossless_section(ok, manifest, baseline),

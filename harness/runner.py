@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from harness import models as model_specs
 from harness import quality, roofline
-from harness.instrument import Budget, PassCounter, synchronize
+from harness.instrument import Budget, PassCounter, state_bytes, synchronize
 from harness.manifest import write_manifest
 from harness.results import ResultStore, first_difference, record_key
 from harness.trackers import EnergyTracker, PeakMemory
@@ -111,6 +111,8 @@ class Runner:
         self.eos = model_specs.eos_ids(self.target)
         self.target_counter = PassCounter(self.target.model, "target")
         self.draft_counter = PassCounter(self.draft.model, "draft") if self.draft else None
+        # passes a self-drafting method runs through the target (layers skipped) are draft passes
+        self.self_draft_counter = PassCounter(self.target.model, "self-draft", self_draft=True)
 
     def _roofline(self) -> dict:
         """The device's bandwidth and matmul throughput (measured once per process) and the weight
@@ -126,8 +128,9 @@ class Runner:
                   budget: Budget = Budget()) -> dict:
         """Run the method once under the hooks; figures come from the harness's own counters."""
         self.target_counter.reset(budget)
-        if self.draft_counter:
-            self.draft_counter.reset()
+        drafters = [c for c in (self.draft_counter, self.self_draft_counter) if c]
+        for counter in drafters:
+            counter.reset()
         ctx = DecodeContext(
             prompt_ids=list(prompt_ids), target=self.target.model, draft=self.draft.model if self.draft else None,
             sampling=Sampling(**{**asdict(self.cfg.sampling), "seed": seed}), max_new_tokens=max_new_tokens,
@@ -165,19 +168,20 @@ class Runner:
             "prefill_s": (tc.first_pass_end - start) if tc.first_pass_end else None,
             "decode_s": (wall - (tc.first_pass_end - start)) if tc.first_pass_end else None,
             "target_pass_s": tc.pass_seconds(),  # per pass: the first is the prefill (or prefill + first verification)
-            "draft_pass_s": self.draft_counter.pass_seconds() if self.draft_counter else [],
-            "draft_widths": self.draft_counter.widths if self.draft_counter else [],
+            "draft_pass_s": [s for c in drafters for s in c.pass_seconds()],
+            "draft_widths": [w for c in drafters for w in c.widths],
             "tokens_per_s": len(out) / wall if wall > 0 else None,
             "target_calls": tc.calls, "target_tokens": tc.tokens,
-            "draft_calls": self.draft_counter.calls if self.draft_counter else 0,
-            "draft_tokens": self.draft_counter.tokens if self.draft_counter else 0,
+            "draft_calls": sum(c.calls for c in drafters), "draft_tokens": sum(c.tokens for c in drafters),
+            "self_draft_calls": self.self_draft_counter.calls,  # of draft_calls: passes through the target
+            "method_state_bytes": state_bytes(ctx.state),  # measured here, not reported by the method
+            "extras": _extras(ctx), "alternatives": [list(a) for a in ctx.alternatives],
             "mean_accepted": len(out) / tc.calls if tc.calls else None,
             "target_widths": tc.widths,  # tokens fed to each target pass: prefill, then verification widths
             "accept_lengths": ctx.trace.accepted, "proposed_lengths": ctx.trace.proposed,
             "trace_error": self._check_trace(ctx, tc.calls), "peak_mem_bytes": memory.peak_bytes,
             **energy.result, "stop_reason": stop, "budget_note": stop_note, "tracker_s": tracker_s,
             "energy_per_token_j": energy.result["energy_j"] / len(out) if energy.result["energy_j"] and out else None,
-            "extras": _extras(ctx),
         }
 
     @staticmethod
@@ -293,6 +297,8 @@ class Runner:
                                          budget))
             record["output_text"] = self.target.tokenizer.decode(record["output_ids"], skip_special_tokens=True)
             record.update(self._quality(item, turn, prompt_ids, record))
+            record["alternatives_text"] = [self.target.tokenizer.decode(a, skip_special_tokens=True)
+                                           for a in record["alternatives"]]
             if self.methods[name].lossless and self.cfg.sampling.greedy and name != BASELINE:
                 record["lossless_check"] = self._lossless_check(record, prompt_ids)
         except Exception as err:  # noqa: BLE001 - recorded, and the run goes on

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -77,9 +78,13 @@ class DecodeContext:
     generator: torch.Generator | None = None
     trace: Trace = field(default_factory=Trace)
     output: list[int] = field(default_factory=list)
-    # per-generation figures a method reports beyond its tokens (e.g. beam diversity, memory it adds);
-    # the harness copies them into the record under "extras"
+    # per-item figures a method reports (copied into the record as they are, e.g. acceptance of a search)
     extras: dict[str, float] = field(default_factory=dict)
+    # the method's own data structures (tables, matrices, datastores): the HARNESS measures their bytes
+    # (`method_state_bytes`), so the memory a method adds is not a self-reported figure
+    state: dict[str, Any] = field(default_factory=dict)
+    # other outputs a multi-draft method produced besides `output` (kept in the record, decoded)
+    alternatives: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.generator is None:
@@ -102,6 +107,24 @@ class DecodeContext:
         if record_step:
             self.trace.step(proposed, len(kept))
         return kept
+
+
+SELF_DRAFT_FLAG = "_decodebench_self_drafting"
+
+
+@contextmanager
+def self_drafting(model: torch.nn.Module):
+    """Mark the passes a method runs through the target itself to draft (layers skipped, say): the
+    harness's hooks count them as draft passes, not as target passes that must each emit tokens."""
+    setattr(model, SELF_DRAFT_FLAG, True)
+    try:
+        yield model
+    finally:
+        setattr(model, SELF_DRAFT_FLAG, False)
+
+
+def is_self_drafting(model: torch.nn.Module) -> bool:
+    return bool(getattr(model, SELF_DRAFT_FLAG, False))
 
 
 class Method:

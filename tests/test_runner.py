@@ -247,3 +247,45 @@ def test_report_sets_predicted_beside_measured_speedup(model_dirs, data_file, tm
     text = (build_report(out) / "report.md").read_text()
     section = text.split("## Predicted vs measured speed-up")[1].split("## ")[0]
     assert "test device" in section and "| sps |" in section
+
+
+@pytest.fixture
+def stateful_method():
+    @method_base.register("stateful_test_method")
+    class Stateful(Method):
+        lossless = False
+
+        def generate(self, ctx):
+            ctx.state["table"] = torch.zeros(1000, 8, dtype=torch.int32)  # 32,000 bytes the harness must see
+            ctx.extras["my_figure"] = 0.5
+            ctx.emit([4])
+            return ctx.output
+
+    yield Stateful
+    method_base._REGISTRY.pop("stateful_test_method")
+
+
+def test_method_state_is_measured_by_the_harness_and_self_drafts_count_as_draft(
+        model_dirs, data_file, tmp_path, cache_dir, stateful_method):
+    from harness.report import build_report
+
+    out = tmp_path / "state"
+    records = run(config(model_dirs, data_file, out, methods=["ar", "layer_skip", "superposed", "stateful_test_method"],
+                         limit=1))
+    by_method = {r["method"]: r for r in records if r["turn"] == 0 and r["item_id"] == "chat-1"}
+    assert by_method["stateful_test_method"]["method_state_bytes"] >= 32_000
+    assert by_method["stateful_test_method"]["extras"] == {"my_figure": 0.5}
+    assert by_method["ar"]["method_state_bytes"] < 1000 and by_method["ar"]["self_draft_calls"] == 0
+    skip = by_method["layer_skip"]
+    assert skip["trace_error"] is None and skip["lossless_check"]["equal"]
+    assert skip["self_draft_calls"] == skip["draft_calls"] > 0 and len(skip["draft_widths"]) == skip["draft_calls"]
+    assert skip["target_calls"] == len(skip["accept_lengths"])
+    superposed = by_method["superposed"]  # lossy: its k drafts and the output's perplexity are recorded
+    assert superposed["trace_error"] is None and superposed["lossless_check"] is None
+    assert len(superposed["alternatives_text"]) == 3 and superposed["output_text"] == superposed["alternatives_text"][0]
+    assert superposed["output_perplexity"] > 1 and by_method["ar"]["output_perplexity"] > 1
+    assert superposed["method_state_bytes"] > 0 and skip["output_perplexity"] > 1
+    text = (build_report(out) / "report.md").read_text()
+    assert "Method state (MiB)" in text and "Output perplexity" in text
+    section = text.split("## Multiple outputs")[1].split("## ")[0]
+    assert "| superposed |" in section and "| 3 |" in section

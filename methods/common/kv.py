@@ -22,10 +22,12 @@ def extend(model: torch.nn.Module, tokens: list[int], cache: DynamicCache, keep:
 
 
 def crop(cache: DynamicCache, keep: int) -> None:
-    """Keep the first `keep` positions (negative argument = tokens to remove, in every transformers 4.x/5.x)."""
-    remove = cache.get_seq_length() - keep
-    if remove > 0:
-        cache.crop(-remove)
+    """Keep the first `keep` positions in every layer. Layer by layer, since a layer-skipping draft
+    leaves layers of different lengths (crop's argument is negative: tokens to remove, in transformers 5)."""
+    for layer in cache.layers:
+        remove = layer.get_seq_length() - keep
+        if remove > 0:
+            layer.crop(-remove)
 
 
 def gather(cache: DynamicCache, positions: list[int]) -> None:

@@ -1,0 +1,166 @@
+"""Self-speculation by layer skipping: the target drafts for itself with some decoder sublayers skipped.
+
+No weights are touched. Inside `skipping(model, skip)` the listed attention / MLP sublayers add nothing
+to the residual stream (their `forward` is replaced, on the instance, by one returning zeros; a whole
+skipped layer returns its input), and the original `forward` is put back on exit.
+
+KV cache: the draft re-uses the target's cache and is cropped before verification. The target's cache
+holds full-model keys/values for every verified position; a draft pass appends entries only in the
+layers whose attention runs (so layers can differ in length while drafting), and `draft_chain` crops
+every layer back to the verified length before it returns, so the verification pass sees a clean cache.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from methods.base import DecodeContext, self_drafting
+from methods.common.kv import crop
+from methods.common.sampling import sample, warp
+
+
+@dataclass(frozen=True)
+class SkipSet:
+    """Decoder layers whose attention / MLP sublayer the draft skips (0-based layer indices)."""
+
+    attention: frozenset[int] = frozenset()
+    mlp: frozenset[int] = frozenset()
+
+    @classmethod
+    def of(cls, attention=(), mlp=()) -> "SkipSet":
+        return cls(frozenset(int(i) for i in attention), frozenset(int(i) for i in mlp))
+
+    def fraction_run(self, num_layers: int) -> float:
+        """Share of the 2 x num_layers sublayers the draft still runs (its cost relative to a full pass,
+        ignoring the embedding and LM head)."""
+        return 1.0 - (len(self.attention) + len(self.mlp)) / (2 * num_layers)
+
+    def check(self, num_layers: int) -> None:
+        bad = sorted(i for i in self.attention | self.mlp if not 0 <= i < num_layers)
+        if bad:
+            raise ValueError(f"skip set names layers {bad}; the model has layers 0..{num_layers - 1}")
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or not all(hasattr(layer, "self_attn") and hasattr(layer, "mlp") for layer in layers):
+        raise TypeError(f"layer skipping needs a decoder-only model with model.layers[i].self_attn/.mlp "
+                        f"(Llama, Qwen2, Mistral...); got {type(model).__name__}")
+    return layers
+
+
+def _skipped_attention(hidden_states, *args, **kwargs):
+    return torch.zeros_like(hidden_states), None
+
+
+def _skipped_mlp(hidden_states, *args, **kwargs):
+    return torch.zeros_like(hidden_states)
+
+
+def _skipped_layer(hidden_states, *args, **kwargs):
+    return hidden_states
+
+
+@contextmanager
+def skipping(model: torch.nn.Module, skip: SkipSet):
+    """Within the block, the model runs with `skip`'s sublayers removed from the residual stream."""
+    layers = decoder_layers(model)
+    skip.check(len(layers))
+    patched = []
+    for i, layer in enumerate(layers):
+        if i in skip.attention and i in skip.mlp:
+            patched.append((layer, _skipped_layer))
+        elif i in skip.attention:
+            patched.append((layer.self_attn, _skipped_attention))
+        elif i in skip.mlp:
+            patched.append((layer.mlp, _skipped_mlp))
+    saved = [(module, module.__dict__.get("forward")) for module, _ in patched]
+    try:
+        for module, replacement in patched:
+            module.forward = replacement
+        yield
+    finally:
+        for module, previous in saved:  # put back whatever was there (an accelerate hook, say)
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+
+
+def attended_length(cache: DynamicCache, skip: SkipSet) -> int:
+    """Positions held by the layers whose attention the draft runs (they all see the same tokens)."""
+    for i, layer in enumerate(cache.layers):
+        if i not in skip.attention:
+            return layer.get_seq_length()
+    return 0
+
+
+def skipped_forward(model: torch.nn.Module, tokens: list[int], cache: DynamicCache, skip: SkipSet,
+                    keep: int | None = 1) -> torch.Tensor:
+    """One draft pass over `tokens` after what `cache` holds, with `skip` applied; the logits of the
+    last `keep` tokens (all if None). Marked as drafting so the harness counts it as a draft pass.
+
+    Positions and the mask are given explicitly: the cache's first layer may be a skipped one whose
+    length lags behind, and transformers would size both from it."""
+    past = attended_length(cache, skip)
+    q = len(tokens)
+    device = model.device
+    ids = torch.tensor([tokens], dtype=torch.long, device=device)
+    positions = torch.arange(past, past + q, device=device).unsqueeze(0)
+    mask = torch.ones(q, past + q, dtype=torch.bool, device=device)
+    mask[:, past:] = torch.tril(mask[:, past:])
+    kwargs = {"logits_to_keep": keep} if keep else {}
+    with self_drafting(model), skipping(model, skip), torch.inference_mode():
+        out = model(input_ids=ids, position_ids=positions, attention_mask=mask[None, None],
+                    past_key_values=cache, use_cache=True, **kwargs)
+    return out.logits[0]
+
+
+def prefix_view(cache: DynamicCache, length: int) -> DynamicCache:
+    """A cache holding the first `length` positions of `cache`, sharing its storage: passes on the view
+    append to the view only (the layers concatenate into new tensors), `cache` stays as it is."""
+    view = copy.copy(cache)
+    view.layers = []
+    for layer in cache.layers:
+        part = copy.copy(layer)
+        if getattr(layer, "is_initialized", False) and layer.keys is not None and layer.keys.numel():
+            part.keys, part.values = layer.keys[..., :length, :], layer.values[..., :length, :]
+        view.layers.append(part)
+    return view
+
+
+def draft_chain(ctx: DecodeContext, cache: DynamicCache, pending: int, skip: SkipSet, max_tokens: int,
+                stop_below: float = 0.0) -> tuple[list[int], torch.Tensor, list[float]]:
+    """Draft up to `max_tokens` tokens after `pending` (the last emitted token, not yet in `cache`) with
+    the skipped model; stop early once the draft's own probability of its chosen token falls below
+    `stop_below` (that token is kept: it is the last one drafted). Returns the drafts, the distributions
+    they were chosen from (rows; under sampling the warped q they were drawn from, under greedy the
+    plain softmax, whose argmax they are) and each draft's confidence. `cache` comes back as it was."""
+    verified = cache.get_seq_length()
+    vocab = ctx.target.config.vocab_size
+    drafts: list[int] = []
+    probs: list[torch.Tensor] = []
+    confidence: list[float] = []
+    token = pending
+    try:
+        while len(drafts) < max_tokens:
+            logits = skipped_forward(ctx.target, [token], cache, skip)[-1][:vocab].float()
+            plain = logits.softmax(-1)
+            if ctx.sampling.greedy:
+                token = int(logits.argmax())
+                probs.append(plain)
+            else:
+                q = warp(logits, ctx.sampling)
+                token = sample(q, ctx.generator)
+                probs.append(q)
+            drafts.append(token)
+            confidence.append(float(plain[token]))
+            if confidence[-1] < stop_below:
+                break
+    finally:
+        crop(cache, verified)
+    return drafts, (torch.stack(probs) if probs else torch.zeros(0, vocab)), confidence

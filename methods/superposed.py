@@ -1,0 +1,127 @@
+"""Superposed Decoding: k drafts from one autoregressive pass per token (lossy).
+
+The first pass gives the prompt's next-token distribution; the k drafts start with its top-k tokens.
+Every later pass feeds ONE input: the superposition of the k drafts' last-token embeddings, weighted
+by the drafts' normalised probabilities. The single distribution it returns extends every draft with
+its top-k tokens (k x k candidates); each candidate is scored by its draft's score plus the geometric
+interpolation (1 - alpha) log p_model + alpha log p_ngram, where p_ngram interpolates n-gram models
+(bigram to 6-gram) of a local corpus over the draft's own tokens; a draft the n-gram models know
+nothing about gets the model term minus a fixed penalty instead. The k best candidates go on; one that
+ends with EOS is set aside as finished.
+
+Not lossless: the output is the best of the final drafts by mean log score per token (finished ones
+included) and all k drafts go into the record (`alternatives`); the harness measures the output's
+perplexity under the target. Deterministic: the sampling settings are not used.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from methods.base import DecodeContext, Method, Paper, register
+from methods.common.kv import new_cache
+from methods.common.ngram import NGramTable, corpus_sequences
+
+NGRAM_ORDERS = (2, 3, 4, 5, 6)
+
+
+@dataclass
+class Draft:
+    tokens: list[int]
+    score: float  # sum of interpolated log probabilities
+
+
+def ngram_prob(models: dict[int, NGramTable], context: list[int], token: int) -> float | None:
+    """Equal-weight interpolation of the orders whose context occurs in the corpus; None if none does."""
+    probs = [models[n].prob(context, token) for n in models if len(context) >= n - 1 and models[n].next_counts(context)]
+    return sum(probs) / len(probs) if probs else None
+
+
+@register("superposed")
+class SuperposedDecoding(Method):
+    paper = Paper("Superposed Decoding: Multiple Generations from a Single Autoregressive Inference Pass",
+                  arxiv="2405.18400", venue="NeurIPS 2024")
+    lossless = False
+
+    @dataclass
+    class Config:
+        k: int = 3  # drafts (the paper's main setting)
+        alpha: float = 0.5  # n-gram weight in the geometric interpolation: ours (the paper tunes it per model)
+        penalty: float = 200.0  # log-score penalty of a draft the n-gram models cannot score (the release's)
+        corpus: str = ""  # text or .jsonl file for the n-gram models; "" = the built-in question set
+
+    def __init__(self, **overrides) -> None:
+        super().__init__(**overrides)
+        if self.config.k < 1 or not 0.0 <= self.config.alpha < 1.0:
+            raise ValueError(f"superposed needs k >= 1 and 0 <= alpha < 1, got k={self.config.k}, alpha={self.config.alpha}")
+        self._models: dict[int, NGramTable] | None = None
+        self._models_key = None
+
+    def models_for(self, ctx: DecodeContext) -> dict[int, NGramTable]:
+        key = (self.config.corpus, getattr(ctx.tokenizer, "name_or_path", None))
+        if self._models is None or self._models_key != key:
+            corpus = corpus_sequences(ctx.tokenizer, self.config.corpus or None) if ctx.tokenizer else []
+            self._models = {n: NGramTable(n) for n in NGRAM_ORDERS}
+            for seq in corpus:
+                for table in self._models.values():
+                    table.add(seq)
+            self._models_key = key
+        return self._models
+
+    def generate(self, ctx: DecodeContext) -> list[int]:
+        cfg = self.config
+        models = self.models_for(ctx)
+        ctx.state["ngram_models"] = models
+        model, cache = ctx.target, new_cache(ctx.target)
+        vocab = model.config.vocab_size
+        embed = model.get_input_embeddings()
+        ids = torch.tensor([ctx.prompt_ids], dtype=torch.long, device=model.device)
+        with torch.inference_mode():
+            logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+        passes = 1
+        alive, finished = self._extend(ctx, [Draft([], 0.0)], logits[:vocab], models)
+        while alive and len(alive[0].tokens) < ctx.max_new_tokens:
+            weights = torch.softmax(torch.tensor([d.score for d in alive]), 0).to(model.device)
+            last = torch.tensor([d.tokens[-1] for d in alive], dtype=torch.long, device=model.device)
+            with torch.inference_mode():
+                superposed = (weights[:, None] * embed(last).float()).sum(0).to(embed.weight.dtype)
+                logits = model(inputs_embeds=superposed[None, None], past_key_values=cache, use_cache=True,
+                               logits_to_keep=1).logits[0, -1]
+            passes += 1
+            alive, done = self._extend(ctx, alive, logits[:vocab], models)
+            finished += done
+        ranked = sorted(alive + finished, key=lambda d: -d.score / max(len(d.tokens), 1))[: cfg.k]
+        ctx.alternatives = [d.tokens for d in ranked]
+        ctx.emit(ranked[0].tokens, record_step=False)
+        for i in range(passes):  # one token per pass along the chosen draft; later passes added none to it
+            ctx.trace.step(0, 1 if i < len(ctx.output) else 0)
+        return ctx.output
+
+    def _extend(self, ctx: DecodeContext, drafts: list[Draft], logits: torch.Tensor,
+                models: dict[int, NGramTable]) -> tuple[list[Draft], list[Draft]]:
+        """The k best of the k x k extensions of `drafts` by the top-k tokens: (alive, finished with EOS)."""
+        cfg = self.config
+        log_p = torch.log_softmax(logits.float(), -1)
+        top = torch.topk(log_p, min(cfg.k, log_p.shape[-1]))
+        candidates = []
+        for draft in drafts:
+            context = ctx.prompt_ids + draft.tokens
+            scored = []
+            for lp, tok in zip(top.values.tolist(), top.indices.tolist()):
+                q = ngram_prob(models, context, tok)
+                scored.append((tok, lp, None if not q else math.log(q)))
+            known = cfg.alpha > 0 and any(q is not None for _, _, q in scored)
+            for tok, lp, lq in scored:
+                if known:
+                    if lq is None:
+                        continue  # zero n-gram probability: log 0, never kept
+                    step = (1 - cfg.alpha) * lp + cfg.alpha * lq
+                else:
+                    step = (1 - cfg.alpha) * lp - cfg.penalty
+                candidates.append(Draft(draft.tokens + [tok], draft.score + step))
+        candidates.sort(key=lambda d: -d.score)
+        alive = [d for d in candidates if d.tokens[-1] not in ctx.eos_token_ids][: cfg.k]
+        finished = [d for d in candidates[: cfg.k] if d.tokens[-1] in ctx.eos_token_ids]
+        return alive, finished
