@@ -139,13 +139,12 @@ class Runner:
         stop_note = None
         synchronize(self.target.model)
         memory, energy = PeakMemory(self.device), EnergyTracker(self.device)
-        tracker_s = time.perf_counter()
+        entering = time.perf_counter()
         with ExitStack() as trackers:
             if self.cfg.trackers:  # off only to measure the trackers' own cost
                 trackers.enter_context(memory)
                 trackers.enter_context(energy)
             start = time.perf_counter()
-            tracker_s = start - tracker_s
             try:
                 method.generate(ctx)
             except BudgetExhausted as exhausted:
@@ -154,7 +153,7 @@ class Runner:
             wall = time.perf_counter() - start
             stop_trackers = time.perf_counter()
         # Their own cost, outside `wall`: entering and leaving, plus their sampler threads' CPU time
-        tracker_s += time.perf_counter() - stop_trackers + memory.thread_cpu_s + energy.thread_cpu_s
+        tracker_s = (start - entering) + (time.perf_counter() - stop_trackers) + memory.thread_cpu_s + energy.thread_cpu_s
         out = ctx.output
         tc = self.target_counter
         if stop_note:

@@ -25,7 +25,7 @@ import torch
 
 from methods.base import DecodeContext, Method, Paper, register
 from methods.common.layerskip import SkipSet, decoder_layers, draft_chain, prefix_view, skipped_forward
-from methods.common.sampling import sample
+from methods.common.sampling import gumbel_top_k
 from methods.common.speculation import ChainVerifier
 from methods.common.tree import ROOT, DraftTree, TreeVerifier
 
@@ -61,18 +61,9 @@ def _alternatives(ctx: DecodeContext, token: int, q, count: int) -> list[int]:
     """Greedy: the next `count` most likely tokens. Sampling: `count` further draws without replacement."""
     if count <= 0:
         return []
-    if ctx.sampling.greedy:
-        ranked = torch.topk(q, min(count + 1, q.shape[-1])).indices.tolist()
-        return [t for t in ranked if t != token][:count]
-    left, drawn = q.clone(), []
-    left[token] = 0
-    for _ in range(count):
-        total = float(left.sum())
-        if total <= 0:
-            break
-        drawn.append(sample(left / total, ctx.generator))
-        left[drawn[-1]] = 0
-    return drawn
+    left = q.clone()
+    left[token] = 0  # log 0 = -inf: never drawn again, and the draws stop when nothing is left
+    return gumbel_top_k(left.log(), count, None if ctx.sampling.greedy else ctx.generator)
 
 
 @register("swift")
