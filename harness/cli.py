@@ -49,11 +49,11 @@ def _budgets(pairs: list[str]):
 
 def cmd_run(args) -> int:
     from harness.models import ModelError
-    from harness.report import build_report, format_table_markdown, load_records, main_records, speed_table
-    from harness.runner import RunConfig, Runner
-    from methods.base import Sampling
-
     from harness.presets import get_preset, merged_settings
+    from harness.report import build_report, format_table_markdown
+    from harness.runner import RunConfig, Runner
+    from harness.tables import load_records, main_records, speed_table
+    from methods.base import Sampling
 
     try:
         preset = get_preset(args.preset) if args.preset else None

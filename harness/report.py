@@ -1,60 +1,45 @@
 """Turn a finished (or killed) run folder into a Markdown + HTML report with plots.
 
-Reads run_dir/results.jsonl and run_dir/manifest.json; writes run_dir/report/.
+Reads run_dir/results.jsonl and run_dir/manifest.json; writes run_dir/report/. The numbers come from
+harness.tables, the pictures from harness.plots; this module formats them and fills the templates.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import warnings
 from pathlib import Path
 
 import jinja2
-import matplotlib
+import pandas as pd
 
-matplotlib.use("Agg")  # reports are built headless, often on a GPU box without a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from harness.results import read_records  # noqa: E402
+from harness.plots import draw_plots, plot_entry, plot_quality_vs_speed
+from harness.results import read_records
+from harness.tables import (
+    BOOTSTRAP_RESAMPLES,
+    CI_HIGH,
+    CI_LOW,
+    MAT,
+    OUTPUT_PPL,
+    OVERALL,
+    TOKENS_PER_S,
+    budget_sweep,
+    main_budget,
+    main_records,
+    method_order,
+    normalized,
+    peer_table,
+    quality_table,
+    repeat_spread,
+    speed_table,
+    successful,
+)
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "reports" / "templates"
-
-# Spec-Bench's column order; categories it does not know follow alphabetically.
-CATEGORY_ORDER = ["mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag"]
-PAIR_KEY = ["category", "item_id", "turn"]
-BOOTSTRAP_RESAMPLES = 2000
-BOOTSTRAP_SEED = 0
 KEY_PACKAGES = ["python", "torch", "transformers", "accelerate", "cuda", "numpy"]
-PLOT_DPI = 120
-
-MAT = "#MAT"
-OVERALL = "Overall speed-up"
-TOKENS_PER_S = "Tokens/s"
-CI_LOW = "Overall CI low"
-CI_HIGH = "Overall CI high"
 MISSING_IN_SPEED_TABLE = "—"
 MISSING_IN_COST_TABLE = "n/a"
-
-# Columns a record may lack (older or partial runs); filled so every later step can rely on them.
-RECORD_DEFAULTS = {
-    "method": None, "suite": "", "category": "uncategorized", "item_id": None, "turn": 0, "repeat": 0,
-    "new_tokens": None, "wall_s": None, "tokens_per_s": None, "mean_accepted": None,
-    "target_calls": None, "target_tokens": None, "draft_calls": None, "draft_tokens": None,
-    "peak_mem_bytes": None, "energy_j": None, "temperature": None, "lossless_check": None, "error": None,
-    "budget": "", "max_target_calls": None, "max_target_tokens": None, "max_wall_s": None,
-    "method_state_bytes": None, "output_perplexity": None, "alternatives_text": None,
-}
-BUDGET_KINDS = {"max_target_calls": "target passes", "max_target_tokens": "target tokens", "max_wall_s": "seconds"}
-NUMERIC_COLUMNS = [
-    "turn", "repeat", "new_tokens", "wall_s", "tokens_per_s", "mean_accepted", "target_calls",
-    "target_tokens", "draft_calls", "draft_tokens", "peak_mem_bytes", "energy_j", "temperature",
-    "method_state_bytes", "output_perplexity",
-]
-
 DEFINITIONS = (
     "Speed-up is Spec-Bench's: mean per-item tokens/s of the method divided by the baseline's ({baseline}) "
     "over the same items. #MAT is the mean number of tokens accepted per target forward pass, the bonus "
@@ -69,30 +54,6 @@ LOSSLESS_DEFINITION = (
     "judged to sit on a near-exact tie is a numerical tie (floating-point noise can flip it); any other "
     "divergence is a MISMATCH."
 )
-
-
-# ---------------------------------------------------------------- loading
-
-
-def load_records(results_path: str | Path) -> pd.DataFrame:
-    """One row per record of results.jsonl; unparsable lines (a killed run's last line) are skipped."""
-    return _normalized(pd.DataFrame(read_records(Path(results_path))))
-
-
-def _normalized(records: pd.DataFrame) -> pd.DataFrame:
-    records = records.copy()
-    for column, default in RECORD_DEFAULTS.items():
-        if column not in records:
-            records[column] = default
-    for column in NUMERIC_COLUMNS:
-        records[column] = pd.to_numeric(records[column], errors="coerce")
-    records["category"] = records["category"].fillna(RECORD_DEFAULTS["category"])
-    records["turn"] = records["turn"].fillna(0).astype(int)
-    return records
-
-
-def _successful(records: pd.DataFrame) -> pd.DataFrame:
-    return records[records["error"].isna()]
 
 
 def _load_manifest(manifest_path: Path) -> dict:
@@ -122,93 +83,6 @@ def _load_templates() -> tuple[jinja2.Template, jinja2.Template]:
         raise FileNotFoundError(f"report template {missing.name} not found in {TEMPLATE_DIR}") from missing
 
 
-# ---------------------------------------------------------------- tables
-
-
-def _ordered_categories(categories) -> list[str]:
-    present = set(categories)
-    known = [category for category in CATEGORY_ORDER if category in present]
-    return known + sorted(present - set(known))
-
-
-def _method_order(records: pd.DataFrame, baseline: str) -> list[str]:
-    methods = list(dict.fromkeys(records["method"].dropna()))  # order of first appearance
-    if baseline in methods:
-        methods.remove(baseline)
-        methods.insert(0, baseline)
-    return methods
-
-
-def _bootstrap_interval(method_tps: np.ndarray, baseline_tps: np.ndarray) -> tuple[float, float]:
-    pairs = len(method_tps)
-    if pairs < 2:
-        return math.nan, math.nan
-    rng = np.random.default_rng(BOOTSTRAP_SEED)  # fresh per method: each row's CI is reproducible alone
-    resampled = rng.integers(0, pairs, size=(BOOTSTRAP_RESAMPLES, pairs))
-    ratios = method_tps[resampled].mean(axis=1) / baseline_tps[resampled].mean(axis=1)
-    low, high = np.percentile(ratios, [2.5, 97.5])
-    return float(low), float(high)
-
-
-def speed_table(records: pd.DataFrame, baseline: str = "ar") -> pd.DataFrame:
-    """The Spec-Bench table, numeric: rows = methods (baseline first), speed-ups as plain ratios.
-
-    Columns: one per category, "#MAT", "Overall speed-up", "Tokens/s", then the overall speed-up's
-    bootstrap interval ("Overall CI low", "Overall CI high"). Without the baseline only "#MAT" and
-    "Tokens/s" remain. Failed records (error set) are ignored.
-    """
-    ok = _successful(_normalized(records))
-    methods = _method_order(ok, baseline)
-    by_method = ok.groupby("method")
-    if baseline not in methods:
-        table = pd.DataFrame(index=pd.Index(methods, name="method"), columns=[MAT, TOKENS_PER_S], dtype=float)
-    else:
-        categories = _ordered_categories(ok["category"])
-        columns = [*categories, MAT, OVERALL, TOKENS_PER_S, CI_LOW, CI_HIGH]
-        table = pd.DataFrame(index=pd.Index(methods, name="method"), columns=columns, dtype=float)
-        # Repeats of one (item, turn) are averaged first so every pair weighs the same.
-        per_pair = ok.groupby(["method", *PAIR_KEY])["tokens_per_s"].mean().unstack("method")
-        for method in methods:
-            matched = per_pair[method].notna() & per_pair[baseline].notna()
-            if not matched.any():
-                continue
-            method_tps, baseline_tps = per_pair.loc[matched, method], per_pair.loc[matched, baseline]
-            by_category = (
-                method_tps.groupby(level="category").mean() / baseline_tps.groupby(level="category").mean()
-            )
-            table.loc[method, by_category.index] = by_category.to_numpy()
-            table.loc[method, OVERALL] = method_tps.mean() / baseline_tps.mean()
-            if method != baseline:
-                interval = _bootstrap_interval(method_tps.to_numpy(), baseline_tps.to_numpy())
-                table.loc[method, [CI_LOW, CI_HIGH]] = interval
-    table[MAT] = by_method["mean_accepted"].mean().reindex(methods)
-    table[TOKENS_PER_S] = by_method["tokens_per_s"].mean().reindex(methods)
-    return table
-
-
-def peer_table(records: pd.DataFrame, methods_manifest: dict) -> pd.DataFrame:
-    """Our implementation's tokens/s over its transformers counterpart's, on the same (item, turn) pairs.
-
-    A reference method names the method it is a peer of (`counterpart` in the manifest).
-    """
-    ok = _successful(_normalized(records))
-    per_pair = ok.groupby(["method", *PAIR_KEY])["tokens_per_s"].mean().unstack("method")
-    rows = []
-    for reference, described in methods_manifest.items():
-        ours = described.get("counterpart")
-        if not ours or ours not in per_pair or reference not in per_pair:
-            continue
-        matched = per_pair[ours].notna() & per_pair[reference].notna()
-        if not matched.any():
-            continue
-        ours_tps, ref_tps = per_pair.loc[matched, ours].to_numpy(), per_pair.loc[matched, reference].to_numpy()
-        low, high = _bootstrap_interval(ours_tps, ref_tps)
-        rows.append({"ours": ours, "transformers": reference, "pairs": int(matched.sum()),
-                     "ours tokens/s": ours_tps.mean(), "transformers tokens/s": ref_tps.mean(),
-                     "ratio": ours_tps.mean() / ref_tps.mean(), "CI low": low, "CI high": high})
-    return pd.DataFrame(rows)
-
-
 def _peer_display(peers: pd.DataFrame) -> dict | None:
     if peers.empty:
         return None
@@ -217,19 +91,6 @@ def _peer_display(peers: pd.DataFrame) -> dict | None:
              + ("" if math.isnan(r["CI low"]) else f" [{r['CI low']:.2f}, {r['CI high']:.2f}]")]
             for _, r in peers.iterrows()]
     return _table(["Ours", "transformers", "Pairs", "Ours tokens/s", "transformers tokens/s", "Ratio (95% CI)"], rows)
-
-
-def repeat_spread(records: pd.DataFrame) -> pd.DataFrame:
-    """Per method: how much tokens/s of the same (item, turn) varies over repeats (mean coefficient of
-    variation, and the worst one). Empty when no record was repeated."""
-    ok = _successful(_normalized(records))
-    per_pair = ok.groupby(["method", *PAIR_KEY])["tokens_per_s"].agg(["count", "mean", "std"])
-    repeated = per_pair[per_pair["count"] > 1]
-    if repeated.empty:
-        return pd.DataFrame()
-    cv = (repeated["std"] / repeated["mean"]).groupby(level="method")
-    return pd.DataFrame({"repeats": repeated["count"].groupby(level="method").max(),
-                         "mean CV": cv.mean(), "max CV": cv.max()})
 
 
 def _spread_display(spread: pd.DataFrame) -> dict | None:
@@ -378,16 +239,13 @@ def format_table_markdown(table: pd.DataFrame, methods: dict | None = None) -> s
     return _frame_table(shown, methods)["markdown"]
 
 
-# ---------------------------------------------------------------- sections
-
-
 def _lossless_section(ok: pd.DataFrame, manifest: dict, baseline: str) -> dict:
     methods_manifest = manifest.get("methods", {})
     default_temperature = manifest.get("sampling", {}).get("temperature")
     temperature = ok["temperature"].fillna(default_temperature if default_temperature is not None else math.nan)
     greedy = ok[temperature == 0]
     checks = []
-    for method in _method_order(greedy, baseline):
+    for method in method_order(greedy, baseline):
         if method == baseline or not methods_manifest.get(method, {}).get("lossless"):
             continue
         own = greedy[greedy["method"] == method]
@@ -474,137 +332,6 @@ def _run_items(manifest: dict) -> list[tuple[str, str]]:
     ]
 
 
-# ---------------------------------------------------------------- plots
-
-
-def _grouped_bars(ax, groups: list[str], series: dict[str, list[float]]) -> None:
-    positions = np.arange(len(groups))
-    width = 0.8 / len(series)
-    for index, (name, values) in enumerate(series.items()):
-        offset = (index - (len(series) - 1) / 2) * width
-        ax.bar(positions + offset, values, width, label=name)
-    ax.set_xticks(positions, groups, rotation=20 if len(groups) > 4 else 0)
-    ax.legend(fontsize="small")
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=PLOT_DPI)
-    plt.close(fig)
-    return path
-
-
-def _figure(groups: int):
-    return plt.subplots(figsize=(max(6.0, 1.3 * groups + 2), 4.2))
-
-
-def _plot_speedup(table: pd.DataFrame, baseline: str, path: Path) -> Path | None:
-    if OVERALL not in table:
-        return None
-    compared = table.drop(index=baseline)
-    compared = compared[compared[OVERALL].notna()]
-    if compared.empty:
-        return None
-    groups = [column for column in table.columns if column not in (MAT, OVERALL, TOKENS_PER_S, CI_LOW, CI_HIGH)]
-    groups.append(OVERALL)
-    fig, ax = _figure(len(groups))
-    _grouped_bars(ax, [*groups[:-1], "overall"], {m: compared.loc[m, groups].tolist() for m in compared.index})
-    ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
-    ax.set_ylabel(f"Speed-up over {baseline}")
-    ax.set_title("Speed-up by category")
-    return _save(fig, path)
-
-
-def _plot_mat(ok: pd.DataFrame, methods: list[str], path: Path) -> Path | None:
-    mat = ok.groupby(["category", "method"])["mean_accepted"].mean().unstack("method")
-    mat = mat.reindex(index=_ordered_categories(ok["category"]), columns=methods).dropna(axis=1, how="all")
-    if mat.empty:
-        return None
-    fig, ax = _figure(len(mat.index))
-    _grouped_bars(ax, list(mat.index), {method: mat[method].tolist() for method in mat.columns})
-    ax.set_ylabel("Mean accepted tokens per target pass")
-    ax.set_title("#MAT by category")
-    return _save(fig, path)
-
-
-def _plot_tokens_per_s(ok: pd.DataFrame, methods: list[str], path: Path) -> Path | None:
-    per_method = {method: ok.loc[ok["method"] == method, "tokens_per_s"].dropna().to_numpy() for method in methods}
-    per_method = {method: values for method, values in per_method.items() if len(values)}
-    if not per_method:
-        return None
-    fig, ax = _figure(len(per_method))
-    positions = np.arange(len(per_method))
-    ax.bar(positions, [values.mean() for values in per_method.values()], 0.6, color="tab:blue", alpha=0.6)
-    jitter = np.random.default_rng(0)  # fixed so re-rendering a report gives the same picture
-    for position, values in zip(positions, per_method.values()):
-        ax.scatter(position + jitter.uniform(-0.2, 0.2, len(values)), values, s=10, color="black", alpha=0.6)
-    ax.set_xticks(positions, list(per_method), rotation=20 if len(per_method) > 4 else 0)
-    ax.set_ylabel("Tokens/s (bar: mean, dots: records)")
-    ax.set_title("Decoding throughput per method")
-    return _save(fig, path)
-
-
-def _plot_memory_energy(ok: pd.DataFrame, methods: list[str], path: Path) -> Path | None:
-    """Peak memory and energy per token side by side; energy only where the device exposed it."""
-    shown = ok[ok["method"].isin(methods)]
-    memory = shown.groupby("method")["peak_mem_bytes"].max().reindex(methods).dropna() / 2**20
-    with_energy = shown[shown["energy_j"].notna()].groupby("method")[["energy_j", "new_tokens"]].sum()
-    energy = (with_energy["energy_j"] / with_energy["new_tokens"]).reindex(methods).dropna()
-    panels = [(values, label) for values, label in ((memory, "Peak memory (MiB)"), (energy, "Energy (J/token)"))
-              if len(values)]
-    if not panels:
-        return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.0, 1.1 * len(methods) * len(panels) + 2), 4.2),
-                             squeeze=False)
-    for ax, (values, label) in zip(axes[0], panels):
-        ax.bar(np.arange(len(values)), values.to_numpy(), 0.6, color="tab:green" if "Energy" in label else "tab:purple")
-        ax.set_xticks(np.arange(len(values)), list(values.index), rotation=20 if len(values) > 4 else 0)
-        ax.set_ylabel(label)
-    fig.suptitle("Memory and energy per method")
-    return _save(fig, path)
-
-
-def main_budget(records: pd.DataFrame) -> str:
-    """The budget label the main tables use: unlimited if present, else the largest sweep point."""
-    labels = list(dict.fromkeys(records["budget"].fillna("")))
-    if "" in labels or len(labels) <= 1:
-        return "" if "" in labels or not labels else labels[0]
-    kind = _swept_kind(records)
-    return records.sort_values(kind)["budget"].iloc[-1] if kind else labels[-1]
-
-
-def _swept_kind(records: pd.DataFrame) -> str | None:
-    for kind in BUDGET_KINDS:
-        if kind in records and records[kind].dropna().nunique() > 1:
-            return kind
-    return None
-
-
-def main_records(records: pd.DataFrame) -> pd.DataFrame:
-    """The records of the main budget point: every table but the sweep's compares one budget."""
-    return records[records["budget"].fillna("") == main_budget(records)]
-
-
-def budget_sweep(records: pd.DataFrame) -> pd.DataFrame:
-    """Per method and sweep point: what a fixed compute budget buys (tokens produced, passes, tokens/pass)."""
-    ok = _successful(_normalized(records))
-    kind = _swept_kind(ok)
-    if kind is None:
-        return pd.DataFrame()
-    ok = ok[ok[kind].notna()]
-    for quality in ("output_perplexity", "task_score"):  # absent from runs made before quality metrics
-        ok = ok.assign(**{quality: pd.to_numeric(ok.get(quality), errors="coerce")})
-    grouped = ok.groupby(["method", kind])
-    return pd.DataFrame({
-        "new tokens": grouped["new_tokens"].mean(),
-        "target calls": grouped["target_calls"].mean(),
-        "tokens per target call": grouped["new_tokens"].sum() / grouped["target_calls"].sum(),
-        "stopped by budget": grouped["stop_reason"].apply(lambda s: (s == "budget").mean()),
-        "output perplexity": grouped["output_perplexity"].mean(),
-        "task score": grouped["task_score"].mean(),
-    }).reset_index().rename(columns={kind: "budget"}).assign(kind=BUDGET_KINDS[kind])
-
-
 def _sweep_display(sweep: pd.DataFrame) -> dict | None:
     if sweep.empty:
         return None
@@ -616,51 +343,6 @@ def _sweep_display(sweep: pd.DataFrame) -> dict | None:
                    "Records stopped by the budget", "Output perplexity", "Task score"], rows)
 
 
-def _plot_budget_sweep(sweep: pd.DataFrame, path: Path) -> Path | None:
-    if sweep.empty:
-        return None
-    panels = [("new tokens", "new tokens per record")] + [
-        (column, label) for column, label in (("output perplexity", "output perplexity (target)"),
-                                              ("task score", "task score (0-1)")) if sweep[column].notna().any()]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 4.2), squeeze=False)
-    for ax, (column, label) in zip(axes[0], panels):
-        for method, rows in sweep.groupby("method", sort=False):
-            ax.plot(rows["budget"], rows[column], marker="o", label=method)
-        ax.set_xlabel(f"budget ({sweep['kind'].iloc[0]} per record)")
-        ax.set_ylabel(label)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle("What a fixed compute budget buys: tokens and quality")
-    return _save(fig, path)
-
-
-def _plot_entry(path: Path, title: str) -> dict:
-    encoded = base64.b64encode(path.read_bytes()).decode("ascii")
-    return {"file": path.name, "title": title, "data_uri": f"data:image/png;base64,{encoded}"}
-
-
-def _draw_plots(
-    table: pd.DataFrame, ok: pd.DataFrame, methods: list[str], baseline: str, folder: Path,
-    sweep: pd.DataFrame | None = None,
-) -> list[dict]:
-    plots = [
-        ("budget_sweep.png", "Fixed-budget sweep", lambda path: _plot_budget_sweep(sweep, path)),
-        ("speedup_by_category.png", "Speed-up by category", lambda path: _plot_speedup(table, baseline, path)),
-        ("mat_by_category.png", "#MAT by category", lambda path: _plot_mat(ok, methods, path)),
-        ("tokens_per_s.png", "Tokens/s per method", lambda path: _plot_tokens_per_s(ok, methods, path)),
-        ("memory_energy.png", "Memory and energy", lambda path: _plot_memory_energy(ok, methods, path)),
-    ]
-    drawn = []
-    for name, title, draw in plots:
-        path = folder / name
-        path.unlink(missing_ok=True)  # a plot skipped now must not leave a stale one from an earlier build
-        if draw(path):
-            drawn.append(_plot_entry(path, title))
-    return drawn
-
-
-# ---------------------------------------------------------------- quality
-
-
 QUALITY_DEFINITION = (
     "Output perplexity is exp of the mean negative log-likelihood of a record's new tokens under the target "
     "model's raw distribution (temperature 1), given the prompt: computed by the harness after generation, "
@@ -670,53 +352,6 @@ QUALITY_DEFINITION = (
     "is the mean of the category columns. Further columns are figures a method reports itself (ctx.extras), "
     "averaged over records."
 )
-OUTPUT_PPL = "Output PPL"
-MEAN_TASK_SCORE = "Mean task score"
-
-
-def quality_table(records: pd.DataFrame, baseline: str = "ar") -> pd.DataFrame:
-    """Per method (rows): mean output perplexity, mean task score per (category, metric), their mean, and
-    the mean of every figure methods put in ctx.extras. Empty when no record carries any of them."""
-    ok = _successful(_normalized(records))
-    columns: dict[str, pd.Series] = {}
-    if "output_perplexity" in ok and ok["output_perplexity"].notna().any():
-        columns[OUTPUT_PPL] = pd.to_numeric(ok["output_perplexity"], errors="coerce").groupby(ok["method"]).mean()
-    if "task_score" in ok:
-        scored = ok[ok["task_score"].notna()]
-        score_columns = []
-        for category in _ordered_categories(scored["category"]):
-            rows = scored[scored["category"] == category]
-            name = f"{category} ({rows['task_metric'].iloc[0]})"
-            columns[name] = pd.to_numeric(rows["task_score"]).groupby(rows["method"]).mean()
-            score_columns.append(name)
-        if score_columns:
-            columns[MEAN_TASK_SCORE] = pd.DataFrame({c: columns[c] for c in score_columns}).mean(axis=1)
-    if "extras" in ok:
-        extras = pd.DataFrame([e if isinstance(e, dict) else {} for e in ok["extras"]], index=ok.index)
-        for key in extras.columns:
-            columns[key] = pd.to_numeric(extras[key], errors="coerce").groupby(ok["method"]).mean()
-    if not columns:
-        return pd.DataFrame()
-    return pd.DataFrame(columns).reindex(_method_order(ok, baseline))
-
-
-def _plot_quality_vs_speed(quality: pd.DataFrame, speed: pd.DataFrame, path: Path) -> Path | None:
-    """One point per method: speed (speed-up, or tokens/s without a baseline) against each quality figure."""
-    x_column = OVERALL if OVERALL in speed and speed[OVERALL].notna().any() else TOKENS_PER_S
-    panels = [(c, label) for c, label in ((OUTPUT_PPL, "output perplexity (lower is better)"),
-                                          (MEAN_TASK_SCORE, "mean task score (higher is better)")) if c in quality]
-    if not panels:
-        return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    for ax, (column, label) in zip(axes[0], panels):
-        joined = pd.concat([speed[x_column], quality[column]], axis=1).dropna()
-        ax.scatter(joined[x_column], joined[column], color="tab:blue")
-        for method, (x, y) in joined.iterrows():
-            ax.annotate(str(method), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_xlabel("overall speed-up" if x_column == OVERALL else "tokens/s")
-        ax.set_ylabel(label)
-    fig.suptitle("Quality against speed (one point per method)")
-    return _save(fig, path)
 
 
 def _quality_section(records: pd.DataFrame, speed: pd.DataFrame, baseline: str, folder: Path,
@@ -730,12 +365,9 @@ def _quality_section(records: pd.DataFrame, speed: pd.DataFrame, baseline: str, 
     for column in table.columns:
         pattern = "{:.2f}" if column == OUTPUT_PPL else "{:.3f}"
         shown[column] = [_formatted(value, pattern, MISSING_IN_SPEED_TABLE) for value in table[column]]
-    drawn = _plot_quality_vs_speed(table, speed, path)
+    drawn = plot_quality_vs_speed(table, speed, path)
     return {"definition": QUALITY_DEFINITION, "table": _frame_table(shown, methods_manifest),
-            "plot": _plot_entry(drawn, "Quality against speed") if drawn else None}
-
-
-# ---------------------------------------------------------------- entry point
+            "plot": plot_entry(drawn, "Quality against speed") if drawn else None}
 
 
 def _prediction_display(run_dir: Path, raw: list[dict], table: pd.DataFrame, baseline: str,
@@ -785,7 +417,7 @@ def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path 
     run_dir = Path(run_dir)
     markdown_template, html_template = _load_templates()  # fail before any work if they are missing
     raw = read_records(run_dir / "results.jsonl")
-    records = _normalized(pd.DataFrame(raw))
+    records = normalized(pd.DataFrame(raw))
     manifest = _load_manifest(run_dir / "manifest.json")
     methods_manifest = manifest.get("methods", {})
     folder = run_dir / "report"
@@ -795,8 +427,8 @@ def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path 
     label = main_budget(records)
     records = main_records(records)
     raw = [r for r in raw if r.get("budget", "") == label]
-    ok = _successful(records)
-    methods = _method_order(ok, baseline)
+    ok = successful(records)
+    methods = method_order(ok, baseline)
     table = speed_table(records, baseline)
     context = {
         "title": f"decodebench report: {manifest.get('name', run_dir.name)}",
@@ -812,7 +444,7 @@ def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path 
         "peers": _peer_display(peer_table(records, methods_manifest)),
         "spread": _spread_display(repeat_spread(records)),
         "lossless": _lossless_section(ok, manifest, baseline),
-        "plots": _draw_plots(table, ok, methods, baseline, folder, sweep),
+        "plots": draw_plots(table, ok, methods, baseline, folder, sweep),
         "sweep": _sweep_display(sweep),
         "prediction": _prediction_display(run_dir, raw, table, baseline, profile),
         "roofline": _roofline_display(manifest, ok, baseline),

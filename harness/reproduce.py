@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from harness.instrument import Budget
-from harness.report import _bootstrap_interval
 from harness.results import first_difference, read_records, record_key
 from harness.runner import RunConfig
+from harness.tables import bootstrap_interval
 from methods.base import Sampling
 
 COUNTS = ("new_tokens", "target_calls", "target_tokens", "draft_calls", "draft_tokens")
@@ -56,10 +57,10 @@ def compare_runs(old_dir: Path, new_dir: Path) -> Comparison:
             speeds.setdefault(key[0], []).append((before["tokens_per_s"], after["tokens_per_s"]))
     for method, pairs in speeds.items():
         then, now = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
-        low, high = _bootstrap_interval(now, then)
+        low, high = bootstrap_interval(now, then)
         ratio = now.mean() / then.mean()
         result.speed.append({"method": method, "then": then.mean(), "now": now.mean(), "ratio": ratio,
-                             "low": low, "high": high, "within_noise": bool(low <= 1.0 <= high) if low == low else None})
+                             "low": low, "high": high, "within_noise": bool(low <= 1.0 <= high) if not math.isnan(low) else None})
     result.environment = _environment_diff(Path(old_dir) / "manifest.json", Path(new_dir) / "manifest.json")
     return result
 

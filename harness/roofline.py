@@ -19,7 +19,7 @@ import torch
 from harness.instrument import synchronize_device
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measure(device: str, dtype: str = "float32") -> dict:
     """Streaming-read bandwidth (bytes/s) and dense matmul throughput (FLOP/s) of `device` in `dtype`.
 

@@ -26,7 +26,7 @@ class PeakMemory:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
         elif not _reset_peak_rss():
@@ -176,7 +176,7 @@ class EnergyTracker:
         # Filled in at exit; until then (or if never entered) every figure reads as unmeasured
         self.result: dict = self._result(None, None, self.reason or "not measured", 0.0)
 
-    def __enter__(self) -> "EnergyTracker":
+    def __enter__(self) -> EnergyTracker:
         if self._nvml is not None:
             self._counter_start = _try(self._nvml.nvmlDeviceGetTotalEnergyConsumption, self._handle)
             self._sample()

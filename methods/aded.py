@@ -26,8 +26,8 @@ C1, C2 = 1.814, 8.0  # the release's PUCT constants
 class SearchNode:
     pair: tuple[int, int]  # (previous token, this node's token)
     prior: float
-    parent: "SearchNode | None" = None
-    children: list["SearchNode"] = field(default_factory=list)
+    parent: SearchNode | None = None
+    children: list[SearchNode] = field(default_factory=list)
     visits: int = 0
     value: float = 0.0
     expanded: bool = False

@@ -19,8 +19,17 @@ from dataclasses import dataclass
 import torch
 
 from methods.base import BudgetExhausted, DecodeContext, Method, Paper, register
-from methods.common.beams import (BeamCache, Hypothesis, best_by_mean_logprob, cut, draw, emit_per_pass, finished,
-                                  joint_probs, report_diversity)
+from methods.common.beams import (
+    BeamCache,
+    Hypothesis,
+    best_by_mean_logprob,
+    cut,
+    draw,
+    emit_per_pass,
+    finished,
+    joint_probs,
+    report_diversity,
+)
 
 DSBD_PAPER = Paper("Dynamic-Width Speculative Beam Decoding for Efficient LLM Inference (beam sampling baseline)",
                    arxiv="2409.16560", venue="AAAI 2025")

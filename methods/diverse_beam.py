@@ -17,7 +17,13 @@ from dataclasses import dataclass
 import torch
 
 from methods.base import BudgetExhausted, DecodeContext, Method, Paper, register
-from methods.common.beams import BeamCache, Hypothesis, best_by_mean_logprob, emit_per_pass, report_diversity
+from methods.common.beams import (
+    BeamCache,
+    Hypothesis,
+    best_by_mean_logprob,
+    emit_per_pass,
+    report_diversity,
+)
 
 
 @register("diverse_beam")

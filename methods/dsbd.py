@@ -34,8 +34,18 @@ from dataclasses import dataclass
 import torch
 
 from methods.base import BudgetExhausted, DecodeContext, Method, Needs, Paper, register
-from methods.common.beams import (BeamCache, Hypothesis, best_by_mean_logprob, cut, draw, emit_per_pass, finished,
-                                  fit_vocab, joint_probs, report_diversity)
+from methods.common.beams import (
+    BeamCache,
+    Hypothesis,
+    best_by_mean_logprob,
+    cut,
+    draw,
+    emit_per_pass,
+    finished,
+    fit_vocab,
+    joint_probs,
+    report_diversity,
+)
 from methods.common.sampling import warp
 
 
@@ -109,6 +119,7 @@ class DynamicWidthSpeculativeBeamDecoding(Method):
         beams = [_Beam(Hypothesis(), 1.0, 0, -1, 0)]
         done: list[Hypothesis] = []
         per_pass: list[int] = []
+        drafted: list[int] = []  # draft tokens in each pass's forest, all rows
         widths: list[int] = []
         try:
             while beams:
@@ -119,6 +130,7 @@ class DynamicWidthSpeculativeBeamDecoding(Method):
                 width_pending = len(target_pending[0])
                 new, depth, all_accepted = self._verify(ctx, beams, levels, logits, node_of, width_pending, widths)
                 per_pass.append(depth + 1)
+                drafted.append(sum(len(tree) for tree in forest))
                 keep = []
                 for beam, token in new:
                     if finished(beam.hyp, ctx):
@@ -133,9 +145,9 @@ class DynamicWidthSpeculativeBeamDecoding(Method):
                                                          all_accepted)
                 beams = [_Beam(b.hyp, b.weight, j, -1, j) for j, (b, _) in enumerate(keep)]
         except BudgetExhausted:
-            self._finish(ctx, done, beams, per_pass, widths)
+            self._finish(ctx, done, beams, per_pass, drafted, widths)
             raise
-        self._finish(ctx, done, beams, per_pass, widths)
+        self._finish(ctx, done, beams, per_pass, drafted, widths)
         return ctx.output
 
     # ------------------------------------------------------------ draft: beam sampling, gamma steps
@@ -162,7 +174,7 @@ class DynamicWidthSpeculativeBeamDecoding(Method):
     def _verify(self, ctx, beams, levels, logits, node_of, width_pending, widths):
         """Returns the new beams as (beam, token it adds after its base) pairs, the depth of their bases, and
         whether every level was accepted."""
-        c, vocab = self.config, self.vocab
+        c = self.config
         n_final = 1 if c.keep_one_beam else c.max_width
         valid = beams  # the target's beams at depth i - 1
         draft_count = len(beams)  # draft beams at depth i - 1 (depth 0: the target's rows)
@@ -256,13 +268,13 @@ class DynamicWidthSpeculativeBeamDecoding(Method):
         return snapshots[depth].select(rows), [[token] for _, token in keep]
 
     @staticmethod
-    def _finish(ctx, done, beams, per_pass, widths):
+    def _finish(ctx, done, beams, per_pass, drafted, widths):
         pool = done + [cut(b.hyp, ctx) for b in beams]  # beams left over: a budget stop
         if widths:
             ctx.extras["dsbd_mean_width"] = sum(widths) / len(widths)
         report_diversity(ctx, [cut(b.hyp, ctx) for b in beams] or done)
         if pool:
-            emit_per_pass(ctx, best_by_mean_logprob(pool).tokens, per_pass)
+            emit_per_pass(ctx, best_by_mean_logprob(pool).tokens, per_pass, drafted)
 
 
 def _forest(beams: list[_Beam], levels) -> tuple[list[list[tuple[int, int]]], list[list[tuple[int, int]]]]:

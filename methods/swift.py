@@ -24,7 +24,13 @@ import numpy as np
 import torch
 
 from methods.base import DecodeContext, Method, Paper, register
-from methods.common.layerskip import SkipSet, decoder_layers, draft_chain, prefix_view, skipped_forward
+from methods.common.layerskip import (
+    SkipSet,
+    decoder_layers,
+    draft_chain,
+    prefix_view,
+    skipped_forward,
+)
 from methods.common.sampling import gumbel_top_k
 from methods.common.speculation import ChainVerifier
 from methods.common.tree import ROOT, DraftTree, TreeVerifier
@@ -97,7 +103,7 @@ class Swift(Method):
             raise ValueError(f"swift's max_draft, context_window, opt_interval and bayes_interval must be >= 1, got {cfg}")
         self._search: LayerSetSearch | None = None
 
-    def search_for(self, model: torch.nn.Module) -> "LayerSetSearch":
+    def search_for(self, model: torch.nn.Module) -> LayerSetSearch:
         layers = len(decoder_layers(model))
         if self._search is None or self._search.model_id != id(model):
             self._search = LayerSetSearch(layers, self.config, id(model))

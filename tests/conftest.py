@@ -10,9 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-WORDS = ("the a robot cat dog paints reads writes quickly slowly red blue green house river city "
-         "one two three four five plus minus equals answer question summary translate hello world "
-         "and or but then so because is was will be can not yes no in on at of to from with").split()
+WORDS = ["the", "a", "robot", "cat", "dog", "paints", "reads", "writes", "quickly", "slowly", "red", "blue", "green", "house", "river", "city", "one", "two", "three", "four", "five", "plus", "minus", "equals", "answer", "question", "summary", "translate", "hello", "world", "and", "or", "but", "then", "so", "because", "is", "was", "will", "be", "can", "not", "yes", "no", "in", "on", "at", "of", "to", "from", "with"]
 SPECIALS = ["<unk>", "<eos>", "<user>", "<assistant>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ '<' + m['role'] + '> ' + m['content'] + ' ' }}{% endfor %}"

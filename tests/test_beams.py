@@ -17,6 +17,7 @@ def decode(name, model, prompt, eos=frozenset({1}), sampling=Sampling(), max_new
                         max_new_tokens=max_new_tokens, eos_token_ids=eos)
     out = get_method(name)(**settings).generate(ctx)
     assert sum(ctx.trace.accepted) == len(out)  # the harness's trace check
+    assert not any(ctx.trace.proposed)  # baselines draft nothing: the report's Drafting table leaves them out
     return out, ctx
 
 

@@ -2,7 +2,13 @@ from __future__ import annotations
 
 import pytest
 
-from harness.costmodel import LatencyTable, load_profile, measure, predicted_seconds, predicted_speedups
+from harness.costmodel import (
+    LatencyTable,
+    load_profile,
+    measure,
+    predicted_seconds,
+    predicted_speedups,
+)
 
 # a toy device: a pass costs 1 s + 0.5 s per extra token, at any context; the draft is 10x cheaper
 TARGET = LatencyTable([1, 2, 8], [100, 1000], [[1.0, 1.5, 4.5], [1.0, 1.5, 4.5]])

@@ -37,6 +37,10 @@ def test_dsbd_at_temperature_zero_is_greedy(pair, settings):
 def test_dsbd_runs_beams_and_reports_width(pair):
     out, ctx = decode("dsbd", pair, Sampling(temperature=0.7, seed=3), max_width=3, width_threshold=0.05)
     assert out and 1 <= ctx.extras["dsbd_mean_width"] <= 3
+    # every pass verifies its whole forest: at least the drafts the output kept from it, at most width x gamma
+    # per row (3 rows x 3 levels at max_width 3, gamma 3)
+    for proposed, accepted in zip(ctx.trace.proposed, ctx.trace.accepted):
+        assert accepted - 1 <= proposed <= 3 * 3 * 3
     assert "beam_distinct_2" in ctx.extras
     with pytest.raises(ValueError):
         decode("dsbd", pair, min_width=5)

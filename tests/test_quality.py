@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from harness import quality
-from harness.report import build_report, quality_table
+from harness.report import build_report
+from harness.tables import quality_table
 from methods.base import DecodeContext, Sampling, get_method
 
 

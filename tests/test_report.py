@@ -4,7 +4,8 @@ import math
 import pytest
 
 from harness import report
-from harness.report import build_report, format_table_markdown, load_records, speed_table
+from harness.report import build_report, format_table_markdown
+from harness.tables import load_records, speed_table
 
 # Hand-computed expectations for the synthetic run below (the errored sps record on m2 is excluded,
 # which also leaves ar's m2 record unmatched):

@@ -199,7 +199,8 @@ def test_reproduce_detects_a_changed_output(model_dirs, data_file, tmp_path, cac
 
 
 def test_repeats_run_every_record_and_report_the_spread(model_dirs, data_file, tmp_path, cache_dir):
-    from harness.report import build_report, load_records, repeat_spread
+    from harness.report import build_report
+    from harness.tables import load_records, repeat_spread
 
     out = tmp_path / "repeats"
     records = run(config(model_dirs, data_file, out, methods=["ar", "pld"], repeats=3, limit=1))
@@ -214,7 +215,8 @@ def test_repeats_run_every_record_and_report_the_spread(model_dirs, data_file, t
 
 
 def test_budget_sweep_runs_every_point_and_reports_it(model_dirs, data_file, tmp_path, cache_dir):
-    from harness.report import budget_sweep, build_report, load_records
+    from harness.report import build_report
+    from harness.tables import budget_sweep, load_records
 
     out = tmp_path / "sweep"
     points = [Budget(max_target_calls=n) for n in (2, 4, 8)]

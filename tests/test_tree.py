@@ -11,7 +11,11 @@ from methods.base import DecodeContext, Sampling
 from methods.common.kv import extend, gather, new_cache
 from methods.common.sampling import sample
 from methods.common.tree import ROOT, DraftTree, TreeKV, TreeVerifier, row
-from methods.common.verify import verify_siblings, verify_tree_greedy, verify_tree_stochastic
+from methods.common.verify import (
+    verify_siblings,
+    verify_tree_greedy,
+    verify_tree_stochastic,
+)
 from tests.conftest import tiny_llama
 from tests.test_verification_rule import V, assert_matches, tables
 

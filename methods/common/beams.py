@@ -63,7 +63,7 @@ class BeamCache:
             out = self.model(input_ids=ids.to(self.model.device), past_key_values=self.cache, use_cache=True, **kwargs)
         return out.logits.float()
 
-    def select(self, rows: list[int], positions: list[list[int]] | None = None) -> "BeamCache":
+    def select(self, rows: list[int], positions: list[list[int]] | None = None) -> BeamCache:
         """A new cache whose row j is old row `rows[j]` restricted to `positions[j]` (all rows the same count;
         default: every position). The old cache is left as it was."""
         fresh = new_cache(self.model)
@@ -149,7 +149,7 @@ class Hypothesis:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
 
-    def extended(self, token: int, logprob: float) -> "Hypothesis":
+    def extended(self, token: int, logprob: float) -> Hypothesis:
         return Hypothesis(self.tokens + [int(token)], self.logprobs + [float(logprob)])
 
     @property
@@ -192,10 +192,11 @@ def report_diversity(ctx: DecodeContext, final_beams: list[Hypothesis]) -> None:
             ctx.extras[f"beam_distinct_{n}"] = value
 
 
-def emit_per_pass(ctx: DecodeContext, tokens: list[int], per_pass: list[int]) -> None:
+def emit_per_pass(ctx: DecodeContext, tokens: list[int], per_pass: list[int], drafted: list[int] | None = None) -> None:
     """Emit the chosen beam as the method's output, one trace step per target pass: pass i is credited
-    with the `per_pass[i]` tokens it added to every beam (beams advance in lock-step), cut at the end."""
+    with the `per_pass[i]` tokens it added to every beam (beams advance in lock-step), cut at the end, and
+    with `drafted[i]` draft tokens verified (none for the autoregressive beam baselines)."""
     start = 0
-    for added in per_pass:
-        ctx.emit(tokens[start : start + added], proposed=added)
+    for added, proposed in zip(per_pass, drafted or [0] * len(per_pass)):
+        ctx.emit(tokens[start : start + added], proposed=proposed)
         start += added

@@ -31,7 +31,7 @@ class SkipSet:
     mlp: frozenset[int] = frozenset()
 
     @classmethod
-    def of(cls, attention=(), mlp=()) -> "SkipSet":
+    def of(cls, attention=(), mlp=()) -> SkipSet:
         return cls(frozenset(int(i) for i in attention), frozenset(int(i) for i in mlp))
 
     def fraction_run(self, num_layers: int) -> float:
