@@ -7,7 +7,8 @@ its top-k tokens (k x k candidates); each candidate is scored by its draft's sco
 interpolation (1 - alpha) log p_model + alpha log p_ngram, where p_ngram interpolates n-gram models
 (bigram to 6-gram) of a local corpus over the draft's own tokens; a draft the n-gram models know
 nothing about gets the model term minus a fixed penalty instead. The k best candidates go on; one that
-ends with EOS is set aside as finished.
+ends with EOS is set aside as finished; decoding stops once k drafts have finished (beam search's early
+stopping: the paper generates fixed lengths and is silent on EOS, so this is our choice).
 
 Not lossless: the output is the best of the final drafts by mean log score per token (finished ones
 included) and all k drafts go into the record (`alternatives`); the harness measures the output's
@@ -82,7 +83,7 @@ class SuperposedDecoding(Method):
             logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
         passes = 1
         alive, finished = self._extend(ctx, [Draft([], 0.0)], logits[:vocab], models)
-        while alive and len(alive[0].tokens) < ctx.max_new_tokens:
+        while alive and len(finished) < cfg.k and len(alive[0].tokens) < ctx.max_new_tokens:
             weights = torch.softmax(torch.tensor([d.score for d in alive]), 0).to(model.device)
             last = torch.tensor([d.tokens[-1] for d in alive], dtype=torch.long, device=model.device)
             with torch.inference_mode():

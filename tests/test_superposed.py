@@ -46,3 +46,11 @@ def test_ngram_interpolation_uses_the_orders_that_know_the_context():
         table.add([1, 2, 3, 1, 2, 4])
     assert ngram_prob(models, [9, 1, 2], 3) == 0.5  # bigram (2 -> 3: 1/2) and trigram (1,2 -> 3: 1/2)
     assert ngram_prob(models, [9, 9, 4], 1) is None
+
+
+def test_decoding_stops_once_k_drafts_have_finished(pair):
+    """One draft, no n-grams: greedy decoding, which ends at its first EOS instead of running to the length."""
+    first, _ = decode(pair, k=1, alpha=0.0)
+    got, ctx = decode(pair, k=1, alpha=0.0, eos=frozenset({first[4]}))
+    assert got == first[: first.index(first[4]) + 1]
+    assert len(ctx.trace.accepted) == len(got)  # one pass per token, none after the finish
