@@ -124,6 +124,12 @@ def synchronize_device(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def registered_state_bytes(state: dict) -> int:
+    """Bytes of the structures a method registered in ctx.state; the registry dict itself is the harness's."""
+    seen: set = set()
+    return sum(state_bytes(value, seen) for value in state.values())
+
+
 def state_bytes(obj, _seen: set | None = None) -> int:
     """Bytes held by a method's registered data structures: tensor and array storage, plus Python
     containers walked deeply (each object counted once)."""

@@ -24,7 +24,7 @@ from rich.progress import (
 
 from harness import models as model_specs
 from harness import quality, roofline
-from harness.instrument import Budget, PassCounter, state_bytes, synchronize
+from harness.instrument import Budget, PassCounter, registered_state_bytes, synchronize
 from harness.manifest import write_manifest
 from harness.results import ResultStore, first_difference, record_key
 from harness.trackers import EnergyTracker, PeakMemory
@@ -180,7 +180,7 @@ class Runner:
             "target_calls": tc.calls, "target_tokens": tc.tokens,
             "draft_calls": sum(c.calls for c in drafters), "draft_tokens": sum(c.tokens for c in drafters),
             "self_draft_calls": self.self_draft_counter.calls,  # of draft_calls: passes through the target
-            "method_state_bytes": state_bytes(ctx.state),  # measured here, not reported by the method
+            "method_state_bytes": registered_state_bytes(ctx.state),  # measured here, not reported by the method
             "extras": _extras(ctx), "alternatives": [list(a) for a in ctx.alternatives],
             "mean_accepted": len(out) / tc.calls if tc.calls else None,
             "target_widths": tc.widths,  # tokens fed to each target pass: prefill, then verification widths

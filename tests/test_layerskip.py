@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness.instrument import PassCounter, state_bytes
+from harness.instrument import PassCounter, registered_state_bytes, state_bytes
 from methods.base import DecodeContext, Sampling, get_method
 from methods.common.kv import extend, new_cache
 from methods.common.layerskip import SkipSet, draft_chain, prefix_view, skipped_forward
@@ -133,6 +133,8 @@ def test_state_bytes_measures_tensors_arrays_and_containers():
     assert state_bytes({}) < 1000
     shared = torch.zeros(1000)
     assert state_bytes([shared, shared]) < 2 * 4000  # one object counted once
+    assert registered_state_bytes({}) == 0  # a method that registers nothing adds nothing
+    assert 4000 <= registered_state_bytes({"a": shared, "b": [shared]}) < 2 * 4000  # shared across entries too
 
 
 def test_dynamic_tree_adds_more_alternatives_where_the_draft_is_less_sure(deep):
