@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
+import types
+import typing
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -80,9 +82,13 @@ class DecodeContext:
     output: list[int] = field(default_factory=list)
     # per-item figures a method reports (copied into the record as they are, e.g. acceptance of a search)
     extras: dict[str, float] = field(default_factory=dict)
-    # the method's own data structures (tables, matrices, datastores): the HARNESS measures their bytes
+    # the method's own data structures (tables, matrices, datastores), kept across prompts: the HARNESS
+    # owns this dict (carries, snapshots and restores it, see `Method`) and measures its bytes
     # (`method_state_bytes`), so the memory a method adds is not a self-reported figure
     state: dict[str, Any] = field(default_factory=dict)
+    # texts a corpus-based method may build its stores from when its settings name no corpus file: the
+    # suite's prompts (no references), given by the harness; a method never reads a suite's data itself
+    corpus: list[str] = field(default_factory=list)
     # other outputs a multi-draft method produced besides `output` (kept in the record, decoded)
     alternatives: list[list[int]] = field(default_factory=list)
 
@@ -127,29 +133,172 @@ def is_self_drafting(model: torch.nn.Module) -> bool:
     return bool(getattr(model, SELF_DRAFT_FLAG, False))
 
 
+class SettingError(ValueError):
+    """A method setting that is unknown, unparsable or out of range; raised before any model loads."""
+
+
+def setting(default: Any, help: str, *, low: float | None = None, high: float | None = None) -> Any:
+    """A Config field with its one-line help and, for numbers, its allowed range (inclusive).
+
+    Choices are a `Literal[...]` annotation; lists are `tuple[int, ...]` (written `2,2,1` on the CLI)."""
+    return field(default=default, metadata={"help": help, "low": low, "high": high})
+
+
+@dataclass
+class Settings:
+    """Base of every method's `Config`: typed fields made with `setting(...)`, checked when built.
+
+    A subclass adds checks that span fields in its own `__post_init__`, calling `super().__post_init__()`
+    first."""
+
+    def __post_init__(self) -> None:
+        check_settings(self)
+
+
+def _hints(config_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(config_cls)
+
+
+def _kind(annotation: Any) -> tuple[Any, tuple]:
+    """(base type, Literal choices) of a field annotation; Optional[X] counts as X."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return typing.Literal, typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return _kind(args[0])
+    return annotation, ()
+
+
+def check_settings(config: Any) -> None:
+    """Types, ranges and choices of every field, from its annotation and `setting(...)` metadata."""
+    hints = _hints(type(config))
+    for f in dataclasses.fields(config):
+        value, (kind, choices) = getattr(config, f.name), _kind(hints.get(f.name, Any))
+        if value is None:
+            continue
+        if choices and value not in choices:
+            raise SettingError(f"{f.name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+        if kind is bool and not isinstance(value, bool):
+            raise SettingError(f"{f.name} must be true or false; got {value!r}")
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise SettingError(f"{f.name} must be an integer; got {value!r}")
+        if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise SettingError(f"{f.name} must be a number; got {value!r}")
+        numbers = value if isinstance(value, tuple) else (value,)
+        low, high = f.metadata.get("low"), f.metadata.get("high")
+        for number in numbers:
+            if isinstance(number, bool) or not isinstance(number, (int, float)):
+                continue
+            if (low is not None and number < low) or (high is not None and number > high):
+                span = f"[{_num(low) if low is not None else '-inf'}, {_num(high) if high is not None else 'inf'}]"
+                raise SettingError(f"{f.name} must be in {span}; got {value!r}")
+        if isinstance(value, tuple) and not value:
+            raise SettingError(f"{f.name} must not be empty")
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def parse_setting(name: str, text: Any, annotation: Any) -> Any:
+    """A CLI string as the field's type, strictly: `flag=flase` or `gamma=2.5` is an error, not a guess."""
+    if not isinstance(text, str):
+        return tuple(text) if isinstance(text, list) else text
+    kind, choices = _kind(annotation)
+    raw = text.strip()
+    try:
+        if choices:
+            match = [c for c in choices if str(c) == raw]
+            if not match:
+                raise ValueError(raw)
+            return match[0]
+        if kind is bool:
+            if raw.lower() in _TRUE:
+                return True
+            if raw.lower() in _FALSE:
+                return False
+            raise ValueError(raw)
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        if typing.get_origin(kind) is tuple:
+            (element, *_rest) = typing.get_args(kind)
+            return tuple(parse_setting(name, part, element) for part in raw.split(",") if part.strip())
+        return raw
+    except ValueError:
+        raise SettingError(f"{name} must be {_type_name(annotation)}; got {text!r}") from None
+
+
+def _type_name(annotation: Any) -> str:
+    """Short type names for help and errors: int, float, bool, str, list of int, one of a, b."""
+    kind, choices = _kind(annotation)
+    if choices:
+        return "one of " + ", ".join(map(str, choices))
+    if typing.get_origin(kind) is tuple:
+        return f"list of {_type_name(typing.get_args(kind)[0])} (comma-separated)"
+    return getattr(kind, "__name__", str(kind))
+
+
+def describe_settings(config_cls: type) -> list[dict[str, Any]]:
+    """Every setting of a Config: name, type, default, allowed values and help (for `decodebench methods NAME`)."""
+    hints = _hints(config_cls)
+    out = []
+    for f in dataclasses.fields(config_cls):
+        kind, choices = _kind(hints.get(f.name, Any))
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+        low, high = f.metadata.get("low"), f.metadata.get("high")
+        allowed = ", ".join(map(str, choices)) if choices else (
+            f"[{_num(low) if low is not None else '-inf'}, {_num(high) if high is not None else 'inf'}]"
+            if low is not None or high is not None else "")
+        out.append({"name": f.name, "type": _type_name(hints.get(f.name, Any)), "default": default,
+                    "allowed": allowed, "help": f.metadata.get("help", "")})
+    return out
+
+
 class Method:
-    """Base class. Subclasses set `paper`, `needs`, `lossless`, a `Config` dataclass, and `generate`."""
+    """Base class. Subclasses set `paper`, `needs`, `lossless`, a `Config` dataclass, and `generate`.
+
+    State kept across prompts (a hot start: Token Recycling's matrix, ADED's table, SWIFT's search)
+    lives in `ctx.state`, never on the instance: the harness owns it, carries it over distinct items
+    in run order, restores the same snapshot for every repeat and budget point of one item, and runs
+    the warm-up on a throwaway copy. A method that keeps such state sets `stateful = True`."""
 
     name: ClassVar[str] = ""
     paper: ClassVar[Paper | None] = None
     needs: ClassVar[Needs] = Needs()
     lossless: ClassVar[bool] = True  # output distribution equals the target's (greedy: same tokens)
+    stateful: ClassVar[bool] = False  # keeps state in ctx.state across prompts (see above)
     reference: ClassVar[bool] = False  # an outside implementation shown as a peer, not ours
     counterpart: ClassVar[str | None] = None  # for a reference: which of our methods it is compared with
 
     @dataclass
-    class Config:
+    class Config(Settings):
         pass
 
     def __init__(self, **overrides: Any) -> None:
         known = {f.name: f for f in dataclasses.fields(self.Config)}
         unknown = sorted(set(overrides) - set(known))
         if unknown:
-            raise ValueError(
+            raise SettingError(
                 f"method {self.name!r} has no setting {', '.join(unknown)}; it has: {', '.join(known) or 'none'}"
             )
-        coerced = {k: _coerce(v, known[k].type) for k, v in overrides.items()}
-        self.config = self.Config(**coerced)
+        hints = _hints(self.Config)
+        try:
+            parsed = {k: parse_setting(k, v, hints.get(k, Any)) for k, v in overrides.items()}
+            self.config = self.Config(**parsed)
+            if not isinstance(self.config, Settings):  # a Config written without the base still gets checked
+                check_settings(self.config)
+        except SettingError as err:
+            raise SettingError(f"{self.name}.{err}") from None
+        except (TypeError, ValueError) as err:
+            raise SettingError(f"{self.name}: {err}") from None
 
     def generate(self, ctx: DecodeContext) -> list[int]:
         raise NotImplementedError
@@ -162,23 +311,10 @@ class Method:
             "url": cls.paper.url if cls.paper else None,
             "needs": cls.needs.describe(),
             "lossless": cls.lossless,
+            "stateful": cls.stateful,
             "reference": cls.reference,
             "counterpart": cls.counterpart,
         }
-
-
-def _coerce(value: Any, annotation: Any) -> Any:
-    """Turn CLI strings into the Config field's type (annotations are strings under __future__)."""
-    if not isinstance(value, str):
-        return value
-    kind = str(annotation)
-    if kind.startswith("int"):
-        return int(value)
-    if kind.startswith("float"):
-        return float(value)
-    if kind.startswith("bool"):
-        return value.lower() in ("1", "true", "yes", "on")
-    return value
 
 
 _REGISTRY: dict[str, type[Method]] = {}

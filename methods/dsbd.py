@@ -42,18 +42,11 @@ from methods.common.beams import (
     draw,
     emit_per_pass,
     finished,
-    fit_vocab,
     joint_probs,
     report_diversity,
 )
-from methods.common.sampling import warp
-
-
-def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """normalise(max(0, p - q)); p itself when nothing is left (p <= q everywhere up to rounding)."""
-    rest = (p - q).clamp_min(0)
-    total = rest.sum()
-    return rest / total if total > 0 else p
+from methods.common.sampling import on_target_vocab, warp
+from methods.common.verify import residual
 
 
 def accepted_count_distribution(p: torch.Tensor, q: torch.Tensor, draws: int) -> torch.Tensor:
@@ -158,7 +151,7 @@ class DynamicWidthSpeculativeBeamDecoding(Method):
         weights = torch.tensor([b.weight for b in beams], dtype=torch.float64)
         levels, snapshots, cache = [], [], draft
         for i in range(gamma):
-            logits = fit_vocab(cache.feed(pending)[:, -1], self.vocab)
+            logits = on_target_vocab(cache.feed(pending)[:, -1], self.vocab)
             snapshots.append(cache)
             q = joint_probs(weights, logits, ctx.sampling).double().cpu()
             picks = draw(q, self.config.max_width, ctx.generator)

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from methods.base import DecodeContext, Method, Needs, Paper, register
-from methods.common.beams import draw, fit_vocab, joint_probs
-from methods.common.sampling import sample, warp
+from methods.common.beams import draw, joint_probs
+from methods.common.sampling import on_target_vocab, sample, warp
 from methods.common.tree import ROOT, DraftTree, TreeKV, TreeVerifier, row
 
 
@@ -85,7 +85,7 @@ class MultiTokenJointSpeculativeDecoding(Method):
         for step in range(gamma):
             # step 0 feeds the pending committed tokens (one row: the root), later steps the beams' new nodes
             fresh = list(dict.fromkeys(b.node for b in beams)) if step else []
-            logits = fit_vocab(draft.feed(tree, fresh).float(), self.vocab)
+            logits = on_target_vocab(draft.feed(tree, fresh).float(), self.vocab)
             per_beam = logits[torch.tensor([fresh.index(b.node) for b in beams])] if step else logits[-1:]
             joint = joint_probs(torch.tensor([b.weight for b in beams], dtype=torch.float64), per_beam, ctx.sampling)
             q = warp(per_beam, ctx.sampling)

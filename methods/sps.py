@@ -7,7 +7,7 @@ import torch
 
 from methods.base import DecodeContext, Method, Needs, Paper, register
 from methods.common.kv import crop, extend, new_cache
-from methods.common.sampling import sample, warp
+from methods.common.sampling import on_target_vocab, sample, warp
 from methods.common.speculation import ChainVerifier
 
 
@@ -52,8 +52,7 @@ class SpeculativeSampling(Method):
             if ctx.sampling.greedy:
                 token = int(logits.argmax(-1))
             else:
-                q = warp(logits[:vocab], ctx.sampling)
-                q = torch.nn.functional.pad(q, (0, vocab - q.shape[-1]))  # draft vocab may be smaller
+                q = warp(on_target_vocab(logits, vocab), ctx.sampling)
                 token = sample(q, ctx.generator)
                 probs.append(q)
             drafts.append(token)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from methods.base import DecodeContext, Method, Paper, register
-from methods.common.kv import new_cache
+from methods.common.kv import forward, new_cache
 from methods.common.ngram import NGramTable, corpus_sequences
 
 NGRAM_ORDERS = (2, 3, 4, 5, 6)
@@ -79,8 +79,7 @@ class SuperposedDecoding(Method):
         vocab = model.config.vocab_size
         embed = model.get_input_embeddings()
         ids = torch.tensor([ctx.prompt_ids], dtype=torch.long, device=model.device)
-        with torch.inference_mode():
-            logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+        logits = forward(model, cache, input_ids=ids, logits_to_keep=1).logits[0, -1]
         passes = 1
         alive, finished = self._extend(ctx, [Draft([], 0.0)], logits[:vocab], models)
         while alive and len(finished) < cfg.k and len(alive[0].tokens) < ctx.max_new_tokens:
@@ -88,8 +87,7 @@ class SuperposedDecoding(Method):
             last = torch.tensor([d.tokens[-1] for d in alive], dtype=torch.long, device=model.device)
             with torch.inference_mode():
                 superposed = (weights[:, None] * embed(last).float()).sum(0).to(embed.weight.dtype)
-                logits = model(inputs_embeds=superposed[None, None], past_key_values=cache, use_cache=True,
-                               logits_to_keep=1).logits[0, -1]
+            logits = forward(model, cache, inputs_embeds=superposed[None, None], logits_to_keep=1).logits[0, -1]
             passes += 1
             alive, done = self._extend(ctx, alive, logits[:vocab], models)
             finished += done

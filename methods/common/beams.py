@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from methods.base import DecodeContext, Sampling
-from methods.common.kv import new_cache
+from methods.common.kv import forward, new_cache
 from methods.common.sampling import warp
 
 NEG_INF = float("-inf")
@@ -59,8 +59,7 @@ class BeamCache:
         if nodes:
             mask, positions = _forest_mask(forest, prefix, width, nodes, self.model.dtype)
             kwargs = {"attention_mask": mask.to(self.model.device), "position_ids": positions.to(self.model.device)}
-        with torch.inference_mode():
-            out = self.model(input_ids=ids.to(self.model.device), past_key_values=self.cache, use_cache=True, **kwargs)
+        out = forward(self.model, self.cache, input_ids=ids.to(self.model.device), **kwargs)
         return out.logits.float()
 
     def select(self, rows: list[int], positions: list[list[int]] | None = None) -> BeamCache:
@@ -124,14 +123,6 @@ def joint_probs(weights: torch.Tensor, logits: torch.Tensor, sampling: Sampling)
     if total <= 0:
         raise ValueError("no live beam to extend")
     return (joint / total).reshape(-1)
-
-
-def fit_vocab(logits: torch.Tensor, vocab: int) -> torch.Tensor:
-    """A draft's logits on the target's vocabulary: a larger draft vocabulary is cut, a smaller one padded."""
-    if logits.shape[-1] >= vocab:
-        return logits[..., :vocab]
-    pad = torch.full((*logits.shape[:-1], vocab - logits.shape[-1]), float("-inf"), device=logits.device)
-    return torch.cat([logits, pad], -1)
 
 
 def draw(probs: torch.Tensor, count: int, generator: torch.Generator) -> list[int]:

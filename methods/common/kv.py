@@ -1,8 +1,27 @@
 """Running a causal LM over new tokens on top of its KV cache, and cutting the cache back."""
 from __future__ import annotations
 
+import inspect
+from functools import lru_cache
+
 import torch
 from transformers import DynamicCache
+
+
+@lru_cache(maxsize=None)
+def _cache_argument(model_class: type) -> str:
+    """`cache` where the installed transformers has it (5.24 deprecates `past_key_values`, to be removed in
+    5.40), else `past_key_values` (older 5.x, e.g. the GPU machines' 5.17)."""
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
+def forward(model: torch.nn.Module, cache: DynamicCache | None, **kwargs):
+    """One forward pass of `model` on top of `cache` (use_cache on, no autograd): every method's way
+    into a model, so the cache argument's name lives in one place."""
+    if cache is not None:
+        kwargs[_cache_argument(type(model))] = cache
+    with torch.inference_mode():
+        return model(use_cache=True, **kwargs)
 
 
 def new_cache(model: torch.nn.Module) -> DynamicCache:
@@ -16,9 +35,7 @@ def extend(model: torch.nn.Module, tokens: list[int], cache: DynamicCache, keep:
     """
     ids = torch.tensor([tokens], dtype=torch.long, device=model.device)
     kwargs = {"logits_to_keep": keep} if keep else {}
-    with torch.inference_mode():
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True, **kwargs)
-    return out.logits[0]
+    return forward(model, cache, input_ids=ids, **kwargs).logits[0]
 
 
 def crop(cache: DynamicCache, keep: int) -> None:

@@ -19,7 +19,7 @@ import torch
 from transformers import DynamicCache
 
 from methods.base import DecodeContext, self_drafting
-from methods.common.kv import crop
+from methods.common.kv import crop, forward
 from methods.common.sampling import sample, warp
 
 
@@ -114,9 +114,8 @@ def skipped_forward(model: torch.nn.Module, tokens: list[int], cache: DynamicCac
     mask = torch.ones(q, past + q, dtype=torch.bool, device=device)
     mask[:, past:] = torch.tril(mask[:, past:])
     kwargs = {"logits_to_keep": keep} if keep else {}
-    with self_drafting(model), skipping(model, skip), torch.inference_mode():
-        out = model(input_ids=ids, position_ids=positions, attention_mask=mask[None, None],
-                    past_key_values=cache, use_cache=True, **kwargs)
+    with self_drafting(model), skipping(model, skip):
+        out = forward(model, cache, input_ids=ids, position_ids=positions, attention_mask=mask[None, None], **kwargs)
     return out.logits[0]
 
 

@@ -46,3 +46,11 @@ def gumbel_top_k(log_probs: torch.Tensor, k: int, generator: torch.Generator | N
         return torch.topk(log_probs, k).indices.tolist()
     u = torch.rand(log_probs.shape, generator=generator).clamp(1e-20, 1.0 - 1e-7)
     return torch.topk(log_probs - (-u.log()).log(), k).indices.tolist()
+
+
+def on_target_vocab(x: torch.Tensor, vocab: int, fill: float = float("-inf")) -> torch.Tensor:
+    """A draft's logits (fill -inf) or probabilities (fill 0) over the target's `vocab` ids: a larger
+    draft vocabulary (padding rows) is cut, a smaller one padded. The one place drafts are aligned."""
+    if x.shape[-1] >= vocab:
+        return x[..., :vocab]
+    return torch.nn.functional.pad(x, (0, vocab - x.shape[-1]), value=fill)

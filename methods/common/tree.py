@@ -38,8 +38,8 @@ import torch
 from transformers import DynamicCache
 
 from methods.base import DecodeContext
-from methods.common.kv import gather, new_cache
-from methods.common.sampling import warp
+from methods.common.kv import forward, gather, new_cache
+from methods.common.sampling import on_target_vocab, warp
 from methods.common.verify import verify_tree
 
 ROOT = -1
@@ -167,9 +167,8 @@ class TreeKV:
         device = self.model.device
         ids = torch.tensor([pending + [tree.tokens[n] for n in nodes]], dtype=torch.long, device=device)
         keep = len(nodes) + (1 if pending else 0)
-        with torch.inference_mode():
-            out = self.model(input_ids=ids, attention_mask=mask.to(device), position_ids=positions.to(device),
-                             past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
+        out = forward(self.model, self.cache, input_ids=ids, attention_mask=mask.to(device),
+                      position_ids=positions.to(device), logits_to_keep=keep)
         self.prefix, self.pending = start, []
         return out.logits[0]
 
@@ -248,12 +247,8 @@ class TreeDrafter:
     def dist(self, logits: torch.Tensor) -> torch.Tensor:
         """The draft's distribution over the target's vocabulary: the warped one children are sampled
         from under sampling; under greedy decoding the plain softmax, used to rank and value children."""
-        logits = logits[: self.vocab].float().cpu()
-        if self.ctx.sampling.greedy:
-            q = logits.softmax(-1)
-        else:
-            q = warp(logits, self.ctx.sampling)
-        return torch.nn.functional.pad(q, (0, self.vocab - q.shape[-1]))  # the draft vocab may be smaller
+        logits = on_target_vocab(logits.float().cpu(), self.vocab)
+        return logits.softmax(-1) if self.ctx.sampling.greedy else warp(logits, self.ctx.sampling)
 
     def grow_levels(self, tree: DraftTree, widths: list[int], choose) -> None:
         """Grow `tree` level by level: `choose(node, q)` returns the tokens to draft under `node`

@@ -11,6 +11,14 @@ from methods.base import Sampling
 from methods.common.sampling import sample, warp
 
 
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """normalise(max(0, p - q)) along the last dim: what a rejection leaves to sample from; p itself where
+    nothing is left (p <= q everywhere up to rounding). The one residual every rule uses."""
+    rest = (p - q).clamp_min(0)
+    total = rest.sum(-1, keepdim=True)
+    return torch.where(total > 0, rest / total.clamp_min(torch.finfo(rest.dtype).tiny), p)
+
+
 def verify_greedy(draft: list[int], target_logits: torch.Tensor) -> tuple[int, int]:
     """Longest prefix of `draft` equal to the target's argmax; returns (accepted, next token)."""
     choices = target_logits.argmax(-1).tolist()
@@ -37,11 +45,7 @@ def verify_speculative(
         u = float(torch.rand((), generator=generator))
         if q > 0 and u * q < p:  # u < p/q without dividing
             continue
-        residual = (target_probs[i] - draft_probs[i]).clamp_min(0)
-        total = residual.sum()
-        if total <= 0:  # p == q up to rounding: nothing to correct, sample p
-            residual, total = target_probs[i], target_probs[i].sum()
-        return i, sample(residual / total, generator)
+        return i, sample(residual(target_probs[i], draft_probs[i]), generator)
     return len(draft), sample(target_probs[len(draft)], generator)
 
 
@@ -86,26 +90,26 @@ def verify_siblings(
       p_i with x_i removed.
     If every child is rejected, the token is sampled from the final residual.
     """
-    residual = target_probs.float().cpu()
+    p = target_probs.float().cpu()
     q = None if draft_probs is None else draft_probs.float().cpu()
     for i, tok in enumerate(tokens):
         u = float(torch.rand((), generator=generator))
         if q is None:
-            if u < float(residual[tok]):
+            if u < float(p[tok]):
                 return i, tok
-            removed = residual.clone()
+            removed = p.clone()
             removed[tok] = 0.0
-            residual = _normalise(removed, residual)
+            p = _normalise(removed, p)
             continue
-        p_x, q_x = float(residual[tok]), float(q[tok])
+        p_x, q_x = float(p[tok]), float(q[tok])
         if q_x > 0 and u * q_x < p_x:  # u < p/q without dividing
             return i, tok
-        residual = _normalise((residual - q).clamp_min(0), residual)
+        p = residual(p, q)
         if not replacement:
             rest = q.clone()
             rest[tok] = 0.0
             q = _normalise(rest, rest)
-    return None, sample(residual, generator)
+    return None, sample(p, generator)
 
 
 def verify_tree_greedy(tree, logits: torch.Tensor) -> tuple[list[int], int]:
