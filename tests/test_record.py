@@ -6,6 +6,7 @@ import json
 import pytest
 
 from harness import record as schema
+from harness.cli import main
 from harness.manifest import ManifestMismatch, write_manifest
 from harness.record import SCHEMA_VERSION, LosslessCheck, Record, SchemaError
 from harness.report import build_report
@@ -105,5 +106,6 @@ def test_manifest_versions(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(future))
     with pytest.raises(SchemaError, match="manifest.json: written with record schema version 99"):
         build_report(tmp_path)
+    assert main(["report", str(tmp_path)]) == 2  # said as an error, not a traceback
     with pytest.raises(SchemaError, match="version 99"):
         config_from_manifest(future, str(tmp_path / "again"))
