@@ -168,13 +168,20 @@ def cmd_profile(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from rich.markup import escape
+
+    from harness.record import SchemaError
     from harness.report import build_report
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "results.jsonl").is_file():
         console.print(f"[red]error:[/] {run_dir} has no results.jsonl")
         return 2
-    report = build_report(run_dir, baseline=args.baseline, profile=args.profile)
+    try:
+        report = build_report(run_dir, baseline=args.baseline, profile=args.profile)
+    except SchemaError as err:  # a run written by another decodebench
+        console.print(f"[red]error:[/] {escape(str(err))}")
+        return 2
     console.print(f"report: {report / 'report.md'}  {report / 'report.html'}")
     return 0
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from harness.instrument import synchronize
@@ -110,19 +111,17 @@ def predicted_seconds(record: dict, tables: dict[str, LatencyTable]) -> float | 
 
 
 def predicted_speedups(records: list[dict], tables: dict[str, LatencyTable], baseline: str = "ar") -> dict[str, float]:
-    """Spec-Bench's definition on predicted times: mean predicted tokens/s over the baseline's, same items."""
-    speed: dict[str, dict[tuple, float]] = {}
+    """The speed table's speed-up (Spec-Bench's definition, harness.tables) with each record's wall time
+    replaced by its predicted time; a record that cannot be priced leaves its question out."""
+    from harness.tables import OVERALL, speed_table
+
+    priced = []
     for r in records:
-        if r.get("error") or not r.get("new_tokens"):
-            continue
-        seconds = predicted_seconds(r, tables)
-        if seconds:
-            speed.setdefault(r["method"], {})[(r["item_id"], r["turn"], r.get("repeat", 0), r.get("budget", ""))] = (
-                r["new_tokens"] / seconds)
-    base = speed.get(baseline, {})
-    out = {}
-    for method, per_item in speed.items():
-        shared = sorted(set(per_item) & set(base))
-        if shared:
-            out[method] = float(np.mean([per_item[k] for k in shared]) / np.mean([base[k] for k in shared]))
-    return out
+        seconds = None if r.get("error") or not r.get("new_tokens") else predicted_seconds(r, tables)
+        priced.append({**r, "wall_s": seconds, "error": r.get("error") or (None if seconds else "not priced")})
+    if not priced:
+        return {}
+    table = speed_table(pd.DataFrame(priced), baseline)
+    if OVERALL not in table:
+        return {}
+    return {method: float(value) for method, value in table[OVERALL].items() if not np.isnan(value)}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from harness.record import SCHEMA_VERSION, check_manifest
 from harness.trackers import describe_energy_support
 
 PACKAGES = ("decodebench", "torch", "transformers", "accelerate", "gguf", "tokenizers", "numpy", "pandas",
@@ -72,6 +73,9 @@ def write_manifest(out: Path, cfg, device: str, methods: dict, target, draft, ro
     path = Path(out) / "manifest.json"
     previous = json.loads(path.read_text()) if path.is_file() else None
     settings = run_settings(cfg)
+    if previous and check_manifest(previous, str(path)) != SCHEMA_VERSION:
+        raise ManifestMismatch(f"{out} holds a run of record schema version {check_manifest(previous)}; this "
+                               f"decodebench writes version {SCHEMA_VERSION}: use another --out to start a new run")
     if previous and previous.get("settings") != json.loads(json.dumps(settings)):
         changed = sorted(k for k in settings if previous["settings"].get(k) != json.loads(json.dumps(settings[k])))
         raise ManifestMismatch(
@@ -81,6 +85,7 @@ def write_manifest(out: Path, cfg, device: str, methods: dict, target, draft, ro
     for name, method in methods.items():
         described[name] = {**method.describe(), "config": asdict(method.config)}
     manifest = {
+        "schema_version": SCHEMA_VERSION,  # of the records in results.jsonl (harness/record.py)
         "name": Path(out).name,
         "created": previous["created"] if previous else time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

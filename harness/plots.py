@@ -21,6 +21,7 @@ from harness.tables import (
     OVERALL,
     TOKENS_PER_S,
     ordered_categories,
+    pooled_mat,
 )
 
 PLOT_DPI = 120
@@ -65,7 +66,7 @@ def _plot_speedup(table: pd.DataFrame, baseline: str, path: Path) -> Path | None
 
 
 def _plot_mat(ok: pd.DataFrame, methods: list[str], path: Path) -> Path | None:
-    mat = ok.groupby(["category", "method"])["mean_accepted"].mean().unstack("method")
+    mat = ok.groupby(["category", "method"]).apply(pooled_mat, include_groups=False).unstack("method")
     mat = mat.reindex(index=ordered_categories(ok["category"]), columns=methods).dropna(axis=1, how="all")
     if mat.empty:
         return None

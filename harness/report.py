@@ -15,16 +15,20 @@ import jinja2
 import pandas as pd
 
 from harness.plots import draw_plots, plot_entry, plot_quality_vs_speed
+from harness.record import check_manifest
 from harness.results import read_records
 from harness.tables import (
     BOOTSTRAP_RESAMPLES,
     CI_HIGH,
     CI_LOW,
+    HOST_MS,
+    HOST_SHARE,
     MAT,
     OUTPUT_PPL,
     OVERALL,
     TOKENS_PER_S,
     budget_sweep,
+    host_overhead,
     main_budget,
     main_records,
     method_order,
@@ -41,11 +45,31 @@ KEY_PACKAGES = ["python", "torch", "transformers", "accelerate", "cuda", "numpy"
 MISSING_IN_SPEED_TABLE = "—"
 MISSING_IN_COST_TABLE = "n/a"
 DEFINITIONS = (
-    "Speed-up is Spec-Bench's: mean per-item tokens/s of the method divided by the baseline's ({baseline}) "
-    "over the same items. #MAT is the mean number of tokens accepted per target forward pass, the bonus "
-    "token counted (as Spec-Bench counts it), the prefill pass included. Rows marked reference are "
+    "Speed-up is Spec-Bench's: a question's speed is its new tokens summed over its turns divided by its wall "
+    "time summed over them; the method's mean speed over questions is divided by the baseline's ({baseline}) "
+    "over the questions both completed (a category column: that category's questions). Tokens/s is the "
+    "method's mean question speed. #MAT is the mean number of tokens accepted per target forward pass, pooled "
+    "over every step of every record, the bonus token counted (as Spec-Bench counts it), the prefill pass "
+    "included. With repeats, each repeat is one of Spec-Bench's repeated runs: the speed-up is the mean of the "
+    "repeats' speed-ups, tokens/s the mean of theirs, #MAT pooled over all. Rows marked reference are "
     "transformers' own implementations, shown as peers. The bracket after the overall speed-up is a 95% "
-    "bootstrap confidence interval over the matched (item, turn) pairs ({resamples} resamples)."
+    "bootstrap confidence interval over questions ({resamples} resamples)."
+)
+SPEC_BENCH_RELATION = (
+    "These are the figures Spec-Bench's evaluation/speed.py prints, computed the same way: MT-bench's eight "
+    "categories are grouped as mt_bench, turns are summed per question, speeds averaged over questions, #MAT "
+    "pooled, and repeated runs averaged as its mean report does. Three details differ. Tokens are the token "
+    "ids the method generated (EOS included when emitted), for the baseline too, where speed.py re-tokenises "
+    "the baseline's answer text. Only questions with every turn completed by both the method and the baseline "
+    "count, where speed.py averages whatever each answer file holds. Wall time is the method's generate call "
+    "(synchronised on a GPU, tokenisation outside), as in Spec-Bench's inference scripts, but with the "
+    "harness's hooks and memory/energy samplers running (their entry and exit are outside it)."
+)
+HOST_NOTE = (
+    "Host time is a record's wall time minus the time of its timed forward passes (target, draft and "
+    "self-draft), pooled over records per target pass: the Python, sampling, tree building and copies a "
+    "method does between passes (model work no pass counted lands here too), which decide its speed-up on a "
+    "GPU where a pass takes milliseconds."
 )
 LOSSLESS_DEFINITION = (
     "A lossless method must, under greedy decoding (temperature 0), emit exactly the tokens the reference "
@@ -60,7 +84,9 @@ def _load_manifest(manifest_path: Path) -> dict:
     if not manifest_path.exists():
         warnings.warn(f"{manifest_path} not found; the report will lack run details", stacklevel=3)
         return {}
-    return json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    check_manifest(manifest, str(manifest_path))
+    return manifest
 
 
 def _load_templates() -> tuple[jinja2.Template, jinja2.Template]:
@@ -86,11 +112,11 @@ def _load_templates() -> tuple[jinja2.Template, jinja2.Template]:
 def _peer_display(peers: pd.DataFrame) -> dict | None:
     if peers.empty:
         return None
-    rows = [[r["ours"], r["transformers"], r["pairs"], f"{r['ours tokens/s']:.2f}", f"{r['transformers tokens/s']:.2f}",
+    rows = [[r["ours"], r["transformers"], r["questions"], f"{r['ours tokens/s']:.2f}", f"{r['transformers tokens/s']:.2f}",
              _formatted(r["ratio"], "{:.2f}", MISSING_IN_SPEED_TABLE)
              + ("" if math.isnan(r["CI low"]) else f" [{r['CI low']:.2f}, {r['CI high']:.2f}]")]
             for _, r in peers.iterrows()]
-    return _table(["Ours", "transformers", "Pairs", "Ours tokens/s", "transformers tokens/s", "Ratio (95% CI)"], rows)
+    return _table(["Ours", "transformers", "Questions", "Ours tokens/s", "transformers tokens/s", "Ratio (95% CI)"], rows)
 
 
 def _spread_display(spread: pd.DataFrame) -> dict | None:
@@ -148,6 +174,14 @@ def _cost_table(ok: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
         pattern = patterns.get(column, "{:.1f}")
         table[column] = [_formatted(value, pattern, MISSING_IN_COST_TABLE) for value in table[column]]
     return table
+
+
+def _host_display(records: pd.DataFrame, methods: list[str]) -> dict | None:
+    table = host_overhead(records, methods)
+    if table.empty:
+        return None
+    rows = [[method, f"{r[HOST_MS]:.2f}", f"{100 * r[HOST_SHARE]:.1f}%"] for method, r in table.iterrows()]
+    return {"note": HOST_NOTE, **_table(["Method", HOST_MS, HOST_SHARE], rows)}
 
 
 ALTERNATIVES_SHOWN = 160  # characters of each output shown
@@ -438,7 +472,9 @@ def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path 
         "record_count": len(records),
         "speed": _frame_table(_speed_display(table), methods_manifest),
         "definitions": DEFINITIONS.format(baseline=baseline, resamples=BOOTSTRAP_RESAMPLES),
+        "spec_bench_relation": SPEC_BENCH_RELATION,
         "cost": _frame_table(_cost_table(ok, methods), methods_manifest),
+        "host": _host_display(ok, methods),
         "drafting": drafting_table(ok, methods),
         "alternatives": alternatives_table(ok, methods),
         "peers": _peer_display(peer_table(records, methods_manifest)),

@@ -9,15 +9,18 @@ from pathlib import Path
 import numpy as np
 
 from harness.instrument import Budget
+from harness.record import Counts, check_manifest, group_fields
 from harness.results import first_difference, read_records, record_key
 from harness.runner import RunConfig
 from harness.tables import bootstrap_interval
 from methods.base import Sampling
 
-COUNTS = ("new_tokens", "target_calls", "target_tokens", "draft_calls", "draft_tokens")
+# what must not change when the outputs do not: the hooks' counts (a count is exact, not a timing)
+COUNTS = ("new_tokens", *group_fields(Counts, int))
 
 
 def config_from_manifest(manifest: dict, out: str) -> RunConfig:
+    check_manifest(manifest)  # an unknown schema version is an error before anything runs
     settings = dict(manifest["settings"])
     settings["sampling"] = Sampling(**settings["sampling"])
     settings["budgets"] = [Budget(**b) for b in settings["budgets"]]
@@ -68,6 +71,9 @@ def compare_runs(old_dir: Path, new_dir: Path) -> Comparison:
 def _environment_diff(old_path: Path, new_path: Path) -> list[str]:
     old, new = json.loads(old_path.read_text()), json.loads(new_path.read_text())
     lines = []
+    versions = check_manifest(old, str(old_path)), check_manifest(new, str(new_path))
+    if versions[0] != versions[1]:
+        lines.append(f"record schema version: {versions[0]} -> {versions[1]}")
     for section in ("versions", "git"):
         for name in sorted(set(old.get(section, {})) | set(new.get(section, {}))):
             a, b = old.get(section, {}).get(name), new.get(section, {}).get(name)

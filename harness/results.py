@@ -1,4 +1,4 @@
-"""results.jsonl: one JSON record per method x item x turn (x repeat), appended atomically.
+"""results.jsonl: one JSON record (harness.record's schema) per method x item x turn (x repeat), appended atomically.
 
 A run killed mid-write leaves at most a partial last line; `ResultStore` drops it (and
 failed records, which are retried) when a run resumes, so nothing is lost or duplicated.
@@ -10,11 +10,12 @@ import os
 import warnings
 from pathlib import Path
 
-KEY_FIELDS = ("method", "suite", "item_id", "turn", "repeat", "budget")
-KEY_DEFAULTS = {"turn": 0, "repeat": 0, "budget": ""}
+from harness.record import KEY_DEFAULTS, KEY_FIELDS, SCHEMA_VERSION, Record, upgrade
 
 
-def record_key(record: dict) -> tuple:
+def record_key(record: dict | Record) -> tuple:
+    if isinstance(record, Record):
+        return tuple(getattr(record, k) for k in KEY_FIELDS)
     return tuple(record.get(k, KEY_DEFAULTS.get(k)) for k in KEY_FIELDS)
 
 
@@ -26,7 +27,8 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 
 def read_records(path: Path) -> list[dict]:
-    """Every complete record; an unparsable line (an interrupted write) is skipped with a warning."""
+    """Every complete record, as the current schema's fields (`harness.record.upgrade`); an unparsable line
+    (an interrupted write) is skipped with a warning; a record of an unknown schema version is an error."""
     records = []
     if not path.is_file():
         return records
@@ -40,7 +42,7 @@ def read_records(path: Path) -> list[dict]:
         if not isinstance(record, dict):
             warnings.warn(f"{path}:{lineno}: skipping an unparsable record (an interrupted write?)", stacklevel=2)
             continue
-        records.append(record)
+        records.append(upgrade(record, f"{path}:{lineno}"))
     return records
 
 
@@ -70,8 +72,12 @@ class ResultStore:
     def get(self, key: tuple) -> dict | None:
         return self.done.get(key)
 
-    def append(self, record: dict) -> None:
-        """One write(2) of one line with O_APPEND, then fsync: a record is in the file whole or not at all."""
+    def append(self, record: Record | dict) -> None:
+        """One write(2) of one line with O_APPEND, then fsync: a record is in the file whole or not at all.
+        A dict (written now: the current schema version unless it says otherwise) goes through the schema too."""
+        if not isinstance(record, Record):
+            record = Record.from_json({"schema_version": SCHEMA_VERSION, **record})
+        record = record.to_json()
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:

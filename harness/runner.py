@@ -2,6 +2,7 @@
 harness (not the method) counting cost and checking lossless claims against `ar`."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 import traceback
@@ -26,6 +27,7 @@ from harness import models as model_specs
 from harness import quality, roofline
 from harness.instrument import Budget, PassCounter, registered_state_bytes, synchronize
 from harness.manifest import write_manifest
+from harness.record import LosslessCheck, Record
 from harness.results import ResultStore, first_difference, record_key
 from harness.trackers import EnergyTracker, PeakMemory
 from methods.base import BudgetExhausted, DecodeContext, Method, Sampling, get_method
@@ -203,32 +205,32 @@ class Runner:
             problems.append(f"trace has {len(accepted)} steps, harness counted {target_calls} target passes")
         return "; ".join(problems) or None
 
-    def _quality(self, item: Item, turn: int, prompt_ids: list[int], record: dict) -> dict:
+    def _quality(self, item: Item, turn: int, prompt_ids: list[int], record: Record) -> dict:
         """Output perplexity under the target and the category's task score. The perplexity pass runs after
         the record's counts and timings were taken, with the counter reset, so no budget or count sees it."""
         self.target_counter.reset()
-        perplexity = quality.output_perplexity(self.target.model, prompt_ids, record["output_ids"])
+        perplexity = quality.output_perplexity(self.target.model, prompt_ids, record.output_ids)
         references = quality.references_for_turn(item.reference, len(item.turns), turn)
-        score, metric = quality.task_score(item.category, record["output_text"], references)
+        score, metric = quality.task_score(item.category, record.output_text, references)
         return {"output_perplexity": perplexity, "task_score": score, "task_metric": metric}
 
     # ------------------------------------------------------------ lossless check
 
-    def _lossless_check(self, record: dict, prompt_ids: list[int]) -> dict | None:
-        reference = self.store.get(record_key({**record, "method": BASELINE}))
-        if reference is None or reference.get("prompt_sha") != record["prompt_sha"]:
+    def _lossless_check(self, record: Record, prompt_ids: list[int]) -> LosslessCheck | None:
+        reference = self.store.get(record_key(dataclasses.replace(record, method=BASELINE)))
+        if reference is None or reference.get("prompt_sha") != record.prompt_sha:
             return None  # no baseline, or an earlier turn already diverged so the prompts differ
-        ours, theirs = record["output_ids"], reference["output_ids"]
+        ours, theirs = record.output_ids, reference["output_ids"]
         position = first_difference(ours, theirs)
-        budget_cut = record["stop_reason"] == "budget" or reference["stop_reason"] == "budget"
+        budget_cut = record.stop_reason == "budget" or reference["stop_reason"] == "budget"
         # one being a prefix of the other is equality only when a budget cut the shorter one short;
         # otherwise one stopped early (EOS) where the other went on
         if position is None or (budget_cut and position == min(len(ours), len(theirs))):
-            return {"reference": BASELINE, "equal": True, "position": None, "margin": None, "numerical_tie": False}
+            return LosslessCheck(reference=BASELINE, equal=True)
         margin, relative = self._top2_margin(prompt_ids + theirs[:position])
         eps = TIE_EPSILON.get(self.target.info["dtype"], 1e-5)
-        return {"reference": BASELINE, "equal": False, "position": position, "margin": margin,
-                "relative_margin": relative, "numerical_tie": relative < eps}
+        return LosslessCheck(reference=BASELINE, equal=False, position=position, margin=margin,
+                             relative_margin=relative, numerical_tie=relative < eps)
 
     def _top2_margin(self, ids: list[int]) -> tuple[float, float]:
         """The target's top-1 minus top-2 logit after `ids` (one clean pass, not counted)."""
@@ -286,31 +288,30 @@ class Runner:
         return record_key({"method": name, "suite": self.cfg.suite, "item_id": item.item_id, "turn": turn,
                            "repeat": repeat, "budget": budget.label})
 
-    def _record(self, name: str, item: Item, turn: int, repeat: int = 0, budget: Budget = Budget()) -> dict:
-        record = {"method": name, "suite": self.cfg.suite, "category": item.category, "item_id": item.item_id,
-                  "turn": turn, "repeat": repeat, "budget": budget.label, **asdict(budget),
-                  "temperature": self.cfg.sampling.temperature,
-                  "seed": item_seed(self.cfg.sampling.seed, item.item_id, turn, repeat), "error": None,
-                  "lossless_check": None}
+    def _record(self, name: str, item: Item, turn: int, repeat: int = 0, budget: Budget = Budget()) -> Record:
+        record = Record(method=name, suite=self.cfg.suite, category=item.category, subcategory=item.subcategory,
+                        item_id=item.item_id, item_turns=len(item.turns), turn=turn, repeat=repeat,
+                        budget=budget.label, **asdict(budget), temperature=self.cfg.sampling.temperature,
+                        seed=item_seed(self.cfg.sampling.seed, item.item_id, turn, repeat))
         try:
             answers = [self.store.get(self._key(name, item, t, repeat, budget)) for t in range(turn)]
             if any(a is None for a in answers):
                 raise RuntimeError("an earlier turn of this item failed; the conversation cannot go on")
             prompt_ids = encode_chat(self.target.tokenizer, item.messages(turn, [a["output_text"] for a in answers]))
-            record["prompt_tokens"] = len(prompt_ids)
-            record["prompt_sha"] = hashlib.sha1(str(prompt_ids).encode()).hexdigest()[:16]
-            record.update(self._generate(self.methods[name], prompt_ids, record["seed"], self.cfg.max_new_tokens,
+            record.prompt_tokens = len(prompt_ids)
+            record.prompt_sha = hashlib.sha1(str(prompt_ids).encode()).hexdigest()[:16]
+            record.update(self._generate(self.methods[name], prompt_ids, record.seed, self.cfg.max_new_tokens,
                                          budget))
-            record["output_text"] = self.target.tokenizer.decode(record["output_ids"], skip_special_tokens=True)
+            record.output_text = self.target.tokenizer.decode(record.output_ids, skip_special_tokens=True)
             record.update(self._quality(item, turn, prompt_ids, record))
-            record["alternatives_text"] = [self.target.tokenizer.decode(a, skip_special_tokens=True)
-                                           for a in record["alternatives"]]
+            record.alternatives_text = [self.target.tokenizer.decode(a, skip_special_tokens=True)
+                                        for a in record.alternatives]
             if self.methods[name].lossless and self.cfg.sampling.greedy and name != BASELINE:
-                record["lossless_check"] = self._lossless_check(record, prompt_ids)
+                record.lossless_check = self._lossless_check(record, prompt_ids)
         except Exception as err:  # noqa: BLE001 - recorded, and the run goes on
             if isinstance(err, torch.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            record["error"] = f"{type(err).__name__}: {err}"
-            record["traceback"] = traceback.format_exc(limit=8)
-            self.console.print(f"[red]{name} {item.item_id} turn {turn}: {escape(record['error'])}[/]")
+            record.error = f"{type(err).__name__}: {err}"
+            record.traceback = traceback.format_exc(limit=8)
+            self.console.print(f"[red]{name} {item.item_id} turn {turn}: {escape(record.error)}[/]")
         return record

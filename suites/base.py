@@ -17,6 +17,7 @@ class Item:
     category: str
     turns: tuple[str, ...]
     reference: tuple[str, ...] | None = None
+    subcategory: str | None = None  # a finer label within the category (MT-bench's 'writing' under mt_bench)
 
     def messages(self, turn: int, answers: list[str]) -> list[dict]:
         """The chat up to user turn `turn`, earlier turns answered by the model's own `answers`."""

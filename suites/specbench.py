@@ -1,6 +1,8 @@
 """Spec-Bench-style generation tasks: six categories, multi-turn chat through the model's template.
 
 Data format is Spec-Bench's question.jsonl: question_id, category, turns, optional reference.
+Spec-Bench's own file labels its MT-bench questions (ids 81-160) with MT-bench's eight categories, which its
+evaluation/speed.py groups as `mt_bench`; so does this loader, keeping the label as the item's subcategory.
 The built-in set (suites/data/specbench.jsonl) was written for this project.
 """
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 from suites.base import Item, Suite, SuiteDataError, first_per_category, register
 
 CATEGORIES = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
+MT_BENCH_SUBCATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
 BUILTIN = Path(__file__).parent / "data" / "specbench.jsonl"
 
 
@@ -44,7 +47,11 @@ def load_questions(path: Path) -> list[Item]:
             reference = [reference]
         if reference is not None and not isinstance(reference, list):
             raise SuiteDataError(f"{where}: 'reference' must be a string or a list of strings")
-        items.append(Item(item_id, str(row["category"]), tuple(turns), tuple(map(str, reference)) if reference else None))
+        category, subcategory = str(row["category"]), None
+        if category in MT_BENCH_SUBCATEGORIES:
+            category, subcategory = "mt_bench", category
+        items.append(Item(item_id, category, tuple(turns), tuple(map(str, reference)) if reference else None,
+                          subcategory=subcategory))
     if not items:
         raise SuiteDataError(f"{path}: no questions")
     return items

@@ -1,20 +1,24 @@
 import json
 import math
 
+import pandas as pd
 import pytest
 
 from harness import report
 from harness.report import build_report, format_table_markdown
-from harness.tables import load_records, speed_table
+from harness.tables import host_overhead, load_records, speed_table
 
-# Hand-computed expectations for the synthetic run below (the errored sps record on m2 is excluded,
-# which also leaves ar's m2 record unmatched):
-#   mt_bench: ar (10 + 20) / 2 = 15,  sps (15 + 30) / 2 = 22.5  -> 1.50x
+# Hand-computed expectations for the synthetic run below, by Spec-Bench's speed.py definition: a question's
+# speed is its tokens summed over turns / its wall time summed over turns (64 tokens per record). The errored
+# sps record on m2 is excluded, which leaves ar's m2 question unmatched.
+#   m1 (two turns): ar 128 / (6.4 + 3.2) = 13.33,  sps 128 / (4.267 + 2.133) = 20,  hf_assisted 128 / 8 = 16
+#   mt_bench: sps 20 / 13.33 -> 1.50x;  hf_assisted 16 / 13.33 -> 1.20x
 #   qa:       ar (10 + 30) / 2 = 20,  sps (20 + 60) / 2 = 40    -> 2.00x
-#   overall:  ar 70 / 4 = 17.5,       sps 125 / 4 = 31.25       -> 1.7857x (not the 1.75x mean of ratios)
+#   overall:  ar (13.33 + 10 + 30) / 3 = 17.78,  sps (20 + 20 + 60) / 3 = 33.33  -> 1.875x
+#             (a mean over turns instead of questions would give 31.25 / 17.5 = 1.79x)
 MT_BENCH_SPEEDUP = 1.5
 QA_SPEEDUP = 2.0
-OVERALL_SPEEDUP = 31.25 / 17.5
+OVERALL_SPEEDUP = (100 / 3) / ((128 / 9.6 + 40) / 3)
 
 
 def _record(method, category, item_id, turn, tokens_per_s, mean_accepted, **extra):
@@ -48,6 +52,7 @@ RECORDS = [
     _record("sps", "qa", "q2", 0, 60.0, 2.5, lossless_check={
         "reference": "ar", "equal": False, "position": 7, "margin": 0.5, "numerical_tie": False}),
     _record("hf_assisted", "mt_bench", "m1", 0, 12.0, 1.5),
+    _record("hf_assisted", "mt_bench", "m1", 1, 24.0, 1.5),
 ]
 
 MANIFEST = {
@@ -93,11 +98,12 @@ def test_speed_table_matches_hand_computation(records):
     assert table.loc["sps", "qa"] == pytest.approx(QA_SPEEDUP)
     assert table.loc["sps", "Overall speed-up"] == pytest.approx(OVERALL_SPEEDUP)
     assert table.loc["ar", ["mt_bench", "qa", "Overall speed-up"]].tolist() == pytest.approx([1.0, 1.0, 1.0])
-    # The errored record (999 tok/s, MAT 99) must not leak into any figure.
-    assert table.loc["sps", "Tokens/s"] == pytest.approx(31.25)
-    assert table.loc["sps", "#MAT"] == pytest.approx(2.5)
-    assert table.loc["ar", "Tokens/s"] == pytest.approx(34.0)
-    # hf_assisted only has m1 turn 0, matched against ar's 10 tok/s; no qa data at all.
+    # The errored record (999 tok/s, MAT 99) must not leak into any figure. Tokens/s: mean over the method's
+    # complete questions; #MAT pooled over steps: 256 tokens over 32 + 21 + 26 + 26 target calls.
+    assert table.loc["sps", "Tokens/s"] == pytest.approx(100 / 3)
+    assert table.loc["sps", "#MAT"] == pytest.approx(256 / 105)
+    assert table.loc["ar", "Tokens/s"] == pytest.approx((128 / 9.6 + 100 + 10 + 30) / 4)
+    # hf_assisted only has m1, matched against ar's; no qa data at all.
     assert table.loc["hf_assisted", "mt_bench"] == pytest.approx(1.2)
     assert math.isnan(table.loc["hf_assisted", "qa"])
 
@@ -119,7 +125,7 @@ def test_missing_baseline_leaves_tokens_per_s_only(records):
 def test_format_table_markdown(records):
     text = format_table_markdown(speed_table(records), MANIFEST["methods"])
     assert "| ar | 1.00x | 1.00x |" in text
-    assert "1.79x [" in text
+    assert "1.88x [" in text
     assert "hf_assisted (reference: transformers)" in text
     assert "| — |" in text  # hf_assisted has no qa speed-up
 
@@ -136,7 +142,7 @@ def test_build_report_writes_all_outputs(run_dir):
     assert "![Speed-up by category](speedup_by_category.png)" in markdown
     for text in (markdown, html):
         assert "synthetic-run" in text
-        assert "1.79x [" in text
+        assert "1.88x [" in text
         assert "(reference: transformers)" in text
         assert "Speed-up is Spec-Bench" in text
 
@@ -153,7 +159,7 @@ def test_report_lists_divergences_errors_and_missing_energy(run_dir):
     lossless = _section(markdown, "Lossless check")
     assert "3/4 outputs identical to ar" in lossless
     assert "| q2 | 0 | 7 | 0.5 | MISMATCH |" in lossless
-    assert "all 1 outputs identical to ar" in lossless  # hf_assisted
+    assert "all 2 outputs identical to ar" in lossless  # hf_assisted
 
     errors = _section(markdown, "Errors")
     assert "| sps | m2 | 0 | CUDA out of memory |" in errors
@@ -168,3 +174,23 @@ def test_missing_templates_give_a_clear_error(run_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(report, "TEMPLATE_DIR", tmp_path / "nowhere")
     with pytest.raises(FileNotFoundError, match="templates"):
         build_report(run_dir)
+
+
+def test_host_overhead_per_target_pass(tmp_path):
+    # host = wall - target passes - draft passes, pooled over records per target pass
+    timed = [
+        _record("ar", "qa", "q1", 0, 64.0, 1.0, wall_s=1.0, target_calls=4, target_pass_s=[0.2] * 4, draft_pass_s=[]),
+        _record("ar", "qa", "q2", 0, 64.0, 1.0, wall_s=1.0, target_calls=4, target_pass_s=[0.24] * 4, draft_pass_s=[]),
+        _record("sps", "qa", "q1", 0, 64.0, 2.0, wall_s=1.0, target_calls=2, target_pass_s=[0.3, 0.3],
+                draft_pass_s=[0.05] * 4),
+        _record("sps", "qa", "q2", 0, 64.0, 2.0, wall_s=1.0, target_calls=2, target_pass_s=[0.1, 0.1],
+                draft_pass_s=[0.05] * 4),
+    ]
+    table = host_overhead(pd.DataFrame(timed), ["ar", "sps"])
+    assert table.loc["ar", "Host ms/target pass"] == pytest.approx(1000 * (0.2 + 0.04) / 8)
+    assert table.loc["sps", "Host ms/target pass"] == pytest.approx(1000 * (0.2 + 0.6) / 4)
+    assert table.loc["sps", "Host share of wall time"] == pytest.approx(0.8 / 2)
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in timed))
+    (tmp_path / "manifest.json").write_text(json.dumps(MANIFEST))
+    host = _section((build_report(tmp_path) / "report.md").read_text(), "Host overhead")
+    assert "| sps | 200.00 | 40.0% |" in host and "wall time minus" in host

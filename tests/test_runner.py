@@ -9,13 +9,14 @@ import torch
 
 from harness.instrument import Budget
 from harness.manifest import ManifestMismatch
+from harness.record import SCHEMA_VERSION
 from harness.results import read_records
 from harness.runner import RunConfig, Runner
 from methods import base as method_base
 from methods.base import Method
 
 QUESTIONS = [
-    {"question_id": "chat-1", "category": "mt_bench", "turns": ["hello world", "the robot paints"]},
+    {"question_id": "chat-1", "category": "roleplay", "turns": ["hello world", "the robot paints"]},  # MT-bench's
     {"question_id": "qa-1", "category": "qa", "turns": ["the cat reads"], "reference": ["yes"]},
     {"question_id": "qa-2", "category": "qa", "turns": ["one plus two equals"], "reference": ["three"]},
     {"question_id": "x-1", "category": "poetry", "turns": ["red blue green house"]},
@@ -45,6 +46,9 @@ def test_full_run_counts_and_lossless_checks(model_dirs, data_file, tmp_path, ca
     assert len(records) == 5 * 5  # 5 methods x (1 two-turn item + 3 one-turn items)
     assert not [r for r in records if r["error"]]
     assert {r["category"] for r in records} == {"mt_bench", "qa", "poetry"}  # unknown category kept
+    assert {r["subcategory"] for r in records if r["category"] == "mt_bench"} == {"roleplay"}
+    assert {r["schema_version"] for r in records} == {SCHEMA_VERSION}
+    assert {(r["item_id"], r["item_turns"]) for r in records} == {("chat-1", 2), ("qa-1", 1), ("qa-2", 1), ("x-1", 1)}
     by_method = {}
     for r in records:
         by_method.setdefault(r["method"], []).append(r)
@@ -69,6 +73,7 @@ def test_full_run_counts_and_lossless_checks(model_dirs, data_file, tmp_path, ca
     for name in ("sps", "pld", "hf_generate", "hf_assisted"):
         assert {(r["item_id"], r["turn"]): r["output_ids"] for r in by_method[name]} == ar_out
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["schema_version"] == SCHEMA_VERSION
     assert manifest["methods"]["hf_assisted"]["reference"] is True
     assert manifest["target"]["kind"] == "folder" and manifest["versions"]["torch"]
     roof = manifest["roofline"]  # measured at the start of the run, for the report's roofline section
@@ -289,5 +294,8 @@ def test_method_state_is_measured_by_the_harness_and_self_drafts_count_as_draft(
     assert superposed["method_state_bytes"] > 0 and skip["output_perplexity"] > 1
     text = (build_report(out) / "report.md").read_text()
     assert "Method state (MiB)" in text and "Output perplexity" in text
+    host = text.split("## Host overhead")[1].split("## ")[0]  # from the per-pass times every record carries
+    assert all(f"| {name} |" in host for name in ("ar", "layer_skip", "superposed"))
+    assert "| stateful_test_method |" not in host  # it ran no forward pass: no time per pass to speak of
     section = text.split("## Multiple outputs")[1].split("## ")[0]
     assert "| superposed |" in section and "| 3 |" in section
