@@ -76,6 +76,7 @@ def cmd_run(args) -> int:
         budgets=_budgets(args.budget or (preset.budgets if preset else [])),
         settings=merged_settings(preset, explicit), device=args.device, dtype=args.dtype,
         warmup=not args.no_warmup, trackers=not args.no_trackers, repeats=args.repeats, out=out,
+        method_state=args.method_state, strict_counting=args.strict_counting,
     )
     try:
         run_dir = Runner(cfg, console).run()
@@ -323,6 +324,13 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     run.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
     run.add_argument("--repeats", type=int, default=1, help="run every record K times; the report shows the timing spread")
+    run.add_argument("--method-state", choices=["carry", "fresh"], default="carry",
+                     help="state stateful methods keep across prompts: carry = the papers' hot start over distinct "
+                          "items in run order; fresh = emptied before every item (every repeat and budget point "
+                          "of an item starts from the same state either way)")
+    run.add_argument("--strict-counting", action="store_true",
+                     help="fail a record whose method runs model parts outside a counted pass (or marks a pass "
+                          "as self-drafting that skips nothing) instead of counting it as uncounted work")
     run.add_argument("--no-warmup", action="store_true")
     run.add_argument("--no-trackers", action="store_true", help="no memory/energy samplers (to measure their cost)")
     run.add_argument("--out", help="run folder (default runs/<suite>-<time>); re-running on it resumes")

@@ -94,8 +94,8 @@ def predicted_seconds(record: dict, tables: dict[str, LatencyTable]) -> float | 
     draft_widths = record.get("draft_widths") or []
     if record.get("draft_calls") and len(draft_widths) != record["draft_calls"]:
         return None  # a record from before draft widths were kept: its draft cost is unknown
-    # passes a self-drafting method ran through the target come last; they cost the fraction of the
-    # target's layers they ran (the method reports it: it is a property of the skip set, not a timing)
+    # passes a self-drafting method ran through the target come last; each costs a target pass of its
+    # width scaled by the parameter bytes it ran over a full pass's (both measured by the harness's hooks)
     own = record.get("self_draft_calls") or 0
     model_widths, self_widths = draft_widths[: len(draft_widths) - own], draft_widths[len(draft_widths) - own:]
     if model_widths:
@@ -103,10 +103,10 @@ def predicted_seconds(record: dict, tables: dict[str, LatencyTable]) -> float | 
             return None
         total += sum(tables["draft"](w, context) for w in model_widths)
     if self_widths:
-        fraction = (record.get("extras") or {}).get("draft_layer_fraction")
-        if fraction is None:
-            return None
-        total += fraction * sum(tables["target"](w, context) for w in self_widths)
+        ran, full = record.get("self_draft_bytes") or [], record.get("target_pass_bytes")
+        if len(ran) != len(self_widths) or not full:
+            return None  # a record from before the harness measured self-draft passes: their cost is unknown
+        total += sum(b / full * tables["target"](w, context) for w, b in zip(self_widths, ran))
     return total if total > 0 else None
 
 

@@ -20,6 +20,10 @@ PACKAGES = ("decodebench", "torch", "transformers", "accelerate", "gguf", "token
             "matplotlib", "rich", "psutil", "nvidia-ml-py")
 
 
+# settings a resumed run may change: no figure of a finished record depends on them
+FREE_ON_RESUME = ("strict_counting",)
+
+
 class ManifestMismatch(RuntimeError):
     """The output folder holds a run with different settings; resuming would mix them."""
 
@@ -76,8 +80,10 @@ def write_manifest(out: Path, cfg, device: str, methods: dict, target, draft, ro
     if previous and check_manifest(previous, str(path)) != SCHEMA_VERSION:
         raise ManifestMismatch(f"{out} holds a run of record schema version {check_manifest(previous)}; this "
                                f"decodebench writes version {SCHEMA_VERSION}: use another --out to start a new run")
-    if previous and previous.get("settings") != json.loads(json.dumps(settings)):
-        changed = sorted(k for k in settings if previous["settings"].get(k) != json.loads(json.dumps(settings[k])))
+    now = {k: v for k, v in json.loads(json.dumps(settings)).items() if k not in FREE_ON_RESUME}
+    then = {k: v for k, v in (previous or {}).get("settings", {}).items() if k not in FREE_ON_RESUME}
+    if previous and then != now:
+        changed = sorted(k for k in now.keys() | then.keys() if then.get(k) != now.get(k))
         raise ManifestMismatch(
             f"{out} holds a run with different settings ({', '.join(changed)}); use another --out to start a new run"
         )
@@ -94,6 +100,9 @@ def write_manifest(out: Path, cfg, device: str, methods: dict, target, draft, ro
         "settings": settings,
         "sampling": asdict(cfg.sampling),
         "max_new_tokens": cfg.max_new_tokens,
+        # stateful methods' state across items: carry (hot start, in run order) or fresh; see harness/methodstate.py
+        "method_state": {"mode": cfg.method_state,
+                         "stateful": sorted(name for name, d in described.items() if d.get("stateful"))},
         "target": target.info,
         "draft": draft.info if draft else None,
         "device": device_description(device),

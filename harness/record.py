@@ -54,6 +54,7 @@ class Identity:
     seed: int | None = None  # this record's sampling seed
     method_state: Literal["carry", "fresh"] | None = None  # cross-prompt state carried over items, or reset
     state_items_seen: int | None = None  # earlier distinct items the method's cross-prompt state had seen
+    state_note: str | None = None  # why the state is not what a straight run would have had (a resume, a failure)
 
 
 @dataclass(kw_only=True)
@@ -98,6 +99,8 @@ class Counts:
     draft_widths: list[int] | None = _list()
     self_draft_calls: int | None = None  # of draft_calls: passes through the target with layers skipped
     self_draft_bytes: list[int] | None = _list()  # parameter bytes each self-draft pass ran
+    target_pass_bytes: int | None = None  # a full target pass's: the cost model prices self-drafts by the ratio
+    self_draft_unskipped: int | None = None  # passes marked as self-drafting that skipped no sublayer
     uncounted_calls: int | None = None  # model submodule calls outside a counted top-level pass
     uncounted_note: str | None = None
     mean_accepted: float | None = None  # new_tokens / target_calls, the bonus token counted

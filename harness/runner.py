@@ -25,8 +25,9 @@ from rich.progress import (
 
 from harness import models as model_specs
 from harness import quality, roofline
-from harness.instrument import Budget, PassCounter, registered_state_bytes, synchronize
+from harness.instrument import Budget, PassCounter, UncountedWork, registered_state_bytes, synchronize
 from harness.manifest import write_manifest
+from harness.methodstate import MODES, MethodStates
 from harness.record import LosslessCheck, Record
 from harness.results import ResultStore, first_difference, record_key
 from harness.trackers import EnergyTracker, PeakMemory
@@ -58,7 +59,18 @@ class RunConfig:
     warmup: bool = True
     trackers: bool = True  # memory and energy samplers
     repeats: int = 1  # runs of every record; timing spread over them (sampling: a new seed each)
+    # state stateful methods keep across prompts: "carry" (the papers' hot start over distinct items, in
+    # run order) or "fresh" (emptied before every item); every repeat and budget point of an (item, turn)
+    # starts from the same snapshot either way (harness/methodstate.py)
+    method_state: str = "carry"
+    # model work outside a counted pass (a method calling lm_head or a decoder layer itself), or a pass
+    # marked as self-drafting that skipped nothing: counted in the record, or, when strict, an error
+    strict_counting: bool = False
     out: str = "runs/latest"
+
+    def __post_init__(self) -> None:
+        if self.method_state not in MODES:
+            raise ValueError(f"method_state must be one of {', '.join(MODES)}; got {self.method_state!r}")
 
 
 def resolve_device(name: str) -> str:
@@ -102,6 +114,9 @@ class Runner:
         for name in ([BASELINE] if BASELINE in cfg.methods else []) + [m for m in cfg.methods if m != BASELINE]:
             self.methods[name] = get_method(name)(**cfg.settings.get(name, {}))  # errors before any loading
         self.items: list[Item] = get_suite(cfg.suite)(data=cfg.data).items(cfg.limit)
+        # what corpus-based methods build their stores from when their settings name no file: the turns'
+        # texts (never the references)
+        self.corpus: list[str] = [text for item in self.items for text in item.turns]
 
     # ------------------------------------------------------------ set-up
 
@@ -118,10 +133,11 @@ class Runner:
             self.draft = model_specs.load(cfg.draft, self.device, cfg.dtype)
             model_specs.check_same_tokenizer(self.target, self.draft)
         self.eos = model_specs.eos_ids(self.target)
-        self.target_counter = PassCounter(self.target.model, "target")
-        self.draft_counter = PassCounter(self.draft.model, "draft") if self.draft else None
+        strict = self.cfg.strict_counting
+        self.target_counter = PassCounter(self.target.model, "target", strict=strict)
+        self.draft_counter = PassCounter(self.draft.model, "draft", strict=strict) if self.draft else None
         # passes a self-drafting method runs through the target (layers skipped) are draft passes
-        self.self_draft_counter = PassCounter(self.target.model, "self-draft", self_draft=True)
+        self.self_draft_counter = PassCounter(self.target.model, "self-draft", self_draft=True, strict=strict)
 
     def _roofline(self) -> dict:
         """The device's bandwidth and matmul throughput (measured once per process) and the weight
@@ -134,8 +150,9 @@ class Runner:
     # ------------------------------------------------------------ one generation
 
     def _generate(self, method: Method, prompt_ids: list[int], seed: int, max_new_tokens: int,
-                  budget: Budget = Budget()) -> dict:
-        """Run the method once under the hooks; figures come from the harness's own counters."""
+                  budget: Budget = Budget(), state: dict | None = None) -> dict:
+        """Run the method once under the hooks; figures come from the harness's own counters. `state` is
+        the method's ctx.state (the dict it leaves is `self.state_left` afterwards)."""
         self.target_counter.reset(budget)
         drafters = [c for c in (self.draft_counter, self.self_draft_counter) if c]
         for counter in drafters:
@@ -144,6 +161,7 @@ class Runner:
             prompt_ids=list(prompt_ids), target=self.target.model, draft=self.draft.model if self.draft else None,
             sampling=Sampling(**{**asdict(self.cfg.sampling), "seed": seed}), max_new_tokens=max_new_tokens,
             eos_token_ids=self.eos, tokenizer=self.target.tokenizer,
+            state=state if state is not None else {}, corpus=self.corpus,
         )
         stop_note = None
         synchronize(self.target.model)
@@ -163,8 +181,14 @@ class Runner:
             stop_trackers = time.perf_counter()
         # Their own cost, outside `wall`: entering and leaving, plus their sampler threads' CPU time
         tracker_s = (start - entering) + (time.perf_counter() - stop_trackers) + memory.thread_cpu_s + energy.thread_cpu_s
+        self.state_left = ctx.state
         out = ctx.output
         tc = self.target_counter
+        uncounted, uncounted_note = self._uncounted()
+        unskipped = self.self_draft_counter.unskipped
+        if self.cfg.strict_counting and (uncounted or unskipped):  # the hooks raised; a method swallowed it
+            raise UncountedWork(f"uncounted model work: {uncounted_note}" if uncounted else
+                                f"{unskipped} passes marked as self-drafting ran every sublayer")
         if stop_note:
             stop = "budget"
         elif out and out[-1] in self.eos:
@@ -182,6 +206,12 @@ class Runner:
             "target_calls": tc.calls, "target_tokens": tc.tokens,
             "draft_calls": sum(c.calls for c in drafters), "draft_tokens": sum(c.tokens for c in drafters),
             "self_draft_calls": self.self_draft_counter.calls,  # of draft_calls: passes through the target
+            # parameter bytes each self-draft pass ran (sublayers that ran + final norm + head, measured by
+            # the hooks), and a full target pass's: the cost model prices a self-draft pass by their ratio
+            "self_draft_bytes": list(self.self_draft_counter.pass_bytes),
+            "target_pass_bytes": tc.full_pass_bytes,
+            "self_draft_unskipped": unskipped,  # passes marked as self-drafting that skipped no sublayer
+            "uncounted_calls": uncounted, "uncounted_note": uncounted_note,
             "method_state_bytes": registered_state_bytes(ctx.state),  # measured here, not reported by the method
             "extras": _extras(ctx), "alternatives": [list(a) for a in ctx.alternatives],
             "mean_accepted": len(out) / tc.calls if tc.calls else None,
@@ -191,6 +221,17 @@ class Runner:
             **energy.result, "stop_reason": stop, "budget_note": stop_note, "tracker_s": tracker_s,
             "energy_per_token_j": energy.result["energy_j"] / len(out) if energy.result["energy_j"] and out else None,
         }
+
+    def _uncounted(self) -> tuple[int, str | None]:
+        """Model parts called outside any counted pass in the generation: target's, then draft's."""
+        total, notes = 0, []
+        for prefix, counter in (("", self.target_counter), ("draft ", self.draft_counter)):
+            if counter is not None:
+                n, note = counter.watch.uncounted(prefix)
+                total += n
+                if note:
+                    notes.append(note)
+        return total, ", ".join(notes) or None
 
     @staticmethod
     def _check_trace(ctx: DecodeContext, target_calls: int) -> str | None:
@@ -252,6 +293,9 @@ class Runner:
     def run(self) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
         self.store = ResultStore(self.out)
+        self.states = MethodStates(self.out / "state", self.cfg.method_state,
+                                   [(item.item_id, turn) for item in self.items for turn in range(len(item.turns))],
+                                   attempts=self.cfg.repeats * len(self.cfg.budgets))
         todo = self.pending()
         if not todo:
             self.console.print(f"nothing to do: all records are in {self.store.path}")
@@ -274,13 +318,17 @@ class Runner:
                     warmed.add(name)
                 self.store.append(self._record(name, item, turn, repeat, budget))
                 progress.advance(task)
+        for name, error in self.states.save_errors.items():
+            self.console.print(f"[yellow]{name}: its method state could not be saved ({escape(error)}); "
+                               f"a resumed run cannot restore it[/]")
         return self.out
 
     def _warm_up(self, method: Method) -> None:
-        """One short untimed generation per method, so lazy initialisation is not timed."""
+        """One short untimed generation per method, so lazy initialisation is not timed. Its method state
+        is a throwaway empty dict: nothing it stores reaches a record."""
         ids = encode_chat(self.target.tokenizer, self.items[0].messages(0, []))
         try:
-            self._generate(method, ids, seed=0, max_new_tokens=min(4, self.cfg.max_new_tokens))
+            self._generate(method, ids, seed=0, max_new_tokens=min(4, self.cfg.max_new_tokens), state={})
         except Exception:  # noqa: BLE001 - a failing method fails again, recorded, in the timed run
             pass
 
@@ -292,16 +340,25 @@ class Runner:
         record = Record(method=name, suite=self.cfg.suite, category=item.category, subcategory=item.subcategory,
                         item_id=item.item_id, item_turns=len(item.turns), turn=turn, repeat=repeat,
                         budget=budget.label, **asdict(budget), temperature=self.cfg.sampling.temperature,
-                        seed=item_seed(self.cfg.sampling.seed, item.item_id, turn, repeat))
+                        seed=item_seed(self.cfg.sampling.seed, item.item_id, turn, repeat),
+                        method_state=self.cfg.method_state)
+        method = self.methods[name]
+        # the canonical attempt (repeat 0, first budget point) is the one whose state goes on to the next item
+        carries = method.stateful and repeat == 0 and budget == self.cfg.budgets[0]
         try:
+            state = None
+            if method.stateful:
+                state, record.state_items_seen, record.state_note = self.states.attempt(name, (item.item_id, turn))
             answers = [self.store.get(self._key(name, item, t, repeat, budget)) for t in range(turn)]
             if any(a is None for a in answers):
                 raise RuntimeError("an earlier turn of this item failed; the conversation cannot go on")
             prompt_ids = encode_chat(self.target.tokenizer, item.messages(turn, [a["output_text"] for a in answers]))
             record.prompt_tokens = len(prompt_ids)
             record.prompt_sha = hashlib.sha1(str(prompt_ids).encode()).hexdigest()[:16]
-            record.update(self._generate(self.methods[name], prompt_ids, record.seed, self.cfg.max_new_tokens,
-                                         budget))
+            record.update(self._generate(method, prompt_ids, record.seed, self.cfg.max_new_tokens, budget, state))
+            if carries:
+                self.states.carry(name, (item.item_id, turn), self.state_left)
+                carries = False
             record.output_text = self.target.tokenizer.decode(record.output_ids, skip_special_tokens=True)
             record.update(self._quality(item, turn, prompt_ids, record))
             record.alternatives_text = [self.target.tokenizer.decode(a, skip_special_tokens=True)
@@ -311,6 +368,8 @@ class Runner:
         except Exception as err:  # noqa: BLE001 - recorded, and the run goes on
             if isinstance(err, torch.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()
+            if carries:  # a failed attempt: the state goes on as it was before this item
+                self.states.carry(name, (item.item_id, turn), None)
             record.error = f"{type(err).__name__}: {err}"
             record.traceback = traceback.format_exc(limit=8)
             self.console.print(f"[red]{name} {item.item_id} turn {turn}: {escape(record.error)}[/]")

@@ -11,7 +11,6 @@ import importlib
 import pkgutil
 import types
 import typing
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -115,22 +114,8 @@ class DecodeContext:
         return kept
 
 
-SELF_DRAFT_FLAG = "_decodebench_self_drafting"
-
-
-@contextmanager
-def self_drafting(model: torch.nn.Module):
-    """Mark the passes a method runs through the target itself to draft (layers skipped, say): the
-    harness's hooks count them as draft passes, not as target passes that must each emit tokens."""
-    setattr(model, SELF_DRAFT_FLAG, True)
-    try:
-        yield model
-    finally:
-        setattr(model, SELF_DRAFT_FLAG, False)
-
-
-def is_self_drafting(model: torch.nn.Module) -> bool:
-    return bool(getattr(model, SELF_DRAFT_FLAG, False))
+# Self-drafting passes (the target run with sublayers skipped, to draft for itself) are marked by the
+# shared layer-skipping mechanism, methods.common.layerskip.skipping, not by methods.
 
 
 class SettingError(ValueError):

@@ -20,11 +20,11 @@ from harness.tables import load_records
 FIELDS_BY_VERSION = {
     1: ["schema_version", "method", "suite", "item_id", "turn", "repeat", "budget", "category", "subcategory",
         "item_turns", "max_target_calls", "max_target_tokens", "max_wall_s", "temperature", "seed", "method_state",
-        "state_items_seen", "prompt_tokens", "prompt_sha", "output_ids", "output_text", "new_tokens",
+        "state_items_seen", "state_note", "prompt_tokens", "prompt_sha", "output_ids", "output_text", "new_tokens",
         "stop_reason", "budget_note", "alternatives", "alternatives_text", "wall_s", "prefill_s", "decode_s",
         "tokens_per_s", "target_pass_s", "draft_pass_s", "tracker_s", "target_calls", "target_tokens",
         "target_widths", "draft_calls", "draft_tokens", "draft_widths", "self_draft_calls", "self_draft_bytes",
-        "uncounted_calls", "uncounted_note", "mean_accepted", "accept_lengths", "proposed_lengths", "trace_error",
+        "target_pass_bytes", "self_draft_unskipped", "uncounted_calls", "uncounted_note", "mean_accepted", "accept_lengths", "proposed_lengths", "trace_error",
         "extras", "peak_mem_bytes", "method_state_bytes", "energy_j", "energy_per_token_j", "energy_source",
         "energy_unavailable_reason", "avg_power_w", "gpu_util_pct", "gpu_mem_used_peak_bytes",
         "process_gpu_mem_peak_bytes", "samples", "output_perplexity", "task_score", "task_metric",

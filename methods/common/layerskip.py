@@ -4,6 +4,11 @@ No weights are touched. Inside `skipping(model, skip)` the listed attention / ML
 to the residual stream (their `forward` is replaced, on the instance, by one returning zeros; a whole
 skipped layer returns its input), and the original `forward` is put back on exit.
 
+Every pass inside `skipping` is a self-draft pass: the block marks the model as drafting, so the
+harness counts those passes as draft passes (not target passes that must each emit tokens) and checks
+them against its own hooks: the stand-in forwards below are how it tells a skipped sublayer from one
+that ran, and it prices each pass by the parameter bytes of the sublayers that ran.
+
 KV cache: the draft re-uses the target's cache and is cropped before verification. The target's cache
 holds full-model keys/values for every verified position; a draft pass appends entries only in the
 layers whose attention runs (so layers can differ in length while drafting), and `draft_chain` crops
@@ -18,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from methods.base import DecodeContext, self_drafting
+from methods.base import DecodeContext
 from methods.common.kv import crop, forward
 from methods.common.sampling import sample, warp
 
@@ -65,9 +70,25 @@ def _skipped_layer(hidden_states, *args, **kwargs):
     return hidden_states
 
 
+# the forwards a skipped module runs: the harness's hooks read a module's instance `forward` against these
+SKIPPED_FORWARDS = (_skipped_attention, _skipped_mlp, _skipped_layer)
+DRAFTING_FLAG = "_decodebench_self_drafting"
+
+
+def is_skipped(module: torch.nn.Module) -> bool:
+    """Whether `module` is skipped right now (its forward is one of the stand-ins)."""
+    return module.__dict__.get("forward") in SKIPPED_FORWARDS
+
+
+def is_self_drafting(model: torch.nn.Module) -> bool:
+    """Whether passes of `model` are drafting passes now (inside `skipping`)."""
+    return bool(model.__dict__.get(DRAFTING_FLAG, False))
+
+
 @contextmanager
 def skipping(model: torch.nn.Module, skip: SkipSet):
-    """Within the block, the model runs with `skip`'s sublayers removed from the residual stream."""
+    """Within the block, the model runs with `skip`'s sublayers removed from the residual stream, and
+    its passes are marked as self-drafting (the harness counts them as draft passes)."""
     layers = decoder_layers(model)
     skip.check(len(layers))
     patched = []
@@ -79,11 +100,14 @@ def skipping(model: torch.nn.Module, skip: SkipSet):
         elif i in skip.mlp:
             patched.append((layer.mlp, _skipped_mlp))
     saved = [(module, module.__dict__.get("forward")) for module, _ in patched]
+    was_drafting = model.__dict__.get(DRAFTING_FLAG, False)
     try:
         for module, replacement in patched:
             module.forward = replacement
+        model.__dict__[DRAFTING_FLAG] = True
         yield
     finally:
+        model.__dict__[DRAFTING_FLAG] = was_drafting
         for module, previous in saved:  # put back whatever was there (an accelerate hook, say)
             if previous is None:
                 del module.forward
@@ -102,7 +126,7 @@ def attended_length(cache: DynamicCache, skip: SkipSet) -> int:
 def skipped_forward(model: torch.nn.Module, tokens: list[int], cache: DynamicCache, skip: SkipSet,
                     keep: int | None = 1) -> torch.Tensor:
     """One draft pass over `tokens` after what `cache` holds, with `skip` applied; the logits of the
-    last `keep` tokens (all if None). Marked as drafting so the harness counts it as a draft pass.
+    last `keep` tokens (all if None). A self-draft pass: `skipping` marks it for the harness.
 
     Positions and the mask are given explicitly: the cache's first layer may be a skipped one whose
     length lags behind, and transformers would size both from it."""
@@ -114,7 +138,7 @@ def skipped_forward(model: torch.nn.Module, tokens: list[int], cache: DynamicCac
     mask = torch.ones(q, past + q, dtype=torch.bool, device=device)
     mask[:, past:] = torch.tril(mask[:, past:])
     kwargs = {"logits_to_keep": keep} if keep else {}
-    with self_drafting(model), skipping(model, skip):
+    with skipping(model, skip):
         out = forward(model, cache, input_ids=ids, position_ids=positions, attention_mask=mask[None, None], **kwargs)
     return out.logits[0]
 
