@@ -324,6 +324,24 @@ def _errors_table(records: pd.DataFrame) -> dict | None:
     return _table(["Method", "Item", "Turn", "Error"], rows)
 
 
+def _warnings_table(records: pd.DataFrame) -> dict | None:
+    """Records whose figures the harness could not fully vouch for: model work outside a counted pass,
+    passes marked as self-drafting that skipped nothing, or a method state that is not what a straight
+    run would have had (a resume that could not restore it)."""
+    rows = []
+    for r in records.itertuples():
+        notes = []
+        if (getattr(r, "uncounted_calls", 0) or 0) > 0:
+            notes.append(f"uncounted model work: {r.uncounted_note}")
+        if (getattr(r, "self_draft_unskipped", 0) or 0) > 0:
+            notes.append(f"{int(r.self_draft_unskipped)} self-draft passes skipped no sublayer (priced as full)")
+        if isinstance(getattr(r, "state_note", None), str):
+            notes.append(f"method state: {r.state_note}")
+        if notes:
+            rows.append([r.method, r.item_id, r.turn, r.repeat, r.budget or "—", "; ".join(notes)])
+    return _table(["Method", "Item", "Turn", "Repeat", "Budget", "Warning"], rows) if rows else None
+
+
 def _methods_table(manifest: dict, records: pd.DataFrame) -> dict:
     methods_manifest = manifest.get("methods", {})
     names = list(dict.fromkeys([*methods_manifest, *records["method"].dropna()]))
@@ -486,6 +504,7 @@ def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path 
         "roofline": _roofline_display(manifest, ok, baseline),
         "main_budget": label,
         "errors": _errors_table(records),
+        "warnings": _warnings_table(records),
         "methods": _methods_table(manifest, records),
         "quality": _quality_section(records, table, baseline, folder, methods_manifest),
     }

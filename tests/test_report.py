@@ -194,3 +194,19 @@ def test_host_overhead_per_target_pass(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps(MANIFEST))
     host = _section((build_report(tmp_path) / "report.md").read_text(), "Host overhead")
     assert "| sps | 200.00 | 40.0% |" in host and "wall time minus" in host
+
+
+def test_report_flags_uncounted_work_unskipped_self_drafts_and_lost_state(tmp_path):
+    flagged = [
+        _record("ar", "qa", "q1", 0, 10.0, 1.0),
+        _record("sps", "qa", "q1", 0, 20.0, 2.0, uncounted_calls=3, uncounted_note="lm_head x3"),
+        _record("ar", "qa", "q2", 0, 10.0, 1.0),
+        _record("sps", "qa", "q2", 0, 20.0, 2.0, self_draft_unskipped=2,
+                state_note="saved state not found on resume; started from empty"),
+    ]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in flagged))
+    (tmp_path / "manifest.json").write_text(json.dumps(MANIFEST))
+    warnings = _section((build_report(tmp_path) / "report.md").read_text(), "Counting and state warnings")
+    assert "| sps | q1 | 0 | 0 | — | uncounted model work: lm_head x3 |" in warnings
+    assert "2 self-draft passes skipped no sublayer" in warnings and "saved state not found" in warnings
+    assert "| ar |" not in warnings
