@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from methods.base import BudgetExhausted, DecodeContext, Sampling, get_method
+from methods.base import BudgetExhausted, DecodeContext, Sampling, SettingError, get_method
 from methods.common.beams import BeamCache, distinct_ngrams
 
 PROMPTS = [[4, 6, 9, 7, 8], [10, 11, 12, 10, 11, 12, 10, 11], [5, 5, 5, 20, 21]]
@@ -81,8 +81,8 @@ def test_diverse_beam_one_group_is_beam_search_and_lambda_adds_diversity(pair):
     low = decode("diverse_beam", target, PROMPTS[0], diversity_strength=0.0)[1].extras
     high = decode("diverse_beam", target, PROMPTS[0], diversity_strength=5.0)[1].extras
     assert high["beam_distinct_2"] > low["beam_distinct_2"]
-    with pytest.raises(ValueError, match="dividing"):
-        decode("diverse_beam", target, PROMPTS[0], num_beams=4, num_groups=3)
+    with pytest.raises(SettingError, match="num_groups must divide"):  # when built, before any pass
+        get_method("diverse_beam")(num_beams=4, num_groups=3)
 
 
 def test_distinct_ngrams():

@@ -95,14 +95,13 @@ def test_mjsd_accepts_the_longest_passing_prefix(pair):
     from methods.mjsd import MultiTokenJointSpeculativeDecoding, _DraftBeam
 
     method = MultiTokenJointSpeculativeDecoding()
-    method.vocab = 4
     tree = DraftTree()
     nodes = tree.add_path([1, 2, 3])
     # target probabilities of the drafted tokens: 0.5, then 0.1, then 1.0 -> joint 0.5, 0.05, 0.05
     logits = torch.log(torch.tensor([[0.2, 0.5, 0.2, 0.1], [0.3, 0.3, 0.1, 0.3],
                                      [0.0, 0.0, 0.0, 1.0], [0.25, 0.25, 0.25, 0.25]]).clamp_min(1e-30))
     log_q = torch.log(torch.tensor([0.6, 0.6 * 0.9, 0.6 * 0.9 * 0.09])).tolist()  # ratios .83, .09, 1.03
-    candidates = [[_DraftBeam(n, 1.0, lq)] for n, lq in zip(nodes, log_q)]
+    candidates = [[_DraftBeam(n, lq)] for n, lq in zip(nodes, log_q)]
     ctx = DecodeContext(prompt_ids=[0], target=pair[0], sampling=Sampling(temperature=1.0), max_new_tokens=5,
                         eos_token_ids=frozenset())
     path, _ = method._rule(ctx, tree, logits, candidates)
