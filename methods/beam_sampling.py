@@ -17,10 +17,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 from methods.base import DecodeContext, Paper, Settings, register, setting
-from methods.common.beams import BeamCache, BeamMethod, BeamRun, Hypothesis, Joint, by_mean_logprob, cut, finished, logprobs
+from methods.common.beams import (
+    BeamCache,
+    BeamMethod,
+    BeamRun,
+    Hypothesis,
+    by_mean_logprob,
+    cut,
+    finished,
+    joint,
+    logprobs,
+)
 
 DSBD_PAPER = Paper("Dynamic-Width Speculative Beam Decoding for Efficient LLM Inference (beam sampling baseline)",
                    arxiv="2409.16560", venue="AAAI 2025")
@@ -39,9 +47,9 @@ class BeamSampling(BeamMethod):
         beams, log_weights, done = [Hypothesis()], [0.0], []
         while True:
             logits = cache.feed(pending)[:, -1]
-            joint = Joint(logits, log_weights, ctx.sampling)
-            parents, tokens = joint.draw(self.config.num_beams, ctx.generator)
-            weights, logp = torch.stack([joint.at(parents, tokens), logprobs(logits, parents, tokens)]).tolist()
+            beam_joint = joint(logits, log_weights, ctx.sampling)
+            parents, tokens = beam_joint.draw(self.config.num_beams, ctx.generator)
+            weights, logp = beam_joint.at(parents, tokens), logprobs(logits, parents, tokens).tolist()
             beams = [beams[p].extended(t, lp) for p, t, lp in zip(parents, tokens, logp)]
             log_weights = []
             for beam, weight in zip(beams, weights):

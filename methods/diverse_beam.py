@@ -69,7 +69,8 @@ class DiverseBeamSearch(BeamMethod):
         """One beam-search step of a group on the diversity-augmented scores; returns its next running beams."""
         rows = [row for _, _, row in beams]
         penalty = torch.tensor([[counts.get(t, 0) for t in tokens[r].tolist()] for r in rows], dtype=torch.float32)
-        scores = values[rows] + torch.tensor([s for _, s, _ in beams])[:, None] - self.config.diversity_strength * penalty
+        lam = self.config.diversity_strength
+        scores = values[rows] + torch.tensor([s for _, s, _ in beams])[:, None] - lam * penalty
         width = tokens.shape[-1]
         top = torch.topk(scores.reshape(-1), k=min(2 * per_group, scores.numel()))
         nxt = []

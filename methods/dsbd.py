@@ -39,31 +39,46 @@ from dataclasses import dataclass
 import torch
 
 from methods.base import DecodeContext, Needs, Paper, SettingError, Settings, register, setting
-from methods.common.beams import BeamCache, BeamMethod, BeamRun, Hypothesis, Joint, by_mean_logprob, cut, finished, logprobs
+from methods.common.beams import (
+    BeamCache,
+    BeamMethod,
+    BeamRun,
+    Hypothesis,
+    by_mean_logprob,
+    cut,
+    finished,
+    joint,
+    logprobs,
+    rows_of,
+)
 from methods.common.sampling import on_target_vocab
 
 
-def residual_chain(p: torch.Tensor, q: torch.Tensor, draws: int) -> tuple[list[float], list[float], list[float]]:
+def residual_chain(p, q, draws: int) -> tuple[list[float], list[float], list[float]]:
     """The residuals after s = 0..draws rejections in a row, p_s = max(0, p - t_s q) / n_s, as (alphas, t, n):
     alphas[s] = sum(min(p_s, q)) is the acceptance probability of a draw after s rejections (s < draws).
+    p and q: tensors (on any device, any shape) or lists of floats, on the same entries.
 
     Closed form of p_{s+1} = residual(p_s, q): max(0, p_s - q) = max(0, p - (t_s + n_s) q) / n_s, so
     t_{s+1} = t_s + n_s, n_{s+1} = sum(max(0, p - t_{s+1} q)), and sum(min(p_s, q)) = 1 - n_{s+1} / n_s.
-    Where nothing is left (n_{s+1} = 0) `residual` keeps p_s: t and n stay. One pass over p per s, on p's
-    device, in p's dtype; one transfer of 3 x draws numbers at the end."""
-    n = p.sum()
-    t = torch.zeros((), dtype=p.dtype, device=p.device)
+    Where nothing is left (n_{s+1} = 0) `residual` keeps p_s: t and n stay. One pass over p per s."""
+    t, n = 0.0, float(sum(p)) if isinstance(p, list) else float(p.sum())
     alphas, ts, ns = [], [t], [n]
     for _ in range(draws):
-        t_next = t + n
-        n_next = (p - t_next * q).clamp_min(0).sum()
-        alphas.append(1 - n_next / n)
-        left = n_next > 0
-        t, n = torch.where(left, t_next, t), torch.where(left, n_next, n)
+        left = _excess(p, q, t + n)
+        alphas.append(1 - left / n)
+        if left > 0:
+            t, n = t + n, left
         ts.append(t)
         ns.append(n)
-    values = torch.stack(alphas + ts + ns).tolist()
-    return values[:draws], values[draws : 2 * draws + 1], values[2 * draws + 1 :]
+    return alphas, ts, ns
+
+
+def _excess(p, q, t: float) -> float:
+    """sum(max(0, p - t q))."""
+    if isinstance(p, list):
+        return sum(max(0.0, a - t * b) for a, b in zip(p, q))
+    return float(p.sub(q, alpha=t).clamp_min_(0).sum())
 
 
 def count_distribution(alphas: list[float]) -> torch.Tensor:
@@ -117,7 +132,7 @@ class _Level:
 
     parents: list[int]
     tokens: list[int]
-    q: Joint
+    q: object  # Joint or GreedyJoint
     q_drawn: list[float]
 
 
@@ -185,9 +200,9 @@ class DynamicWidthSpeculativeBeamDecoding(BeamMethod):
         for i in range(gamma):
             logits = on_target_vocab(cache.feed(pending)[:, -1], vocab)
             snapshots.append(cache)
-            q = Joint(logits, log_weights, ctx.sampling)
+            q = joint(logits, log_weights, ctx.sampling)
             parents, tokens = q.draw(self.config.max_width, ctx.generator)
-            q_drawn = q.at(parents, tokens).tolist()
+            q_drawn = q.at(parents, tokens)
             levels.append(_Level(parents, tokens, q, q_drawn))
             log_weights = [math.log(x) for x in q_drawn]
             if i < gamma - 1:
@@ -211,8 +226,7 @@ class DynamicWidthSpeculativeBeamDecoding(BeamMethod):
             width = width_rule(count_distribution(alphas), c.width_threshold, c.min_width)
             widths.append(width)
             v_of = [owner.get(parent, -1) for parent in level.parents]
-            p_drawn = [x if v >= 0 else 0.0 for x, v in
-                       zip(p.at([max(v, 0) for v in v_of], level.tokens).tolist(), v_of)]
+            p_drawn = [x if v >= 0 else 0.0 for x, v in zip(p.at([max(v, 0) for v in v_of], level.tokens), v_of)]
             accepted, s = [], 0  # s: rejections since the last acceptance, so p_cur = p_s
             for j, q_x in enumerate(level.q_drawn):
                 if len(accepted) == width:
@@ -226,7 +240,7 @@ class DynamicWidthSpeculativeBeamDecoding(BeamMethod):
             if len(accepted) < width:  # stop at this depth: accepted + residual sample + fresh samples of p
                 out = [(v_of[j], level.tokens[j]) for j in accepted][:n_final]
                 if len(out) < n_final:
-                    rest = p.with_probs((p.probs - t[s] * q_on_p).clamp_min(0)) if s else p
+                    rest = p.residual(q_on_p, t[s]) if s else p
                     out += zip(*rest.draw(1, generator))
                 if len(out) < n_final:
                     out += zip(*p.draw(n_final - len(out), generator))
@@ -267,18 +281,16 @@ class DynamicWidthSpeculativeBeamDecoding(BeamMethod):
         return snapshots[depth].select(rows), [[token] for _, token in keep]
 
 
-def _target_joint(ctx: DecodeContext, valid: list[_Beam], logits: torch.Tensor) -> tuple[Joint, torch.Tensor]:
+def _target_joint(ctx: DecodeContext, valid: list[_Beam], logits: torch.Tensor):
     """The target's joint over (valid beam, token) and the valid beams' logits (one gather of their rows)."""
-    rows = torch.tensor([b.row for b in valid], device=logits.device)
-    columns = torch.tensor([1 + b.node for b in valid], device=logits.device)  # column 0: after the pending token
-    p_logits = logits[rows, columns]
-    return Joint(p_logits, [b.log_weight for b in valid], ctx.sampling), p_logits
+    p_logits = rows_of(logits, [b.row for b in valid], [1 + b.node for b in valid])  # column 0: after the pending token
+    return joint(p_logits, [b.log_weight for b in valid], ctx.sampling), p_logits
 
 
-def _extend(valid: list[_Beam], p: Joint, p_logits: torch.Tensor, picks) -> list[tuple[_Beam, int]]:
+def _extend(valid: list[_Beam], p, p_logits: torch.Tensor, picks) -> list[tuple[_Beam, int]]:
     """New beams from (valid beam, token) picks: the token is added after the beam's base (it becomes pending)."""
     beams, tokens = [v for v, _ in picks], [t for _, t in picks]
-    weights, logp = torch.stack([p.at(beams, tokens), logprobs(p_logits, beams, tokens)]).tolist()
+    weights, logp = p.at(beams, tokens), logprobs(p_logits, beams, tokens).tolist()
     out = []
     for v, token, weight, lp in zip(beams, tokens, weights, logp):
         base = valid[v]
@@ -287,7 +299,7 @@ def _extend(valid: list[_Beam], p: Joint, p_logits: torch.Tensor, picks) -> list
     return out
 
 
-def _forest(beams: list[_Beam], levels: list[_Level]) -> tuple[list[list[tuple[int, int]]], list[list[tuple[int, int]]]]:
+def _forest(beams: list[_Beam], levels: list[_Level]):
     """Each target row's draft tree as (token, parent node) lists, shared prefixes merged; and for every
     draft beam of every depth its (row, node)."""
     forest: list[list[tuple[int, int]]] = [[] for _ in beams]

@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 
 from methods.base import DecodeContext, Method, Needs, Paper, SettingError, Settings, register, setting
-from methods.common.beams import Joint
+from methods.common.beams import argmax, joint
 from methods.common.sampling import next_token, on_target_vocab, warp
 from methods.common.tree import ROOT, DraftTree, TreeKV, TreeVerifier, row
 
@@ -93,10 +93,10 @@ class MultiTokenJointSpeculativeDecoding(Method):
             nodes = list(held)
             logits = on_target_vocab(draft.feed(tree, nodes if step else []), ctx.target.config.vocab_size)
             weight = {b.node: b.log_q for b in beams}
-            joint = Joint(logits, [weight[n] + math.log(held[n]) for n in nodes], ctx.sampling)
-            rows, tokens = joint.draw(self.config.beam_width, ctx.generator)
+            node_joint = joint(logits, [weight[n] + math.log(held[n]) for n in nodes], ctx.sampling)
+            rows, tokens = node_joint.draw(self.config.beam_width, ctx.generator)
             beams = []
-            for r, token, q in zip(rows, tokens, joint.per_beam_at(rows, tokens).tolist()):
+            for r, token, q in zip(rows, tokens, node_joint.per_beam_at(rows, tokens)):
                 node = tree.add(nodes[r], token)
                 log_q[node] = math.log(max(q, 1e-300))
                 beams.append(_DraftBeam(node, weight[nodes[r]] + log_q[node]))
@@ -127,11 +127,11 @@ class MultiTokenJointSpeculativeDecoding(Method):
 
 def _token_probs(logits: torch.Tensor, rows: list[int], tokens: list[int], ctx: DecodeContext) -> list[float]:
     """The probabilities the run samples from (temperature/top-k/top-p applied) of `tokens[i]` after
-    `rows[i]`: each distinct row warped once; greedy: 1 for the argmax token, else 0."""
-    distinct = sorted(set(rows))
-    at = torch.tensor([distinct.index(r) for r in rows], device=logits.device)
+    `rows[i]`, over the span of rows named (a view, no gather); greedy: 1 for the argmax token, else 0."""
+    low = min(rows)
+    block = logits[low : max(rows) + 1]
+    at = torch.tensor([r - low for r in rows], device=logits.device)
     wanted = torch.tensor(tokens, device=logits.device)
-    block = logits[torch.tensor(distinct, device=logits.device)]
     if ctx.sampling.greedy:
-        return (block.argmax(-1)[at] == wanted).float().tolist()
+        return (argmax(block)[at, 0] == wanted).float().tolist()
     return warp(block, ctx.sampling)[at, wanted].tolist()

@@ -14,6 +14,10 @@ each node sees the prefix, its ancestors and itself, at position prefix + depth 
 """
 from __future__ import annotations
 
+import bisect
+import copy
+import itertools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -68,21 +72,23 @@ class BeamCache:
     def select(self, rows: list[int], positions: list[list[int]] | None = None) -> BeamCache:
         """A new cache whose row j is old row `rows[j]` restricted to `positions[j]` (all rows the same count;
         default: every position). The old cache is left as it was."""
-        fresh = new_cache(self.model)
+        # a shallow copy keeps the layer kinds without re-reading the config; the tensors are replaced below
+        fresh = copy.copy(self.cache)
+        fresh.layers = [copy.copy(layer) for layer in self.cache.layers]
         index = torch.tensor(rows, dtype=torch.long)
         gather = None
         if positions is not None:
             if len({len(p) for p in positions}) > 1:
                 raise ValueError("every beam must keep the same number of positions")
             gather = torch.tensor(positions, dtype=torch.long)
-        for layer_idx, layer in enumerate(self.cache.layers):
-            keys, values = layer.keys.index_select(0, index.to(layer.keys.device)), None
+        for layer in fresh.layers:
+            keys = layer.keys.index_select(0, index.to(layer.keys.device))
             values = layer.values.index_select(0, index.to(layer.values.device))
             if gather is not None:
                 g = gather.to(keys.device)[:, None, :, None]
                 keys = keys.gather(2, g.expand(-1, keys.shape[1], -1, keys.shape[3]))
                 values = values.gather(2, g.expand(-1, values.shape[1], -1, values.shape[3]))
-            fresh.update(keys, values, layer_idx)
+            layer.keys, layer.values = keys, values
         return BeamCache(self.model, fresh)
 
 
@@ -218,83 +224,131 @@ def report_diversity(ctx: DecodeContext, final_beams: list[Hypothesis]) -> None:
 # ---------------------------------------------------------------- the beams' joint distribution
 
 
+def rows_of(logits: torch.Tensor, rows: list[int], columns: list[int] | None = None) -> torch.Tensor:
+    """logits[rows] (R x V) or logits[rows, columns] (R x C x V -> R x V): a view where the rows are all of
+    them in order (the common case), else one gather."""
+    if rows == list(range(logits.shape[0])) and (columns is None or len(set(columns)) == 1):
+        return logits if columns is None else logits[:, columns[0]]
+    index = torch.tensor(rows, device=logits.device)
+    return logits[index] if columns is None else logits[index, torch.tensor(columns, device=logits.device)]
+
+
 def logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int]) -> torch.Tensor:
     """The target's raw log-probabilities (no temperature) of `tokens[i]` after row `rows[i]` of `logits`
-    (R x V): what hypotheses are ranked by. One log-sum-exp per row, no full log-softmax."""
-    index = torch.tensor(rows, device=logits.device)
-    picked = logits[index, torch.tensor(tokens, device=logits.device)]
-    return picked - torch.logsumexp(logits, -1)[index]
+    (R x V): what hypotheses are ranked by. One fused log-softmax (cheaper than logsumexp on a CPU) over
+    the rows named."""
+    distinct = sorted(set(rows))
+    at = torch.tensor([distinct.index(r) for r in rows], device=logits.device)
+    return torch.log_softmax(rows_of(logits, distinct), -1)[at, torch.tensor(tokens, device=logits.device)]
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1, keepdim=True), the same (first) index. On a CPU in two stages -- the first block of
+    128 holding the maximum, then the maximum in it -- since torch's CPU argmax is not vectorised and
+    amax is (7x faster on 4 x 152k); elsewhere one kernel."""
+    if logits.device.type != "cpu" or logits.shape[-1] % 128:
+        return logits.argmax(-1, keepdim=True)
+    blocks = logits.reshape(*logits.shape[:-1], -1, 128)
+    best = blocks.amax(-1).argmax(-1, keepdim=True)
+    inner = blocks.gather(-2, best[..., None].expand(*best.shape, 128)).argmax(-1)
+    return best * 128 + inner
+
+
+BLOCK = 256  # entries per block in `draw_flat`'s first stage
 
 
 def draw_flat(probs: torch.Tensor, count: int, generator: torch.Generator) -> list[int]:
     """`count` i.i.d. draws (with replacement) from a 1-D distribution, on its device: one uniform double
     per draw from the CPU `generator` (runs repeat across devices), the first index whose cumulative
-    probability passes it. Float64 cumulative sums: in float32 a 600k-entry prefix sum drifts by ~1e-4."""
+    probability passes it. Two stages, which block of BLOCK entries and then which entry in it, so that
+    prefix sums run over the block totals and the `count` drawn blocks, not all entries (a sequential scan
+    on a CPU). Float64 sums: in float32 a 600k-entry prefix sum drifts by ~1e-5."""
     u = torch.rand(count, dtype=torch.float64, generator=generator).to(probs.device)
-    cumulative = probs.double().cumsum(0)
-    index = torch.searchsorted(cumulative, u * cumulative[-1], right=True)
-    return index.clamp_max(probs.numel() - 1).tolist()
+    pad = -probs.numel() % BLOCK
+    blocks = (torch.nn.functional.pad(probs, (0, pad)) if pad else probs).view(-1, BLOCK)
+    totals = blocks.sum(-1, dtype=torch.float64)
+    ends = totals.cumsum(0)
+    mass = u * ends[-1]
+    block = torch.searchsorted(ends, mass, right=True).clamp_max(len(ends) - 1)
+    within = blocks[block].double().cumsum(-1)
+    entry = torch.searchsorted(within, (mass - ends[block] + totals[block])[:, None], right=True)[:, 0]
+    return (block * BLOCK + entry.clamp_max(BLOCK - 1)).clamp_max(probs.numel() - 1).tolist()
+
+
+def joint(logits: torch.Tensor, log_weights: list[float], sampling: Sampling) -> Joint | GreedyJoint:
+    """The beams' joint distribution over (beam, token): beam weight x the beam's next-token distribution
+    (the run's temperature/top-k/top-p applied per beam), normalised -- what beam sampling draws from.
+    `logits` has one row per beam; `log_weights` are the beams' log-probabilities (any common offset)."""
+    top = max(log_weights)
+    weights = [math.exp(w - top) for w in log_weights]  # relative weights: no underflow
+    if sampling.greedy:
+        total = sum(weights)
+        return GreedyJoint(argmax(logits)[:, 0].tolist(), [w / total for w in weights])
+    per_beam = warp(logits, sampling)  # rows sum to 1, so the joint's total is the weights' (one pass, no sum)
+    total = sum(weights)
+    return Joint(torch.tensor([w / total for w in weights], device=per_beam.device)[:, None] * per_beam, per_beam)
 
 
 class Joint:
-    """A distribution over (beam, token) pairs: beam weight x the beam's next-token distribution (the
-    run's temperature/top-k/top-p applied per beam), normalised -- what beam sampling draws from.
+    """A joint distribution over (beam, token) on the model's device: `probs` (beams x V) and each beam's
+    own next-token distribution `per_beam`. Read back only at the entries asked for."""
 
-    Greedy runs keep it compact: each beam's next-token distribution is one-hot, so a beam has one column,
-    its argmax token (`tokens`, R x 1), and nothing over the full vocabulary is built. Sampling runs keep
-    all of it (`tokens` None: column c is token c). `per_beam` is each beam's own distribution, `probs`
-    the joint; both R x C on the logits' device."""
-
-    def __init__(self, logits: torch.Tensor, log_weights: list[float], sampling: Sampling,
-                 tokens: torch.Tensor | None = None, per_beam: torch.Tensor | None = None) -> None:
-        if per_beam is None:
-            if sampling.greedy:
-                tokens = logits.argmax(-1, keepdim=True)
-                per_beam = torch.ones(tokens.shape, device=logits.device)
-            else:
-                per_beam = warp(logits, sampling)
-        self.tokens, self.per_beam = tokens, per_beam
-        log_w = torch.tensor(log_weights, dtype=torch.float32, device=per_beam.device)
-        joint = (log_w - log_w.max()).exp()[:, None] * per_beam  # relative weights: no underflow
-        self.probs = joint / joint.sum()
-
-    def with_probs(self, probs: torch.Tensor) -> Joint:
-        """The same (beam, token) entries with other probabilities (normalised here)."""
-        out = Joint.__new__(Joint)
-        out.tokens, out.per_beam, out.probs = self.tokens, probs, probs / probs.sum()
-        return out
+    def __init__(self, probs: torch.Tensor, per_beam: torch.Tensor | None = None) -> None:
+        self.probs, self.per_beam = probs, per_beam
 
     def draw(self, count: int, generator: torch.Generator) -> tuple[list[int], list[int]]:
-        """`count` i.i.d. (beam, token) draws, as (beams, tokens). A single draw over the full vocabulary is
+        """`count` i.i.d. (beam, token) draws, as (beams, tokens). One draw from one beam's distribution is
         made as `sample` makes it, so that one beam consumes the generator exactly as `ar` and `sps` do."""
-        columns = self.probs.shape[-1]
+        rows, vocab = self.probs.shape
         flat = self.probs.reshape(-1)
-        picks = [sample(flat, generator)] if count == 1 and self.tokens is None else draw_flat(flat, count, generator)
-        beams = [i // columns for i in picks]
-        if self.tokens is None:
-            return beams, [i % columns for i in picks]
-        return beams, self.tokens.reshape(-1)[torch.tensor(picks, device=self.tokens.device)].tolist()
+        picks = [sample(flat, generator)] if count == 1 and rows == 1 else draw_flat(flat, count, generator)
+        return [i // vocab for i in picks], [i % vocab for i in picks]
 
-    def _lookup(self, table: torch.Tensor, beams: list[int], tokens: list[int]) -> torch.Tensor:
-        index = torch.tensor(beams, device=table.device)
-        wanted = torch.tensor(tokens, device=table.device)
-        if self.tokens is None:
-            return table[index, wanted]
-        return (table[index] * (self.tokens[index] == wanted[:, None])).sum(-1)
-
-    def at(self, beams: list[int], tokens: list[int]) -> torch.Tensor:
+    def at(self, beams: list[int], tokens: list[int]) -> list[float]:
         """The joint probabilities of the (beams[i], tokens[i]) pairs."""
-        return self._lookup(self.probs, beams, tokens)
+        return _entries(self.probs, beams, tokens)
 
-    def per_beam_at(self, beams: list[int], tokens: list[int]) -> torch.Tensor:
+    def per_beam_at(self, beams: list[int], tokens: list[int]) -> list[float]:
         """Each beam's own probability of its token: q(token | beam)."""
-        return self._lookup(self.per_beam, beams, tokens)
+        return _entries(self.per_beam, beams, tokens)
 
     def on(self, beams: list[int], other: Joint) -> torch.Tensor:
-        """This joint's probabilities on `other`'s entries, where other's beam i is this one's `beams[i]`
-        (len(beams) x other's columns); both built under the same sampling settings."""
-        index = torch.tensor(beams, device=self.probs.device)
-        if self.tokens is None:
-            return self.probs[index]
-        same = self.tokens[index][:, None, :] == other.tokens[:, :, None]
-        return (self.probs[index][:, None, :] * same).sum(-1)
+        """This joint's probabilities on `other`'s entries, other's beam i being this one's `beams[i]`."""
+        return rows_of(self.probs, beams)
+
+    def residual(self, q: torch.Tensor, t: float) -> Joint:
+        """normalise(max(0, probs - t q)), q on this joint's entries: what rejections leave to sample from."""
+        rest = self.probs.sub(q, alpha=t).clamp_min_(0)
+        return Joint(rest / rest.sum())
+
+
+class GreedyJoint:
+    """The joint distribution under greedy decoding, on the host: every beam's next-token distribution is
+    one-hot on its argmax (`tokens[r]`), so the joint is one number per beam (`probs[r]`) and nothing but
+    the argmax is computed over the vocabulary. The same interface as `Joint`."""
+
+    def __init__(self, tokens: list[int], probs: list[float]) -> None:
+        self.tokens, self.probs = tokens, probs
+
+    def draw(self, count: int, generator: torch.Generator) -> tuple[list[int], list[int]]:
+        ends = list(itertools.accumulate(self.probs))
+        beams = [min(bisect.bisect_right(ends, u * ends[-1]), len(ends) - 1)
+                 for u in torch.rand(count, dtype=torch.float64, generator=generator).tolist()]
+        return beams, [self.tokens[b] for b in beams]
+
+    def at(self, beams: list[int], tokens: list[int]) -> list[float]:
+        return [self.probs[b] if self.tokens[b] == t else 0.0 for b, t in zip(beams, tokens)]
+
+    def per_beam_at(self, beams: list[int], tokens: list[int]) -> list[float]:
+        return [1.0 if self.tokens[b] == t else 0.0 for b, t in zip(beams, tokens)]
+
+    def on(self, beams: list[int], other: GreedyJoint) -> list[float]:
+        return self.at(beams, other.tokens)
+
+    def residual(self, q: list[float], t: float) -> GreedyJoint:
+        rest = [max(0.0, p - t * x) for p, x in zip(self.probs, q)]
+        return GreedyJoint(self.tokens, [r / sum(rest) for r in rest])
+
+
+def _entries(table: torch.Tensor, rows: list[int], columns: list[int]) -> list[float]:
+    return table[torch.tensor(rows, device=table.device), torch.tensor(columns, device=table.device)].tolist()
