@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 
 from methods.base import DecodeContext, Paper, Settings, register, setting
-from methods.common.beams import BeamCache, BeamMethod, BeamRun, Hypothesis
+from methods.common.beams import BeamCache, BeamMethod, BeamRun, Hypothesis, topk
 
 UNREACHABLE = -1.0e9  # transformers' "never choose this" score
 
@@ -45,14 +45,14 @@ class BeamSearch(BeamMethod):
             length += 1  # new tokens in every candidate
             # the top `keep` of all (beam, token) pairs are among each beam's own top `keep`: one batched
             # topk per beam on the device, and only those candidates reach the host
-            top = torch.topk(logp, k=min(keep, logp.shape[-1]), dim=-1)
-            scores = (top.values + running_scores.to(logp.device)[:, None]).reshape(-1)
+            top_values, top_indices = topk(logp, min(keep, logp.shape[-1]))
+            scores = (top_values + running_scores.to(logp.device)[:, None]).reshape(-1)
             best = torch.topk(scores, k=min(keep, scores.numel()))
-            per_row = top.indices.shape[-1]
+            per_row = top_indices.shape[-1]
             rows = best.indices // per_row
             picked = torch.stack([best.values, rows.to(best.values.dtype),  # ids < 2**24: exact in float32
-                                  top.indices.reshape(-1)[best.indices].to(best.values.dtype),
-                                  top.values.reshape(-1)[best.indices]]).tolist()
+                                  top_indices.reshape(-1)[best.indices].to(best.values.dtype),
+                                  top_values.reshape(-1)[best.indices]]).tolist()
             top_scores = torch.tensor(picked[0])
             parents, tokens = [int(r) for r in picked[1]], [int(t) for t in picked[2]]
             hits = torch.tensor([t in ctx.eos_token_ids or length >= ctx.max_new_tokens for t in tokens])

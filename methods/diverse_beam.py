@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from methods.base import DecodeContext, Paper, SettingError, Settings, register, setting
-from methods.common.beams import BeamCache, BeamMethod, BeamRun, Hypothesis, by_mean_logprob
+from methods.common.beams import BeamCache, BeamMethod, BeamRun, Hypothesis, by_mean_logprob, topk
 
 
 @register("diverse_beam")
@@ -46,8 +46,8 @@ class DiverseBeamSearch(BeamMethod):
             logp = torch.log_softmax(cache.feed(pending)[:, -1], -1)
             # a group's best 2B/G candidates are among each row's top 2B/G + B tokens (the earlier groups
             # penalise at most B tokens): one batched topk on the device, the rest on those candidates
-            top = torch.topk(logp, k=min(2 * per_group + beams, logp.shape[-1]), dim=-1)
-            values, tokens = top.values.cpu(), top.indices.cpu()
+            values, tokens = topk(logp, min(2 * per_group + beams, logp.shape[-1]))
+            values, tokens = values.cpu(), tokens.cpu()
             counts: dict[int, int] = {}  # tokens the earlier groups chose at this step
             for g in range(groups):
                 running[g] = self._group_step(ctx, running[g], final[g], values, tokens, counts, per_group)

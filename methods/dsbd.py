@@ -116,6 +116,25 @@ def adaptive_width(p: torch.Tensor, q: torch.Tensor, draws: int, threshold: floa
     return width_rule(accepted_count_distribution(p, q, draws), threshold, min_width)
 
 
+def sequential_accept(p_drawn: list[float], q_drawn: list[float], t: list[float], n: list[float], width: int,
+                      generator: torch.Generator) -> tuple[list[int], int]:
+    """Try the draws in order until `width` are accepted: draw j (p and q at it: p_drawn[j], q_drawn[j]) is
+    accepted with min(1, p_cur / q), p_cur being p_s = max(0, p - t_s q) / n_s after s rejections in a row
+    (p itself after an acceptance; `residual_chain` gives t and n). Returns the accepted draws and the
+    final s (the residual p_s is what is left to sample from)."""
+    accepted, s = [], 0
+    for j, q_x in enumerate(q_drawn):
+        if len(accepted) == width:
+            break
+        u = float(torch.rand((), generator=generator))
+        if q_x > 0 and u * q_x < max(0.0, p_drawn[j] - t[s] * q_x) / n[s]:
+            accepted.append(j)
+            s = 0
+        else:
+            s += 1
+    return accepted, s
+
+
 @dataclass
 class _Beam:
     hyp: Hypothesis
@@ -227,16 +246,7 @@ class DynamicWidthSpeculativeBeamDecoding(BeamMethod):
             widths.append(width)
             v_of = [owner.get(parent, -1) for parent in level.parents]
             p_drawn = [x if v >= 0 else 0.0 for x, v in zip(p.at([max(v, 0) for v in v_of], level.tokens), v_of)]
-            accepted, s = [], 0  # s: rejections since the last acceptance, so p_cur = p_s
-            for j, q_x in enumerate(level.q_drawn):
-                if len(accepted) == width:
-                    break
-                u = float(torch.rand((), generator=generator))
-                if q_x > 0 and u * q_x < max(0.0, p_drawn[j] - t[s] * q_x) / n[s]:
-                    accepted.append(j)
-                    s = 0
-                else:
-                    s += 1
+            accepted, s = sequential_accept(p_drawn, level.q_drawn, t, n, width, generator)
             if len(accepted) < width:  # stop at this depth: accepted + residual sample + fresh samples of p
                 out = [(v_of[j], level.tokens[j]) for j in accepted][:n_final]
                 if len(out) < n_final:

@@ -128,3 +128,61 @@ def test_forest_pass_equals_causal_passes(pair):
         with torch.inference_mode():
             ref = target(torch.tensor([seq])).logits[0, -1].float()
         assert torch.allclose(out[r, -1], ref, atol=1e-4), r
+
+
+def test_settings_are_checked_when_built():
+    for name, settings, field in [("beam_search", {"num_beams": 0}, "num_beams"),
+                                  ("beam_search", {"early_stopping": "sometimes"}, "early_stopping"),
+                                  ("beam_sampling", {"num_beams": 0}, "num_beams"),
+                                  ("diverse_beam", {"diversity_strength": -1.0}, "diversity_strength")]:
+        with pytest.raises(SettingError, match=f"{name}.{field}"):
+            get_method(name)(**settings)
+
+
+def test_blocked_helpers_equal_torch_on_a_large_vocabulary():
+    """argmax and topk run in two stages on a CPU (block maxima first): the same indices and values as torch."""
+    from methods.common.beams import argmax, topk
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 151_936, generator=g)
+    x[1, 7] = x[1, 90_000] = 50.0  # a tie for the maximum: the first index wins, as in torch
+    assert torch.equal(argmax(x), x.argmax(-1, keepdim=True))
+    for k in (1, 6, 8):
+        values, index = topk(x, k)
+        expected = torch.topk(x, k, dim=-1)
+        assert torch.equal(values, expected.values) and torch.equal(x.gather(-1, index), expected.values)
+
+
+def test_draw_flat_samples_the_distribution_and_never_a_zero_entry():
+    from methods.common.beams import BLOCK, draw_flat
+
+    p = torch.zeros(3 * BLOCK + 17)
+    p[[1, 3, BLOCK - 1, BLOCK, 2 * BLOCK + 5, 3 * BLOCK + 16]] = torch.tensor([0.1, 0.3, 0.05, 0.25, 0.2, 0.1])
+    picks = torch.tensor(draw_flat(p, 100_000, torch.Generator().manual_seed(0)))
+    freq = torch.bincount(picks, minlength=len(p)).double() / len(picks)
+    assert freq[p == 0].sum() == 0
+    assert torch.allclose(freq, p.double(), atol=0.005)
+
+
+def test_greedy_joint_agrees_with_the_dense_one_hot_joint():
+    """Greedy runs keep the beams' joint on the host (one number per beam); the dense form of the same
+    one-hot distributions gives the same values, alignment and residual."""
+    from methods.common.beams import GreedyJoint, Joint, joint
+
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
+    log_w = [0.0, -1.0, -0.5]
+    greedy = joint(logits, log_w, Sampling())
+    assert isinstance(greedy, GreedyJoint) and greedy.tokens == logits.argmax(-1).tolist()
+    one_hot = torch.nn.functional.one_hot(logits.argmax(-1), 40).float()
+    w = torch.tensor(log_w).exp()
+    dense = Joint(w[:, None] * one_hot / w.sum(), one_hot)
+    beams, tokens = [0, 1, 2, 2], [greedy.tokens[0], greedy.tokens[1], greedy.tokens[2], 0]
+    assert greedy.at(beams, tokens) == pytest.approx(dense.at(beams, tokens))
+    assert greedy.per_beam_at(beams, tokens) == pytest.approx(dense.per_beam_at(beams, tokens))
+    other = GreedyJoint([greedy.tokens[1], 5, greedy.tokens[2]], [0.5, 0.3, 0.2])  # entries of another joint
+    aligned = greedy.on([1, 0, 2], other)
+    assert aligned == pytest.approx([float(dense.probs[1, other.tokens[0]]), float(dense.probs[0, 5]),
+                                     float(dense.probs[2, other.tokens[2]])])
+    drawn = greedy.draw(2000, torch.Generator().manual_seed(1))
+    share = torch.bincount(torch.tensor(drawn[0]), minlength=3).double() / 2000
+    assert torch.allclose(share, (w / w.sum()).double(), atol=0.04)

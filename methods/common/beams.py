@@ -236,10 +236,10 @@ def rows_of(logits: torch.Tensor, rows: list[int], columns: list[int] | None = N
 def logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int]) -> torch.Tensor:
     """The target's raw log-probabilities (no temperature) of `tokens[i]` after row `rows[i]` of `logits`
     (R x V): what hypotheses are ranked by. One fused log-softmax (cheaper than logsumexp on a CPU) over
-    the rows named."""
-    distinct = sorted(set(rows))
-    at = torch.tensor([distinct.index(r) for r in rows], device=logits.device)
-    return torch.log_softmax(rows_of(logits, distinct), -1)[at, torch.tensor(tokens, device=logits.device)]
+    the span of rows named (a view, no gather)."""
+    low = min(rows)
+    at = torch.tensor([r - low for r in rows], device=logits.device)
+    return torch.log_softmax(logits[low : max(rows) + 1], -1)[at, torch.tensor(tokens, device=logits.device)]
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -254,6 +254,18 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     return best * 128 + inner
 
 
+def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(x, k, dim=-1) (values, indices; sorted). On a CPU in two stages: the k largest values of
+    a row lie in the k blocks of 128 with the largest maxima (block maxima are a vectorised amax), so one
+    topk over those k x 128 candidates replaces a topk over the whole row (10x faster on 4 x 152k)."""
+    if x.device.type != "cpu" or x.shape[-1] % 128 or 2 * k * 128 > x.shape[-1]:
+        return torch.topk(x, k, dim=-1)
+    blocks = x.reshape(*x.shape[:-1], -1, 128)
+    best = blocks.amax(-1).topk(k, dim=-1).indices
+    values, at = blocks.gather(-2, best[..., None].expand(*best.shape, 128)).flatten(-2).topk(k, dim=-1)
+    return values, best.gather(-1, at // 128) * 128 + at % 128
+
+
 BLOCK = 256  # entries per block in `draw_flat`'s first stage
 
 
@@ -262,17 +274,20 @@ def draw_flat(probs: torch.Tensor, count: int, generator: torch.Generator) -> li
     per draw from the CPU `generator` (runs repeat across devices), the first index whose cumulative
     probability passes it. Two stages, which block of BLOCK entries and then which entry in it, so that
     prefix sums run over the block totals and the `count` drawn blocks, not all entries (a sequential scan
-    on a CPU). Float64 sums: in float32 a 600k-entry prefix sum drifts by ~1e-5."""
+    on a CPU). Prefix sums in float64 (in float32 a 600k-entry prefix sum drifts by ~1e-5); the block
+    totals themselves in float32 (256 entries each: exact to ~1e-7, the probabilities' own precision)."""
     u = torch.rand(count, dtype=torch.float64, generator=generator).to(probs.device)
     pad = -probs.numel() % BLOCK
     blocks = (torch.nn.functional.pad(probs, (0, pad)) if pad else probs).view(-1, BLOCK)
-    totals = blocks.sum(-1, dtype=torch.float64)
+    totals = blocks.sum(-1).double()
     ends = totals.cumsum(0)
     mass = u * ends[-1]
     block = torch.searchsorted(ends, mass, right=True).clamp_max(len(ends) - 1)
     within = blocks[block].double().cumsum(-1)
-    entry = torch.searchsorted(within, (mass - ends[block] + totals[block])[:, None], right=True)[:, 0]
-    return (block * BLOCK + entry.clamp_max(BLOCK - 1)).clamp_max(probs.numel() - 1).tolist()
+    # where in the block, as a fraction of its total: never past its last non-zero entry
+    share = ((mass - ends[block] + totals[block]) / totals[block]).clamp(0, 1)
+    entry = torch.searchsorted(within, (share * within[:, -1])[:, None], right=True)[:, 0]
+    return (block * BLOCK + entry.clamp_max(BLOCK - 1)).tolist()
 
 
 def joint(logits: torch.Tensor, log_weights: list[float], sampling: Sampling) -> Joint | GreedyJoint:
