@@ -47,6 +47,7 @@ from methods.common.beams import (
     by_mean_logprob,
     cut,
     finished,
+    first_of,
     joint,
     logprobs,
     rows_of,
@@ -142,6 +143,7 @@ class _Beam:
     row: int  # target cache row its tree hangs from
     node: int  # its node in that row's forest; -1 = the row's pending token
     draft_index: int  # its index among the draft beams of its depth (depth 0: the row)
+    key: object = None  # equal for beams holding the same sequence (beams drawn with replacement repeat)
 
 
 @dataclass
@@ -153,6 +155,7 @@ class _Level:
     tokens: list[int]
     q: object  # Joint or GreedyJoint
     q_drawn: list[float]
+    keys: list  # per draw: (its parent's key, its token) -- equal for draft beams holding the same sequence
 
 
 @register("dsbd")
@@ -183,7 +186,7 @@ class DynamicWidthSpeculativeBeamDecoding(BeamMethod):
         c, vocab = self.config, ctx.target.config.vocab_size
         target, draft = BeamCache(ctx.target), BeamCache(ctx.draft)
         target_pending, draft_pending = [list(ctx.prompt_ids)], [list(ctx.prompt_ids)]
-        beams = [_Beam(Hypothesis(), 0.0, 0, -1, 0)]
+        beams = [_Beam(Hypothesis(), 0.0, 0, -1, 0, 0)]
         done: list[Hypothesis] = []
         widths: list[int] = []
         while True:
@@ -207,22 +210,24 @@ class DynamicWidthSpeculativeBeamDecoding(BeamMethod):
             target, target_pending = self._target_cache(target, forest, keep, len(target_pending[0]))
             draft, draft_pending = self._draft_cache(draft, draft_pending, snapshots, levels, keep, depth,
                                                      all_accepted)
-            beams = [_Beam(b.hyp, b.log_weight, j, -1, j) for j, (b, _) in enumerate(keep)]
+            same = first_of([tuple(b.hyp.tokens) for b, _ in keep])
+            beams = [_Beam(b.hyp, b.log_weight, j, -1, j, same[j]) for j, (b, _) in enumerate(keep)]
 
     # ------------------------------------------------------------ draft: beam sampling, gamma steps
 
     def _draft(self, ctx, draft: BeamCache, pending, beams, gamma, vocab):
         """One `_Level` per depth i = 1..gamma, and the draft caches after each step (rows = draft beams of
         depth i-1, their own tokens included)."""
-        log_weights = [b.log_weight for b in beams]
+        log_weights, keys = [b.log_weight for b in beams], [b.key for b in beams]
         levels, snapshots, cache = [], [], draft
         for i in range(gamma):
             logits = on_target_vocab(cache.feed(pending)[:, -1], vocab)
             snapshots.append(cache)
-            q = joint(logits, log_weights, ctx.sampling)
+            q = joint(logits, log_weights, ctx.sampling, first_of(keys))
             parents, tokens = q.draw(self.config.max_width, ctx.generator)
             q_drawn = q.at(parents, tokens)
-            levels.append(_Level(parents, tokens, q, q_drawn))
+            keys = [(keys[parent], token) for parent, token in zip(parents, tokens)]
+            levels.append(_Level(parents, tokens, q, q_drawn, keys))
             log_weights = [math.log(x) for x in q_drawn]
             if i < gamma - 1:
                 cache, pending = cache.select(parents), [[t] for t in tokens]
@@ -238,7 +243,7 @@ class DynamicWidthSpeculativeBeamDecoding(BeamMethod):
         valid = beams  # the target's beams at depth i - 1
         for depth, level in enumerate(levels, start=1):
             # p: the target's joint over (valid beam, token); the draft beams no valid beam matches have p = 0
-            p, p_logits = _target_joint(ctx, valid, logits)
+            p, p_logits, p_rows = _target_joint(ctx, valid, logits)
             owner = {b.draft_index: v for v, b in enumerate(valid)}
             q_on_p = level.q.on([b.draft_index for b in valid], p)
             alphas, t, n = residual_chain(p.probs, q_on_p, c.max_width)
@@ -254,12 +259,13 @@ class DynamicWidthSpeculativeBeamDecoding(BeamMethod):
                     out += zip(*rest.draw(1, generator))
                 if len(out) < n_final:
                     out += zip(*p.draw(n_final - len(out), generator))
-                return _extend(valid, p, p_logits, out), depth - 1, False
-            logp = logprobs(p_logits, [v_of[j] for j in accepted], [level.tokens[j] for j in accepted]).tolist()
+                return _extend(valid, p, p_logits, p_rows, out), depth - 1, False
+            logp = logprobs(p_logits, [p_rows[v_of[j]] for j in accepted], [level.tokens[j] for j in accepted])
             valid = [_Beam(valid[v_of[j]].hyp.extended(level.tokens[j], lp), math.log(p_drawn[j]),
-                           valid[v_of[j]].row, node_of[depth - 1][j][1], j) for j, lp in zip(accepted, logp)]
-        p, p_logits = _target_joint(ctx, valid, logits)  # all accepted: W bonus beams from depth gamma + 1
-        return _extend(valid, p, p_logits, list(zip(*p.draw(n_final, generator)))), len(levels), True
+                           valid[v_of[j]].row, node_of[depth - 1][j][1], j, level.keys[j])
+                     for j, lp in zip(accepted, logp.tolist())]
+        p, p_logits, p_rows = _target_joint(ctx, valid, logits)  # all accepted: W bonus beams from depth gamma + 1
+        return _extend(valid, p, p_logits, p_rows, list(zip(*p.draw(n_final, generator)))), len(levels), True
 
     # ------------------------------------------------------------ caches for the next iteration
 
@@ -292,15 +298,20 @@ class DynamicWidthSpeculativeBeamDecoding(BeamMethod):
 
 
 def _target_joint(ctx: DecodeContext, valid: list[_Beam], logits: torch.Tensor):
-    """The target's joint over (valid beam, token) and the valid beams' logits (one gather of their rows)."""
-    p_logits = rows_of(logits, [b.row for b in valid], [1 + b.node for b in valid])  # column 0: after the pending token
-    return joint(p_logits, [b.log_weight for b in valid], ctx.sampling), p_logits
+    """The target's joint over (valid beam, token); the logits of the valid beams' distinct sequences (one
+    gather, or a view) and each valid beam's row in them."""
+    rows = first_of([b.key for b in valid])
+    distinct = sorted(set(rows))
+    # column 0 scores what follows a row's pending token, column 1 + k what follows node k
+    p_logits = rows_of(logits, [valid[v].row for v in distinct], [1 + valid[v].node for v in distinct])
+    p_rows = [distinct.index(r) for r in rows]
+    return joint(p_logits, [b.log_weight for b in valid], ctx.sampling, p_rows), p_logits, p_rows
 
 
-def _extend(valid: list[_Beam], p, p_logits: torch.Tensor, picks) -> list[tuple[_Beam, int]]:
+def _extend(valid: list[_Beam], p, p_logits: torch.Tensor, p_rows: list[int], picks) -> list[tuple[_Beam, int]]:
     """New beams from (valid beam, token) picks: the token is added after the beam's base (it becomes pending)."""
     beams, tokens = [v for v, _ in picks], [t for _, t in picks]
-    weights, logp = p.at(beams, tokens), logprobs(p_logits, beams, tokens).tolist()
+    weights, logp = p.at(beams, tokens), logprobs(p_logits, [p_rows[v] for v in beams], tokens).tolist()
     out = []
     for v, token, weight, lp in zip(beams, tokens, weights, logp):
         base = valid[v]

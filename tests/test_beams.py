@@ -186,3 +186,18 @@ def test_greedy_joint_agrees_with_the_dense_one_hot_joint():
     drawn = greedy.draw(2000, torch.Generator().manual_seed(1))
     share = torch.bincount(torch.tensor(drawn[0]), minlength=3).double() / 2000
     assert torch.allclose(share, (w / w.sum()).double(), atol=0.04)
+
+
+def test_joint_computes_a_repeated_beam_once():
+    """Beams holding the same sequence share a row: the joint equals the one over the repeated rows."""
+    from methods.common.beams import joint
+
+    logits = torch.randn(2, 30, generator=torch.Generator().manual_seed(0))
+    log_w, beams, tokens = [0.0, -0.3, -1.0], [0, 1, 2, 2], [3, 3, 7, 11]
+    for sampling in (Sampling(), Sampling(temperature=0.8, top_k=10)):
+        shared = joint(logits, log_w, sampling, rows=[0, 0, 1])
+        repeated = joint(logits[[0, 0, 1]], log_w, sampling)
+        greedy_tokens = logits.argmax(-1).tolist()
+        probe = tokens if not sampling.greedy else [greedy_tokens[0], greedy_tokens[0], greedy_tokens[1], 0]
+        assert shared.at(beams, probe) == pytest.approx(repeated.at(beams, probe))
+        assert shared.per_beam_at(beams, probe) == pytest.approx(repeated.per_beam_at(beams, probe))

@@ -225,12 +225,19 @@ def report_diversity(ctx: DecodeContext, final_beams: list[Hypothesis]) -> None:
 
 
 def rows_of(logits: torch.Tensor, rows: list[int], columns: list[int] | None = None) -> torch.Tensor:
-    """logits[rows] (R x V) or logits[rows, columns] (R x C x V -> R x V): a view where the rows are all of
-    them in order (the common case), else one gather."""
-    if rows == list(range(logits.shape[0])) and (columns is None or len(set(columns)) == 1):
-        return logits if columns is None else logits[:, columns[0]]
+    """logits[rows] (R x V) or logits[rows, columns] (R x C x V -> R x V): a view where the rows are a
+    contiguous ascending run (and the columns one), else one gather."""
+    if rows == list(range(rows[0], rows[0] + len(rows))) and (columns is None or len(set(columns)) == 1):
+        span = slice(rows[0], rows[0] + len(rows))
+        return logits[span] if columns is None else logits[span, columns[0]]
     index = torch.tensor(rows, device=logits.device)
     return logits[index] if columns is None else logits[index, torch.tensor(columns, device=logits.device)]
+
+
+def first_of(keys: list) -> list[int]:
+    """For each position, the first position with an equal key (beams holding the same sequence)."""
+    first: dict = {}
+    return [first.setdefault(key, i) for i, key in enumerate(keys)]
 
 
 def logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int]) -> torch.Tensor:
@@ -290,17 +297,26 @@ def draw_flat(probs: torch.Tensor, count: int, generator: torch.Generator) -> li
     return (block * BLOCK + entry.clamp_max(BLOCK - 1)).tolist()
 
 
-def joint(logits: torch.Tensor, log_weights: list[float], sampling: Sampling) -> Joint | GreedyJoint:
+def joint(logits: torch.Tensor, log_weights: list[float], sampling: Sampling,
+          rows: list[int] | None = None) -> Joint | GreedyJoint:
     """The beams' joint distribution over (beam, token): beam weight x the beam's next-token distribution
     (the run's temperature/top-k/top-p applied per beam), normalised -- what beam sampling draws from.
-    `logits` has one row per beam; `log_weights` are the beams' log-probabilities (any common offset)."""
+    `log_weights` are the beams' log-probabilities (any common offset); beam i's logits are
+    `logits[rows[i]]` (default: row i). Beams drawn with replacement repeat: beams holding one sequence
+    share a row (`first_of`), and each row named is computed once."""
     top = max(log_weights)
     weights = [math.exp(w - top) for w in log_weights]  # relative weights: no underflow
-    if sampling.greedy:
-        total = sum(weights)
-        return GreedyJoint(argmax(logits)[:, 0].tolist(), [w / total for w in weights])
-    per_beam = warp(logits, sampling)  # rows sum to 1, so the joint's total is the weights' (one pass, no sum)
     total = sum(weights)
+    rows = list(range(len(weights))) if rows is None else rows
+    distinct = sorted(set(rows))
+    block = rows_of(logits, distinct)
+    at = None if distinct == rows else [distinct.index(r) for r in rows]
+    if sampling.greedy:
+        tokens = argmax(block)[:, 0].tolist()
+        return GreedyJoint([tokens[a] for a in at] if at else tokens, [w / total for w in weights])
+    per_beam = warp(block, sampling)  # rows sum to 1, so the joint's total is the weights' (one pass, no sum)
+    if at:
+        per_beam = per_beam[torch.tensor(at, device=per_beam.device)]
     return Joint(torch.tensor([w / total for w in weights], device=per_beam.device)[:, None] * per_beam, per_beam)
 
 
