@@ -26,6 +26,7 @@ from methods.common.beams import (
     by_mean_logprob,
     cut,
     finished,
+    first_of,
     joint,
     logprobs,
 )
@@ -45,11 +46,14 @@ class BeamSampling(BeamMethod):
     def search(self, ctx: DecodeContext, run: BeamRun) -> None:
         cache, pending = BeamCache(ctx.target), [list(ctx.prompt_ids)]
         beams, log_weights, done = [Hypothesis()], [0.0], []
+        same = [0]  # per beam, the first beam holding the same sequence: draws repeat, their work is done once
         while True:
             logits = cache.feed(pending)[:, -1]
-            beam_joint = joint(logits, log_weights, ctx.sampling)
+            beam_joint = joint(logits, log_weights, ctx.sampling, same)
             parents, tokens = beam_joint.draw(self.config.num_beams, ctx.generator)
-            weights, logp = beam_joint.at(parents, tokens), logprobs(logits, parents, tokens).tolist()
+            weights = beam_joint.at(parents, tokens)
+            logp = logprobs(logits, [same[p] for p in parents], tokens).tolist()
+            same = first_of([(same[p], t) for p, t in zip(parents, tokens)])
             beams = [beams[p].extended(t, lp) for p, t, lp in zip(parents, tokens, logp)]
             log_weights = []
             for beam, weight in zip(beams, weights):
