@@ -4,8 +4,10 @@ nodes per row (tree attention through a 4D mask + position ids, so all beams and
 pass), row/position gathering, the beams' joint distribution (`Joint`: drawing from it, reading it), and
 the figures every beam method reports (diversity across its final beams).
 
-Hot-loop rules: distributions stay on the model's device in float32; beam weights are carried as logs;
-only the few drawn or ranked candidates reach the host, in one `.tolist()` per step.
+Hot loops: distributions over the vocabulary stay on the model's device in float32 (greedy decoding needs
+only each beam's argmax: its joint is one number per beam, kept on the host); beam weights are carried as
+logs; only the drawn or ranked candidates reach the host; beams drawn with replacement repeat, and a
+repeated beam's work is done once.
 
 Beams advance in lock-step (every beam of a method has the same length), which is what lets them
 share one batched cache. Note: methods/common/tree.py (issue 4) holds single-sequence token trees;
