@@ -14,21 +14,21 @@ Not lossless: it samples sequences in proportion to their joint probability, not
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-import torch
-
-from methods.base import BudgetExhausted, DecodeContext, Method, Paper, register
+from methods.base import DecodeContext, Paper, Settings, register, setting
 from methods.common.beams import (
     BeamCache,
+    BeamMethod,
+    BeamRun,
     Hypothesis,
-    best_by_mean_logprob,
+    by_mean_logprob,
     cut,
-    draw,
-    emit_per_pass,
     finished,
-    joint_probs,
-    report_diversity,
+    first_of,
+    joint,
+    logprobs,
 )
 
 DSBD_PAPER = Paper("Dynamic-Width Speculative Beam Decoding for Efficient LLM Inference (beam sampling baseline)",
@@ -36,47 +36,33 @@ DSBD_PAPER = Paper("Dynamic-Width Speculative Beam Decoding for Efficient LLM In
 
 
 @register("beam_sampling")
-class BeamSampling(Method):
+class BeamSampling(BeamMethod):
     paper = DSBD_PAPER
-    lossless = False
 
     @dataclass
-    class Config:
-        num_beams: int = 4  # the widest beam-sampling baseline in DSBD's experiments (2, 3, 4)
+    class Config(Settings):
+        num_beams: int = setting(4, "beams (K): draws per step; DSBD's widest beam-sampling baseline is 4", low=1)
 
-    def generate(self, ctx: DecodeContext) -> list[int]:
-        k = self.config.num_beams
-        if k < 1:
-            raise ValueError("beam_sampling needs num_beams >= 1")
+    def search(self, ctx: DecodeContext, run: BeamRun) -> None:
         cache, pending = BeamCache(ctx.target), [list(ctx.prompt_ids)]
-        beams, weights, done, steps = [Hypothesis()], torch.ones(1), [], 0
-        try:
-            while True:
-                logits = cache.feed(pending)[:, -1]
-                steps += 1
-                logp = torch.log_softmax(logits, -1).cpu()
-                joint = joint_probs(weights, logits, ctx.sampling).cpu()
-                picks = draw(joint, k, ctx.generator)
-                vocab = logits.shape[-1]
-                parents, tokens = [i // vocab for i in picks], [i % vocab for i in picks]
-                beams = [beams[p].extended(t, float(logp[p, t])) for p, t in zip(parents, tokens)]
-                weights = joint[torch.tensor(picks)]
-                for i, beam in enumerate(beams):
-                    if finished(beam, ctx):
-                        done.append(cut(beam, ctx))
-                        weights[i] = 0.0  # a finished beam is not extended
-                if bool((weights == 0).all()):
-                    break
-                cache = cache.select(parents)
-                pending = [[t] for t in tokens]
-        except BudgetExhausted:
-            self._finish(ctx, done, beams, steps)
-            raise
-        self._finish(ctx, done, beams, steps)
-        return ctx.output
-
-    @staticmethod
-    def _finish(ctx: DecodeContext, done: list[Hypothesis], beams: list[Hypothesis], steps: int) -> None:
-        pool = done or [cut(b, ctx) for b in beams]  # a budget stop: the live beams so far
-        report_diversity(ctx, [cut(b, ctx) for b in beams])
-        emit_per_pass(ctx, best_by_mean_logprob(pool).tokens, [1] * steps)
+        beams, log_weights, done = [Hypothesis()], [0.0], []
+        same = [0]  # per beam, the first beam holding the same sequence: draws repeat, their work is done once
+        while True:
+            logits = cache.feed(pending)[:, -1]
+            beam_joint = joint(logits, log_weights, ctx.sampling, same)
+            parents, tokens = beam_joint.draw(self.config.num_beams, ctx.generator)
+            weights = beam_joint.at(parents, tokens)
+            logp = logprobs(logits, [same[p] for p in parents], tokens).tolist()
+            same = first_of([(same[p], t) for p, t in zip(parents, tokens)])
+            beams = [beams[p].extended(t, lp) for p, t, lp in zip(parents, tokens, logp)]
+            log_weights = []
+            for beam, weight in zip(beams, weights):
+                if finished(beam, ctx):
+                    done.append(cut(beam, ctx))
+                log_weights.append(-math.inf if finished(beam, ctx) else math.log(weight))  # finished: not extended
+            run.candidates = by_mean_logprob(done or [cut(b, ctx) for b in beams])
+            run.passed()
+            if all(w == -math.inf for w in log_weights):
+                return
+            cache = cache.select(parents)
+            pending = [[t] for t in tokens]

@@ -18,8 +18,12 @@ length-normalised target log-probability, as in beam sampling.
 iteration, so the target keeps one sequence's cache; beams live only inside the draft forest.
 
 Width 1 (max_width=1) is speculative sampling: one draft chain sampled from q, min(1, p/q) acceptance,
-residual resampling, a bonus token from p (tests/test_dsbd.py checks it token for token against `sps`).
+residual resampling, a bonus token from p (tests/test_dsbd_mjsd.py checks it token for token against `sps`).
 At temperature 0 every distribution is one-hot and DSBD reproduces greedy decoding.
+
+Exactness: the width rule and the acceptance use the chain of residuals after s rejections in a row in
+closed form (`residual_chain`): one float32 pass over the target's beams per s, on the device, instead
+of a float64 copy of the joint distribution per residual on the host.
 
 Defaults: gamma 3 and threshold 0.7 as in the official evaluation, min width 1; max width 4 (the paper
 sweeps 2-6; 4 is the widest beam-sampling baseline it compares with). Choices where the paper leaves room:
@@ -29,206 +33,239 @@ Not lossless: it samples beam-sampling's distribution, not the target's token-by
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from methods.base import BudgetExhausted, DecodeContext, Method, Needs, Paper, register
+from methods.base import DecodeContext, Needs, Paper, SettingError, Settings, register, setting
 from methods.common.beams import (
     BeamCache,
+    BeamMethod,
+    BeamRun,
     Hypothesis,
-    best_by_mean_logprob,
+    by_mean_logprob,
     cut,
-    draw,
-    emit_per_pass,
     finished,
-    joint_probs,
-    report_diversity,
+    first_of,
+    joint,
+    logprobs,
+    rows_of,
 )
-from methods.common.sampling import on_target_vocab, warp
-from methods.common.verify import residual
+from methods.common.sampling import on_target_vocab
 
 
-def accepted_count_distribution(p: torch.Tensor, q: torch.Tensor, draws: int) -> torch.Tensor:
-    """P(K = k), k = 0..draws: how many of `draws` i.i.d. draws from q the sequential rule accepts
-    (accept with min(1, p_cur/q); p_cur -> p after an acceptance, -> residual(p_cur, q) after a rejection).
-    After s rejections in a row the acceptance probability is sum(min(p_s, q))."""
-    alphas, p_s = [], p
+def residual_chain(p, q, draws: int) -> tuple[list[float], list[float], list[float]]:
+    """The residuals after s = 0..draws rejections in a row, p_s = max(0, p - t_s q) / n_s, as (alphas, t, n):
+    alphas[s] = sum(min(p_s, q)) is the acceptance probability of a draw after s rejections (s < draws).
+    p and q: tensors (on any device, any shape) or lists of floats, on the same entries.
+
+    Closed form of p_{s+1} = residual(p_s, q): max(0, p_s - q) = max(0, p - (t_s + n_s) q) / n_s, so
+    t_{s+1} = t_s + n_s, n_{s+1} = sum(max(0, p - t_{s+1} q)), and sum(min(p_s, q)) = 1 - n_{s+1} / n_s.
+    Where nothing is left (n_{s+1} = 0) `residual` keeps p_s: t and n stay. One pass over p per s."""
+    t, n = 0.0, float(sum(p)) if isinstance(p, list) else float(p.sum())
+    alphas, ts, ns = [], [t], [n]
     for _ in range(draws):
-        alphas.append(float(torch.minimum(p_s, q).sum()))
-        p_s = residual(p_s, q)
+        left = _excess(p, q, t + n)
+        alphas.append(1 - left / n)
+        if left > 0:
+            t, n = t + n, left
+        ts.append(t)
+        ns.append(n)
+    return alphas, ts, ns
+
+
+def _excess(p, q, t: float) -> float:
+    """sum(max(0, p - t q))."""
+    if isinstance(p, list):
+        return sum(max(0.0, a - t * b) for a, b in zip(p, q))
+    return float(p.sub(q, alpha=t).clamp_min_(0).sum())
+
+
+def count_distribution(alphas: list[float]) -> torch.Tensor:
+    """P(K = k), k = 0..len(alphas): how many draws the sequential rule accepts when a draw after s
+    rejections in a row is accepted with probability alphas[s] (an acceptance resets s)."""
     state = {(0, 0): 1.0}  # (accepted so far, rejections since the last acceptance) -> probability
-    for _ in range(draws):
+    for _ in alphas:
         nxt: dict[tuple[int, int], float] = {}
         for (k, s), prob in state.items():
             a = alphas[s]
             nxt[(k + 1, 0)] = nxt.get((k + 1, 0), 0.0) + prob * a
             nxt[(k, s + 1)] = nxt.get((k, s + 1), 0.0) + prob * (1 - a)
         state = nxt
-    out = torch.zeros(draws + 1, dtype=torch.float64)
+    out = torch.zeros(len(alphas) + 1, dtype=torch.float64)
     for (k, _), prob in state.items():
         out[k] += prob
     return out
 
 
-def adaptive_width(p: torch.Tensor, q: torch.Tensor, draws: int, threshold: float, min_width: int) -> int:
-    """The paper's width rule: the largest w with P(K >= w) >= threshold, at least `min_width`, at most `draws`."""
-    at_least = accepted_count_distribution(p, q, draws).flip(0).cumsum(0).flip(0)  # P(K >= w), w = 0..draws
+def accepted_count_distribution(p: torch.Tensor, q: torch.Tensor, draws: int) -> torch.Tensor:
+    """P(K = k), k = 0..draws: how many of `draws` i.i.d. draws from q the sequential rule accepts
+    (accept with min(1, p_cur/q); p_cur -> p after an acceptance, -> residual(p_cur, q) after a rejection)."""
+    return count_distribution(residual_chain(p, q, draws)[0])
+
+
+def width_rule(counts: torch.Tensor, threshold: float, min_width: int) -> int:
+    """The paper's width rule on P(K = k): the largest w with P(K >= w) >= threshold, within [min_width, draws]."""
+    draws = len(counts) - 1
+    at_least = counts.flip(0).cumsum(0).flip(0)  # P(K >= w), w = 0..draws
     width = max(w for w in range(draws + 1) if at_least[w] >= threshold - 1e-12)
     return min(draws, max(min_width, width))
+
+
+def adaptive_width(p: torch.Tensor, q: torch.Tensor, draws: int, threshold: float, min_width: int) -> int:
+    return width_rule(accepted_count_distribution(p, q, draws), threshold, min_width)
+
+
+def sequential_accept(p_drawn: list[float], q_drawn: list[float], t: list[float], n: list[float], width: int,
+                      generator: torch.Generator) -> tuple[list[int], int]:
+    """Try the draws in order until `width` are accepted: draw j (p and q at it: p_drawn[j], q_drawn[j]) is
+    accepted with min(1, p_cur / q), p_cur being p_s = max(0, p - t_s q) / n_s after s rejections in a row
+    (p itself after an acceptance; `residual_chain` gives t and n). Returns the accepted draws and the
+    final s (the residual p_s is what is left to sample from)."""
+    accepted, s = [], 0
+    for j, q_x in enumerate(q_drawn):
+        if len(accepted) == width:
+            break
+        u = float(torch.rand((), generator=generator))
+        if q_x > 0 and u * q_x < max(0.0, p_drawn[j] - t[s] * q_x) / n[s]:
+            accepted.append(j)
+            s = 0
+        else:
+            s += 1
+    return accepted, s
 
 
 @dataclass
 class _Beam:
     hyp: Hypothesis
-    weight: float  # the target's joint probability of the beam (unnormalised)
+    log_weight: float  # log of the target's joint probability of the beam at the level it was drawn
     row: int  # target cache row its tree hangs from
     node: int  # its node in that row's forest; -1 = the row's pending token
     draft_index: int  # its index among the draft beams of its depth (depth 0: the row)
+    key: object = None  # equal for beams holding the same sequence (beams drawn with replacement repeat)
+
+
+@dataclass
+class _Level:
+    """One draft beam-sampling step: the draws (parents among the draft beams of the depth above, tokens),
+    the draft's joint distribution q they were drawn from, and q at each draw."""
+
+    parents: list[int]
+    tokens: list[int]
+    q: object  # Joint or GreedyJoint
+    q_drawn: list[float]
+    keys: list  # per draw: (its parent's key, its token) -- equal for draft beams holding the same sequence
 
 
 @register("dsbd")
-class DynamicWidthSpeculativeBeamDecoding(Method):
+class DynamicWidthSpeculativeBeamDecoding(BeamMethod):
     paper = Paper("Dynamic-Width Speculative Beam Decoding for Efficient LLM Inference", arxiv="2409.16560",
                   venue="AAAI 2025")
     needs = Needs(draft=True)
-    lossless = False
 
     @dataclass
-    class Config:
-        gamma: int = 3  # draft beam-sampling steps per iteration
-        max_width: int = 4  # W: draft draws per step, and target beams kept between iterations
-        min_width: int = 1
-        width_threshold: float = 0.7  # the width rule's probability threshold
-        keep_one_beam: bool = False  # the memory-saving modification: one beam (cache row) between iterations
+    class Config(Settings):
+        gamma: int = setting(3, "draft beam-sampling steps per iteration", low=0)
+        max_width: int = setting(4, "W: draft draws per step, and target beams kept between iterations", low=1)
+        min_width: int = setting(1, "the narrowest width the rule may choose (at most max_width)", low=1)
+        width_threshold: float = setting(
+            0.7, "the width rule's threshold: the largest w with P(at least w draws accepted) >= it; in (0, 1]",
+            low=0.0, high=1.0)
+        keep_one_beam: bool = setting(False, "the paper's memory-saving modification: one beam (cache row) "
+                                             "survives an iteration")
 
-    def generate(self, ctx: DecodeContext) -> list[int]:
-        c = self.config
-        if c.max_width < 1 or not 1 <= c.min_width <= c.max_width or c.gamma < 0 or not 0 < c.width_threshold <= 1:
-            raise ValueError("dsbd needs max_width >= min_width >= 1, gamma >= 0, 0 < width_threshold <= 1")
-        self.vocab = ctx.target.config.vocab_size
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            if self.min_width > self.max_width:
+                raise SettingError(f"min_width must be at most max_width ({self.max_width}); got {self.min_width}")
+            if self.width_threshold <= 0:
+                raise SettingError(f"width_threshold must be in (0, 1]; got {self.width_threshold}")
+
+    def search(self, ctx: DecodeContext, run: BeamRun) -> None:
+        c, vocab = self.config, ctx.target.config.vocab_size
         target, draft = BeamCache(ctx.target), BeamCache(ctx.draft)
         target_pending, draft_pending = [list(ctx.prompt_ids)], [list(ctx.prompt_ids)]
-        beams = [_Beam(Hypothesis(), 1.0, 0, -1, 0)]
+        beams = [_Beam(Hypothesis(), 0.0, 0, -1, 0, 0)]
         done: list[Hypothesis] = []
-        per_pass: list[int] = []
-        drafted: list[int] = []  # draft tokens in each pass's forest, all rows
         widths: list[int] = []
-        try:
-            while beams:
-                gamma = max(0, min(c.gamma, ctx.max_new_tokens - len(beams[0].hyp.tokens) - 1))
-                levels, snapshots = self._draft(ctx, draft, draft_pending, beams, gamma)
-                forest, node_of = _forest(beams, levels)
-                logits = target.feed(target_pending, forest)[..., : self.vocab]
-                width_pending = len(target_pending[0])
-                new, depth, all_accepted = self._verify(ctx, beams, levels, logits, node_of, width_pending, widths)
-                per_pass.append(depth + 1)
-                drafted.append(sum(len(tree) for tree in forest))
-                keep = []
-                for beam, token in new:
-                    if finished(beam.hyp, ctx):
-                        done.append(cut(beam.hyp, ctx))
-                    else:
-                        keep.append((beam, token))
-                if not keep:
-                    beams = []
-                    break
-                target, target_pending = self._target_cache(target, forest, keep, width_pending)
-                draft, draft_pending = self._draft_cache(draft, draft_pending, snapshots, levels, keep, depth,
-                                                         all_accepted)
-                beams = [_Beam(b.hyp, b.weight, j, -1, j) for j, (b, _) in enumerate(keep)]
-        except BudgetExhausted:
-            self._finish(ctx, done, beams, per_pass, drafted, widths)
-            raise
-        self._finish(ctx, done, beams, per_pass, drafted, widths)
-        return ctx.output
+        while True:
+            gamma = max(0, min(c.gamma, ctx.max_new_tokens - len(beams[0].hyp.tokens) - 1))
+            levels, snapshots = self._draft(ctx, draft, draft_pending, beams, gamma, vocab)
+            forest, node_of = _forest(beams, levels)
+            logits = target.feed(target_pending, forest)[..., :vocab]
+            new, depth, all_accepted = self._verify(ctx, beams, levels, logits, node_of, widths)
+            keep = []
+            for beam, token in new:
+                if finished(beam.hyp, ctx):
+                    done.append(cut(beam.hyp, ctx))
+                else:
+                    keep.append((beam, token))
+            run.candidates = by_mean_logprob(done + [beam.hyp for beam, _ in keep])
+            run.passed(depth + 1, sum(len(tree) for tree in forest))
+            if widths:
+                ctx.extras["dsbd_mean_width"] = sum(widths) / len(widths)
+            if not keep:
+                return
+            target, target_pending = self._target_cache(target, forest, keep, len(target_pending[0]))
+            draft, draft_pending = self._draft_cache(draft, draft_pending, snapshots, levels, keep, depth,
+                                                     all_accepted)
+            same = first_of([tuple(b.hyp.tokens) for b, _ in keep])
+            beams = [_Beam(b.hyp, b.log_weight, j, -1, j, same[j]) for j, (b, _) in enumerate(keep)]
 
     # ------------------------------------------------------------ draft: beam sampling, gamma steps
 
-    def _draft(self, ctx, draft: BeamCache, pending, beams, gamma):
-        """Per depth i = 1..gamma: (parents among depth i-1 draft beams, tokens, q over (parent, token)), and the
-        draft caches after each step (rows = draft beams of depth i-1, their own tokens included)."""
-        weights = torch.tensor([b.weight for b in beams], dtype=torch.float64)
+    def _draft(self, ctx, draft: BeamCache, pending, beams, gamma, vocab):
+        """One `_Level` per depth i = 1..gamma, and the draft caches after each step (rows = draft beams of
+        depth i-1, their own tokens included)."""
+        log_weights, keys = [b.log_weight for b in beams], [b.key for b in beams]
         levels, snapshots, cache = [], [], draft
         for i in range(gamma):
-            logits = on_target_vocab(cache.feed(pending)[:, -1], self.vocab)
+            logits = on_target_vocab(cache.feed(pending)[:, -1], vocab)
             snapshots.append(cache)
-            q = joint_probs(weights, logits, ctx.sampling).double().cpu()
-            picks = draw(q, self.config.max_width, ctx.generator)
-            parents, tokens = [p // self.vocab for p in picks], [p % self.vocab for p in picks]
-            levels.append((parents, tokens, picks, q))
-            weights = q[torch.tensor(picks)]
+            q = joint(logits, log_weights, ctx.sampling, first_of(keys))
+            parents, tokens = q.draw(self.config.max_width, ctx.generator)
+            q_drawn = q.at(parents, tokens)
+            keys = [(keys[parent], token) for parent, token in zip(parents, tokens)]
+            levels.append(_Level(parents, tokens, q, q_drawn, keys))
+            log_weights = [math.log(x) for x in q_drawn]
             if i < gamma - 1:
                 cache, pending = cache.select(parents), [[t] for t in tokens]
         return levels, snapshots
 
     # ------------------------------------------------------------ verification, level by level
 
-    def _verify(self, ctx, beams, levels, logits, node_of, width_pending, widths):
+    def _verify(self, ctx, beams, levels, logits, node_of, widths):
         """Returns the new beams as (beam, token it adds after its base) pairs, the depth of their bases, and
         whether every level was accepted."""
-        c = self.config
+        c, generator = self.config, ctx.generator
         n_final = 1 if c.keep_one_beam else c.max_width
         valid = beams  # the target's beams at depth i - 1
-        draft_count = len(beams)  # draft beams at depth i - 1 (depth 0: the target's rows)
-        for depth, (parents, tokens, picks, q) in enumerate(levels, start=1):
-            p, rows = self._target_joint(ctx, valid, logits, width_pending, draft_count)
-            width = adaptive_width(p, q, c.max_width, c.width_threshold, c.min_width)
+        for depth, level in enumerate(levels, start=1):
+            # p: the target's joint over (valid beam, token); the draft beams no valid beam matches have p = 0
+            p, p_logits, p_rows = _target_joint(ctx, valid, logits)
+            owner = {b.draft_index: v for v, b in enumerate(valid)}
+            q_on_p = level.q.on([b.draft_index for b in valid], p)
+            alphas, t, n = residual_chain(p.probs, q_on_p, c.max_width)
+            width = width_rule(count_distribution(alphas), c.width_threshold, c.min_width)
             widths.append(width)
-            accepted, p_cur = [], p
-            for j, index in enumerate(picks):
-                if len(accepted) == width:
-                    break
-                u = float(torch.rand((), generator=ctx.generator))
-                if q[index] > 0 and u * float(q[index]) < float(p_cur[index]):
-                    accepted.append(j)
-                    p_cur = p
-                else:
-                    p_cur = residual(p_cur, q)
+            v_of = [owner.get(parent, -1) for parent in level.parents]
+            p_drawn = [x if v >= 0 else 0.0 for x, v in zip(p.at([max(v, 0) for v in v_of], level.tokens), v_of)]
+            accepted, s = sequential_accept(p_drawn, level.q_drawn, t, n, width, generator)
             if len(accepted) < width:  # stop at this depth: accepted + residual sample + fresh samples of p
-                picks_out = [picks[j] for j in accepted][:n_final]
-                if len(picks_out) < n_final:
-                    picks_out += draw(p_cur.float(), 1, ctx.generator)
-                if len(picks_out) < n_final:
-                    picks_out += draw(p.float(), n_final - len(picks_out), ctx.generator)
-                return self._extend(valid, rows, picks_out, p, logits, width_pending), depth - 1, False
-            valid = [self._child(valid[rows[parents[j]]], j, tokens[j], float(p[picks[j]]), node_of[depth - 1][j],
-                                 logits, width_pending) for j in accepted]
-            draft_count = len(parents)
-        p, rows = self._target_joint(ctx, valid, logits, width_pending, len(valid), own_index=True)
-        picks_out = draw(p.float(), n_final, ctx.generator)
-        return self._extend(valid, rows, picks_out, p, logits, width_pending, own_index=True), len(levels), True
-
-    def _target_joint(self, ctx, valid, logits, width_pending, draft_count, own_index=False):
-        """p over (draft beam of this depth, token), flattened, non-zero on the target's valid beams only;
-        and the map from draft beam index to the position in `valid`."""
-        vocab = self.vocab
-        p = torch.zeros(draft_count, vocab, dtype=torch.float64)
-        rows: dict[int, int] = {}
-        for v, beam in enumerate(valid):
-            index = v if own_index else beam.draft_index
-            rows[index] = v
-            column = width_pending - 1 if beam.node < 0 else width_pending + beam.node
-            p[index] = beam.weight * warp(logits[beam.row, column], ctx.sampling).double().cpu()
-        return (p / p.sum()).reshape(-1), rows
-
-    def _child(self, parent: _Beam, index, token, weight, node, logits, width_pending) -> _Beam:
-        logp = float(torch.log_softmax(self._row(parent, logits, width_pending), -1)[token])
-        return _Beam(parent.hyp.extended(token, logp), weight, parent.row, node[1], index)
-
-    def _extend(self, valid, rows, picks, p, logits, width_pending, own_index=False):
-        out = []
-        for pick in picks:
-            index, token = pick // self.vocab, pick % self.vocab
-            base = valid[rows[index]]
-            logp = float(torch.log_softmax(self._row(base, logits, width_pending), -1)[token])
-            out.append((_Beam(base.hyp.extended(token, logp), float(p[pick]), base.row, base.node, base.draft_index),
-                        token))
-        return out
-
-    @staticmethod
-    def _row(beam: _Beam, logits, width_pending) -> torch.Tensor:
-        return logits[beam.row, width_pending - 1 if beam.node < 0 else width_pending + beam.node].float()
+                out = [(v_of[j], level.tokens[j]) for j in accepted][:n_final]
+                if len(out) < n_final:
+                    rest = p.residual(q_on_p, t[s]) if s else p
+                    out += zip(*rest.draw(1, generator))
+                if len(out) < n_final:
+                    out += zip(*p.draw(n_final - len(out), generator))
+                return _extend(valid, p, p_logits, p_rows, out), depth - 1, False
+            logp = logprobs(p_logits, [p_rows[v_of[j]] for j in accepted], [level.tokens[j] for j in accepted])
+            valid = [_Beam(valid[v_of[j]].hyp.extended(level.tokens[j], lp), math.log(p_drawn[j]),
+                           valid[v_of[j]].row, node_of[depth - 1][j][1], j, level.keys[j])
+                     for j, lp in zip(accepted, logp.tolist())]
+        p, p_logits, p_rows = _target_joint(ctx, valid, logits)  # all accepted: W bonus beams from depth gamma + 1
+        return _extend(valid, p, p_logits, p_rows, list(zip(*p.draw(n_final, generator)))), len(levels), True
 
     # ------------------------------------------------------------ caches for the next iteration
 
@@ -253,33 +290,46 @@ class DynamicWidthSpeculativeBeamDecoding(Method):
             rows = [beam.row for beam, _ in keep]
             return draft.select(rows), [draft_pending[r] + [token] for r, (_, token) in zip(rows, keep)]
         if all_accepted:  # the deepest draft tokens were never fed to the draft: they join the pending tokens
-            parents, tokens = levels[-1][0], levels[-1][1]
-            rows = [parents[beam.draft_index] for beam, _ in keep]
-            return (snapshots[-1].select(rows),
-                    [[tokens[beam.draft_index], token] for beam, token in keep])
+            last = levels[-1]
+            rows = [last.parents[beam.draft_index] for beam, _ in keep]
+            return snapshots[-1].select(rows), [[last.tokens[beam.draft_index], token] for beam, token in keep]
         rows = [beam.draft_index for beam, _ in keep]
         return snapshots[depth].select(rows), [[token] for _, token in keep]
 
-    @staticmethod
-    def _finish(ctx, done, beams, per_pass, drafted, widths):
-        pool = done + [cut(b.hyp, ctx) for b in beams]  # beams left over: a budget stop
-        if widths:
-            ctx.extras["dsbd_mean_width"] = sum(widths) / len(widths)
-        report_diversity(ctx, [cut(b.hyp, ctx) for b in beams] or done)
-        if pool:
-            emit_per_pass(ctx, best_by_mean_logprob(pool).tokens, per_pass, drafted)
+
+def _target_joint(ctx: DecodeContext, valid: list[_Beam], logits: torch.Tensor):
+    """The target's joint over (valid beam, token); the logits of the valid beams' distinct sequences (one
+    gather, or a view) and each valid beam's row in them."""
+    rows = first_of([b.key for b in valid])
+    distinct = sorted(set(rows))
+    # column 0 scores what follows a row's pending token, column 1 + k what follows node k
+    p_logits = rows_of(logits, [valid[v].row for v in distinct], [1 + valid[v].node for v in distinct])
+    p_rows = [distinct.index(r) for r in rows]
+    return joint(p_logits, [b.log_weight for b in valid], ctx.sampling, p_rows), p_logits, p_rows
 
 
-def _forest(beams: list[_Beam], levels) -> tuple[list[list[tuple[int, int]]], list[list[tuple[int, int]]]]:
+def _extend(valid: list[_Beam], p, p_logits: torch.Tensor, p_rows: list[int], picks) -> list[tuple[_Beam, int]]:
+    """New beams from (valid beam, token) picks: the token is added after the beam's base (it becomes pending)."""
+    beams, tokens = [v for v, _ in picks], [t for _, t in picks]
+    weights, logp = p.at(beams, tokens), logprobs(p_logits, [p_rows[v] for v in beams], tokens).tolist()
+    out = []
+    for v, token, weight, lp in zip(beams, tokens, weights, logp):
+        base = valid[v]
+        log_weight = math.log(weight) if weight > 0 else -math.inf
+        out.append((_Beam(base.hyp.extended(token, lp), log_weight, base.row, base.node, base.draft_index), token))
+    return out
+
+
+def _forest(beams: list[_Beam], levels: list[_Level]):
     """Each target row's draft tree as (token, parent node) lists, shared prefixes merged; and for every
     draft beam of every depth its (row, node)."""
     forest: list[list[tuple[int, int]]] = [[] for _ in beams]
     index: dict[tuple[int, int, int], int] = {}
     node_of: list[list[tuple[int, int]]] = []
     above = [(b.row, -1) for b in beams]  # depth 0: (row, node) of each draft beam
-    for parents, tokens, _, _ in levels:
+    for level in levels:
         here = []
-        for parent, token in zip(parents, tokens):
+        for parent, token in zip(level.parents, level.tokens):
             row, parent_node = above[parent]
             key = (row, parent_node, token)
             if key not in index:

@@ -22,21 +22,22 @@ Not lossless at temperature > 0: it favours sequences with a high joint likeliho
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from methods.base import DecodeContext, Method, Needs, Paper, register
-from methods.common.beams import draw, joint_probs
-from methods.common.sampling import on_target_vocab, sample, warp
+from methods.base import DecodeContext, Method, Needs, Paper, SettingError, Settings, register, setting
+from methods.common.beams import argmax, joint
+from methods.common.sampling import next_token, on_target_vocab, warp
 from methods.common.tree import ROOT, DraftTree, TreeKV, TreeVerifier, row
 
 
 @dataclass
 class _DraftBeam:
     node: int
-    weight: float  # its draft joint probability (normalised per step, as the draws were made)
-    log_q: float  # log Q_draft of its tokens
+    log_q: float  # log Q_draft of its tokens (also its beam-sampling weight, up to a constant per step)
 
 
 @register("mjsd")
@@ -47,78 +48,90 @@ class MultiTokenJointSpeculativeDecoding(Method):
     lossless = False
 
     @dataclass
-    class Config:
-        gamma: int = 4  # draft tokens per step
-        beam_width: int = 4  # draft beams (draws per beam-sampling step)
-        accept_threshold: float = 0.5  # tau of the joint-likelihood check
-        candidates: str = "best"  # "best": the most probable final beam; "tree": every beam, tree attention
+    class Config(Settings):
+        gamma: int = setting(4, "draft tokens per step (beam-sampling steps)", low=0)
+        beam_width: int = setting(4, "draft beams: draws per beam-sampling step", low=1)
+        accept_threshold: float = setting(0.5, "tau: a prefix passes if P_target / Q_draft > tau; tau > 0", low=0.0)
+        candidates: Literal["best", "tree"] = setting(
+            "best", "best: the most probable final beam is verified; tree: every beam, with tree attention")
+
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            if self.accept_threshold <= 0:
+                raise SettingError(f"accept_threshold must be > 0; got {self.accept_threshold}")
 
     def generate(self, ctx: DecodeContext) -> list[int]:
         c = self.config
-        if c.gamma < 0 or c.beam_width < 1 or not 0 < c.accept_threshold or c.candidates not in ("best", "tree"):
-            raise ValueError("mjsd needs gamma >= 0, beam_width >= 1, accept_threshold > 0, candidates best|tree")
-        self.vocab = ctx.target.config.vocab_size
         verifier, draft = TreeVerifier(ctx), TreeKV(ctx.draft, ctx.prompt_ids)
         while not ctx.done:
-            gamma = verifier.room(c.gamma)
-            tree, levels = self._draft(ctx, draft, gamma)
+            tree, levels, log_q = self._draft(ctx, draft, verifier.room(c.gamma))
             if c.candidates == "tree" or not levels:
                 checked, to_draft = tree, {n: n for n in range(len(tree))}
                 candidates = levels
             else:  # only the most probable final beam goes to the target
-                best = max(levels[-1], key=lambda b: b.weight)
-                nodes = tree.path(best.node)
+                nodes = tree.path(max(levels[-1], key=lambda b: b.log_q).node)
                 checked = DraftTree()
                 checked_nodes = checked.add_path([tree.tokens[n] for n in nodes])
                 to_draft = dict(zip(checked_nodes, nodes))
-                candidates = [[_DraftBeam(node, 1.0, sum(self._log_q[n] for n in nodes[: i + 1]))]
+                candidates = [[_DraftBeam(node, sum(log_q[n] for n in nodes[: i + 1]))]
                               for i, node in enumerate(checked_nodes)]
             path = verifier.step(checked, lambda t, logits: self._rule(ctx, t, logits, candidates))
             draft.commit(tree, [to_draft[n] for n in path], [verifier.pending])
         return ctx.output
 
     def _draft(self, ctx: DecodeContext, draft: TreeKV, gamma: int):
-        """Beam sampling on the draft for `gamma` steps; the tree of every beam, and the beams per depth."""
+        """Beam sampling on the draft for `gamma` steps: the tree of every beam, the beams per depth, and
+        log q(token | parent) of every node (the draft's sampling distribution)."""
         tree = DraftTree(replacement=True)
-        self._log_q: dict[int, float] = {}  # node -> log q(token | parent), the draft's sampling distribution
-        beams, levels = [_DraftBeam(ROOT, 1.0, 0.0)], []
+        log_q: dict[int, float] = {}
+        beams, levels = [_DraftBeam(ROOT, 0.0)], []
         for step in range(gamma):
-            # step 0 feeds the pending committed tokens (one row: the root), later steps the beams' new nodes
-            fresh = list(dict.fromkeys(b.node for b in beams)) if step else []
-            logits = on_target_vocab(draft.feed(tree, fresh).float(), self.vocab)
-            per_beam = logits[torch.tensor([fresh.index(b.node) for b in beams])] if step else logits[-1:]
-            joint = joint_probs(torch.tensor([b.weight for b in beams], dtype=torch.float64), per_beam, ctx.sampling)
-            q = warp(per_beam, ctx.sampling)
-            picks = draw(joint, self.config.beam_width, ctx.generator)
-            nxt = []
-            for pick in picks:
-                parent, token = divmod(pick, self.vocab)
-                beam = beams[parent]
-                node = tree.add(beam.node, token)
-                self._log_q[node] = math.log(max(float(q[parent, token]), 1e-300))
-                nxt.append(_DraftBeam(node, float(joint[pick]), beam.log_q + self._log_q[node]))
-            beams = nxt
+            # beams on one node are one sequence with one weight: draw from the nodes, each weighted by how
+            # many beams it holds (one row per node, not per beam). Step 0 feeds the pending committed
+            # tokens (the root's row), later steps the beams' new nodes.
+            held = Counter(b.node for b in beams)
+            nodes = list(held)
+            logits = on_target_vocab(draft.feed(tree, nodes if step else []), ctx.target.config.vocab_size)
+            weight = {b.node: b.log_q for b in beams}
+            node_joint = joint(logits, [weight[n] + math.log(held[n]) for n in nodes], ctx.sampling)
+            rows, tokens = node_joint.draw(self.config.beam_width, ctx.generator)
+            beams = []
+            for r, token, q in zip(rows, tokens, node_joint.per_beam_at(rows, tokens)):
+                node = tree.add(nodes[r], token)
+                log_q[node] = math.log(max(q, 1e-300))
+                beams.append(_DraftBeam(node, weight[nodes[r]] + log_q[node]))
             levels.append(beams)
-        return tree, levels
+        return tree, levels, log_q
 
     def _rule(self, ctx: DecodeContext, tree: DraftTree, logits: torch.Tensor, candidates) -> tuple[list[int], int]:
         """The joint-likelihood check: (accepted path, next token sampled from the target after it)."""
         log_tau = math.log(self.config.accept_threshold)
-        target = warp(logits[:, : self.vocab].float(), ctx.sampling)
-        log_p: dict[int, float] = {}
-
-        def joint_log_p(node: int) -> float:
-            if node not in log_p:
-                parent = tree.parents[node]
-                prob = float(target[0 if parent == ROOT else row(parent), tree.tokens[node]])
-                log_p[node] = (0.0 if parent == ROOT else joint_log_p(parent)) + (math.log(prob) if prob > 0 else -math.inf)
-            return log_p[node]
-
+        logits = logits[:, : ctx.target.config.vocab_size]
+        # the target's probability of every candidate node's token under its parent's row, in one batch
+        # (parents come before children, so a sorted list of nodes lets the joint sums run in one pass)
+        nodes = sorted({n for depth_beams in candidates for b in depth_beams for n in tree.path(b.node)})
+        probs = _token_probs(logits, [row(tree.parents[n]) for n in nodes], [tree.tokens[n] for n in nodes],
+                             ctx) if nodes else []
+        log_p: dict[int, float] = {ROOT: 0.0}
+        for node, prob in zip(nodes, probs):
+            log_p[node] = log_p[tree.parents[node]] + (math.log(prob) if prob > 0 else -math.inf)
         end = ROOT
         for depth_beams in candidates:  # depth 1, 2, ...: the deepest passing depth wins
             reference = max(b.log_q for b in depth_beams)
-            passing = [b.node for b in depth_beams if joint_log_p(b.node) - reference > log_tau]
+            passing = [b.node for b in depth_beams if log_p[b.node] - reference > log_tau]
             if passing:
-                end = max(passing, key=joint_log_p)
-        token = sample(target[0 if end == ROOT else row(end)], ctx.generator)
-        return (tree.path(end) if end != ROOT else []), token
+                end = max(passing, key=log_p.__getitem__)
+        token = next_token(logits[row(end)], ctx.sampling, ctx.generator)
+        return tree.path(end), token
+
+
+def _token_probs(logits: torch.Tensor, rows: list[int], tokens: list[int], ctx: DecodeContext) -> list[float]:
+    """The probabilities the run samples from (temperature/top-k/top-p applied) of `tokens[i]` after
+    `rows[i]`, over the span of rows named (a view, no gather); greedy: 1 for the argmax token, else 0."""
+    low = min(rows)
+    block = logits[low : max(rows) + 1]
+    at = torch.tensor([r - low for r in rows], device=logits.device)
+    wanted = torch.tensor(tokens, device=logits.device)
+    if ctx.sampling.greedy:
+        return (argmax(block)[at, 0] == wanted).float().tolist()
+    return warp(block, ctx.sampling)[at, wanted].tolist()

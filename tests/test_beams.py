@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from methods.base import BudgetExhausted, DecodeContext, Sampling, get_method
+from methods.base import BudgetExhausted, DecodeContext, Sampling, SettingError, get_method
 from methods.common.beams import BeamCache, distinct_ngrams
 
 PROMPTS = [[4, 6, 9, 7, 8], [10, 11, 12, 10, 11, 12, 10, 11], [5, 5, 5, 20, 21]]
@@ -81,8 +81,8 @@ def test_diverse_beam_one_group_is_beam_search_and_lambda_adds_diversity(pair):
     low = decode("diverse_beam", target, PROMPTS[0], diversity_strength=0.0)[1].extras
     high = decode("diverse_beam", target, PROMPTS[0], diversity_strength=5.0)[1].extras
     assert high["beam_distinct_2"] > low["beam_distinct_2"]
-    with pytest.raises(ValueError, match="dividing"):
-        decode("diverse_beam", target, PROMPTS[0], num_beams=4, num_groups=3)
+    with pytest.raises(SettingError, match="num_groups must divide"):  # when built, before any pass
+        get_method("diverse_beam")(num_beams=4, num_groups=3)
 
 
 def test_distinct_ngrams():
@@ -128,3 +128,76 @@ def test_forest_pass_equals_causal_passes(pair):
         with torch.inference_mode():
             ref = target(torch.tensor([seq])).logits[0, -1].float()
         assert torch.allclose(out[r, -1], ref, atol=1e-4), r
+
+
+def test_settings_are_checked_when_built():
+    for name, settings, field in [("beam_search", {"num_beams": 0}, "num_beams"),
+                                  ("beam_search", {"early_stopping": "sometimes"}, "early_stopping"),
+                                  ("beam_sampling", {"num_beams": 0}, "num_beams"),
+                                  ("diverse_beam", {"diversity_strength": -1.0}, "diversity_strength")]:
+        with pytest.raises(SettingError, match=f"{name}.{field}"):
+            get_method(name)(**settings)
+
+
+def test_blocked_helpers_equal_torch_on_a_large_vocabulary():
+    """argmax and topk run in two stages on a CPU (block maxima first): the same indices and values as torch."""
+    from methods.common.beams import argmax, topk
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 151_936, generator=g)
+    x[1, 7] = x[1, 90_000] = 50.0  # a tie for the maximum: the first index wins, as in torch
+    assert torch.equal(argmax(x), x.argmax(-1, keepdim=True))
+    for k in (1, 6, 8):
+        values, index = topk(x, k)
+        expected = torch.topk(x, k, dim=-1)
+        assert torch.equal(values, expected.values) and torch.equal(x.gather(-1, index), expected.values)
+
+
+def test_draw_flat_samples_the_distribution_and_never_a_zero_entry():
+    from methods.common.beams import BLOCK, draw_flat
+
+    p = torch.zeros(3 * BLOCK + 17)
+    p[[1, 3, BLOCK - 1, BLOCK, 2 * BLOCK + 5, 3 * BLOCK + 16]] = torch.tensor([0.1, 0.3, 0.05, 0.25, 0.2, 0.1])
+    picks = torch.tensor(draw_flat(p, 100_000, torch.Generator().manual_seed(0)))
+    freq = torch.bincount(picks, minlength=len(p)).double() / len(picks)
+    assert freq[p == 0].sum() == 0
+    assert torch.allclose(freq, p.double(), atol=0.005)
+
+
+def test_greedy_joint_agrees_with_the_dense_one_hot_joint():
+    """Greedy runs keep the beams' joint on the host (one number per beam); the dense form of the same
+    one-hot distributions gives the same values, alignment and residual."""
+    from methods.common.beams import GreedyJoint, Joint, joint
+
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
+    log_w = [0.0, -1.0, -0.5]
+    greedy = joint(logits, log_w, Sampling())
+    assert isinstance(greedy, GreedyJoint) and greedy.tokens == logits.argmax(-1).tolist()
+    one_hot = torch.nn.functional.one_hot(logits.argmax(-1), 40).float()
+    w = torch.tensor(log_w).exp()
+    dense = Joint(w[:, None] * one_hot / w.sum(), one_hot)
+    beams, tokens = [0, 1, 2, 2], [greedy.tokens[0], greedy.tokens[1], greedy.tokens[2], 0]
+    assert greedy.at(beams, tokens) == pytest.approx(dense.at(beams, tokens))
+    assert greedy.per_beam_at(beams, tokens) == pytest.approx(dense.per_beam_at(beams, tokens))
+    other = GreedyJoint([greedy.tokens[1], 5, greedy.tokens[2]], [0.5, 0.3, 0.2])  # entries of another joint
+    aligned = greedy.on([1, 0, 2], other)
+    assert aligned == pytest.approx([float(dense.probs[1, other.tokens[0]]), float(dense.probs[0, 5]),
+                                     float(dense.probs[2, other.tokens[2]])])
+    drawn = greedy.draw(2000, torch.Generator().manual_seed(1))
+    share = torch.bincount(torch.tensor(drawn[0]), minlength=3).double() / 2000
+    assert torch.allclose(share, (w / w.sum()).double(), atol=0.04)
+
+
+def test_joint_computes_a_repeated_beam_once():
+    """Beams holding the same sequence share a row: the joint equals the one over the repeated rows."""
+    from methods.common.beams import joint
+
+    logits = torch.randn(2, 30, generator=torch.Generator().manual_seed(0))
+    log_w, beams, tokens = [0.0, -0.3, -1.0], [0, 1, 2, 2], [3, 3, 7, 11]
+    for sampling in (Sampling(), Sampling(temperature=0.8, top_k=10)):
+        shared = joint(logits, log_w, sampling, rows=[0, 0, 1])
+        repeated = joint(logits[[0, 0, 1]], log_w, sampling)
+        greedy_tokens = logits.argmax(-1).tolist()
+        probe = tokens if not sampling.greedy else [greedy_tokens[0], greedy_tokens[0], greedy_tokens[1], 0]
+        assert shared.at(beams, probe) == pytest.approx(repeated.at(beams, probe))
+        assert shared.per_beam_at(beams, probe) == pytest.approx(repeated.per_beam_at(beams, probe))

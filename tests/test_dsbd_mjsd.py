@@ -95,17 +95,89 @@ def test_mjsd_accepts_the_longest_passing_prefix(pair):
     from methods.mjsd import MultiTokenJointSpeculativeDecoding, _DraftBeam
 
     method = MultiTokenJointSpeculativeDecoding()
-    method.vocab = 4
     tree = DraftTree()
     nodes = tree.add_path([1, 2, 3])
     # target probabilities of the drafted tokens: 0.5, then 0.1, then 1.0 -> joint 0.5, 0.05, 0.05
     logits = torch.log(torch.tensor([[0.2, 0.5, 0.2, 0.1], [0.3, 0.3, 0.1, 0.3],
                                      [0.0, 0.0, 0.0, 1.0], [0.25, 0.25, 0.25, 0.25]]).clamp_min(1e-30))
     log_q = torch.log(torch.tensor([0.6, 0.6 * 0.9, 0.6 * 0.9 * 0.09])).tolist()  # ratios .83, .09, 1.03
-    candidates = [[_DraftBeam(n, 1.0, lq)] for n, lq in zip(nodes, log_q)]
+    candidates = [[_DraftBeam(n, lq)] for n, lq in zip(nodes, log_q)]
     ctx = DecodeContext(prompt_ids=[0], target=pair[0], sampling=Sampling(temperature=1.0), max_new_tokens=5,
                         eos_token_ids=frozenset())
     path, _ = method._rule(ctx, tree, logits, candidates)
     assert path == nodes
     method.config.accept_threshold = 1.1  # nothing passes: no draft token is accepted
     assert method._rule(ctx, tree, logits, candidates)[0] == []
+
+
+def _iterative_alphas(p, q, draws):
+    """The definition: p_0 = p, p_{s+1} = residual(p_s, q), alpha_s = sum(min(p_s, q))."""
+    from methods.common.verify import residual
+
+    alphas, p_s = [], p
+    for _ in range(draws):
+        alphas.append(float(torch.minimum(p_s, q).sum()))
+        p_s = residual(p_s, q)
+    return alphas, p_s
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_residual_chain_closed_form_equals_the_iterated_residuals(dtype):
+    """DSBD's width rule and acceptance read the residuals in closed form (max(0, p - t_s q) / n_s): it must
+    equal residual() applied s times, also where nothing is left (p <= q: residual keeps p_s)."""
+    from methods.dsbd import residual_chain
+
+    g = torch.Generator().manual_seed(0)
+    cases = [(torch.rand(2, 50, generator=g), torch.rand(2, 50, generator=g)) for _ in range(5)]
+    same = torch.rand(40, generator=g)
+    cases += [(same, same.clone()),  # a perfect draft: every draw accepted
+              (torch.tensor([1.0, 0, 0, 0]), torch.tensor([0, 0.5, 0.5, 0])),  # disjoint supports
+              (torch.tensor([0.7, 0.3, 0, 0]), torch.tensor([0.5, 0.1, 0.2, 0.2]))]
+    for p, q in cases:  # joints over (beam, token): residual() normalises along the last dim, so flatten
+        p, q = p.to(dtype).flatten(), q.to(dtype).flatten()
+        p, q = p / p.sum(), q / q.sum()
+        expected, _ = _iterative_alphas(p, q, 5)
+        alphas, t, n = residual_chain(p, q, 5)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        assert alphas == pytest.approx(expected, abs=tol)
+        for s in range(6):  # p_s itself
+            closed = (p - t[s] * q).clamp_min(0) / n[s]
+            assert torch.allclose(closed, _iterative_alphas(p, q, s)[1], atol=tol)
+        # the host form (greedy runs: lists of floats) gives the same chain
+        host = residual_chain(p.tolist(), q.tolist(), 5)
+        assert host[0] == pytest.approx(alphas, abs=tol)
+
+
+def test_sequential_acceptance_matches_the_exact_count_distribution():
+    """The acceptance as the method runs it (W i.i.d. draws from q over (beam, token), p_s from the closed
+    form): the number accepted follows accepted_count_distribution, and the first beam out is a sample of p."""
+    from methods.dsbd import accepted_count_distribution, residual_chain, sequential_accept
+
+    p = torch.tensor([[0.30, 0.05, 0.15], [0.0, 0.25, 0.25]], dtype=torch.float64).flatten()  # beam 1 half-valid
+    q = torch.tensor([[0.10, 0.30, 0.10], [0.20, 0.05, 0.25]], dtype=torch.float64).flatten()
+    draws, trials, g = 3, 40000, torch.Generator().manual_seed(0)
+    _, t, n = residual_chain(p, q, draws)
+    counts, first = torch.zeros(draws + 1, dtype=torch.float64), torch.zeros(len(p), dtype=torch.float64)
+    picks = torch.multinomial(q, trials * draws, replacement=True, generator=g).view(trials, draws)
+    for row in picks.tolist():
+        accepted, s = sequential_accept([float(p[x]) for x in row], [float(q[x]) for x in row], t, n, draws, g)
+        counts[len(accepted)] += 1
+        # the first beam out: the first accepted draw, or (none) a sample of the residual left, p_s
+        rest = (p - t[s] * q).clamp_min(0) / n[s]
+        first[row[accepted[0]] if accepted else int(torch.multinomial(rest, 1, generator=g))] += 1
+    exact = accepted_count_distribution(p, q, draws)
+    assert torch.allclose(counts / trials, exact, atol=0.01), (counts / trials, exact)
+    assert torch.allclose(first / trials, p, atol=0.01)
+
+
+def test_settings_are_checked_when_built():
+    from methods.base import SettingError
+
+    for name, settings, field in [("dsbd", {"gamma": -1}, "gamma"), ("dsbd", {"min_width": 5}, "min_width"),
+                                  ("dsbd", {"width_threshold": 0.0}, "width_threshold"),
+                                  ("mjsd", {"candidates": "all"}, "candidates"),
+                                  ("mjsd", {"accept_threshold": 0.0}, "accept_threshold"),
+                                  ("mjsd", {"beam_width": 0}, "beam_width")]:
+        with pytest.raises(SettingError, match=f"{name}.{field}"):
+            get_method(name)(**settings)
+    assert get_method("mjsd")(candidates="tree").config.candidates == "tree"
