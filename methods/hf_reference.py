@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
-from methods.base import DecodeContext, Method, Needs, Paper, register
+from methods.base import DecodeContext, Method, Needs, Paper, Settings, register, setting
 
 _TRANSFORMERS = "https://github.com/huggingface/transformers"
 
@@ -59,8 +59,9 @@ class TransformersAssisted(Method):
     counterpart = "sps"
 
     @dataclass
-    class Config:
-        num_assistant_tokens: int = 5  # equal to sps's gamma; constant, no confidence cut-off
+    class Config(Settings):
+        num_assistant_tokens: int = setting(5, "draft tokens per step: sps's gamma, constant, no confidence cut-off",
+                                            low=1)
 
     def generate(self, ctx: DecodeContext) -> list[int]:
         # transformers reads these from the ASSISTANT's generation config (default: 20 tokens, 0.4 cut-off)

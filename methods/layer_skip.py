@@ -9,14 +9,17 @@ and the full target verifies it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
+import torch
 
-from methods.base import DecodeContext, Method, Paper, register
+from methods.base import DecodeContext, Paper, Settings, register, setting
 from methods.common.layerskip import SkipSet, decoder_layers, draft_chain
-from methods.common.speculation import ChainVerifier
+from methods.common.speculation import Chain, ChainDrafter
 
 
+@lru_cache(maxsize=64)
 def uniform_skip_set(layers: int, speedup: float) -> SkipSet:
     """Run round(layers / speedup) whole layers spread evenly from the first to the last (both kept:
     the pattern skips intermediate layers only); skip the others."""
@@ -29,31 +32,21 @@ def uniform_skip_set(layers: int, speedup: float) -> SkipSet:
 
 
 @register("layer_skip")
-class UnifiedLayerSkipping(Method):
+class UnifiedLayerSkipping(ChainDrafter):
     paper = Paper("Accelerating Inference in Large Language Models with a Unified Layer Skipping Strategy",
                   arxiv="2404.06954")
     lossless = True
 
     @dataclass
-    class Config:
-        speedup: float = 2.0  # the paper's knob, the target speed-up ratio: ours at 2x (half the layers run)
-        draft_tokens: int = 5  # chain length per step: ours (the paper does not speculate), sps's gamma
+    class Config(Settings):
+        speedup: float = setting(2.0, "the paper's target speed-up ratio: layers run = layers / speedup", low=1.0)
+        draft_tokens: int = setting(5, "chain length per step: ours (the paper does not speculate), sps's gamma",
+                                    low=1)
 
-    def __init__(self, **overrides) -> None:
-        super().__init__(**overrides)
-        if self.config.speedup < 1.0 or self.config.draft_tokens < 1:
-            raise ValueError(f"layer_skip needs speedup >= 1 and draft_tokens >= 1, got {self.config}")
-
-    def generate(self, ctx: DecodeContext) -> list[int]:
-        layers = len(decoder_layers(ctx.target))
-        skip = uniform_skip_set(layers, self.config.speedup)
-        verifier = ChainVerifier(ctx)
-        verifier.step([])  # prefill on its own: the draft reuses the prompt's keys and values
-        while not ctx.done:
-            k = verifier.room(self.config.draft_tokens)
-            drafts, dists = [], None
-            if k:
-                drafts, dists, _ = draft_chain(ctx, verifier.cache, verifier.pending, skip, k)
-            verifier.step(drafts, None if ctx.sampling.greedy else dists)
-        ctx.extras["draft_layer_fraction"] = skip.fraction_run(layers)
-        return ctx.output
+    def propose(self, ctx: DecodeContext, chain: Chain, room: int):
+        if not chain.prefilled:  # prefill alone first: the draft reuses the prompt's keys and values
+            return [], None
+        skip = uniform_skip_set(len(decoder_layers(ctx.target)), self.config.speedup)
+        drafts, rows, _ = draft_chain(ctx, chain.verifier.cache, chain.verifier.pending, skip,
+                                      min(self.config.draft_tokens, room))
+        return drafts, (torch.stack(rows) if rows else None)

@@ -3,28 +3,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from methods.base import DecodeContext, Method, Paper, register
+from methods.base import DecodeContext, Paper, Settings, register, setting
 from methods.common.ngram import lookup_continuation
-from methods.common.speculation import ChainVerifier
+from methods.common.speculation import Chain, ChainDrafter
 
 
 @register("pld")
-class PromptLookupDecoding(Method):
+class PromptLookupDecoding(ChainDrafter):
     paper = Paper("Prompt Lookup Decoding", url="https://github.com/apoorvumang/prompt-lookup-decoding")
     lossless = True
 
     @dataclass
-    class Config:
-        max_ngram_size: int = 3  # the reference implementation's defaults
-        num_pred_tokens: int = 10
+    class Config(Settings):  # the reference implementation's defaults
+        max_ngram_size: int = setting(3, "longest suffix n-gram looked up in the context", low=1)
+        num_pred_tokens: int = setting(10, "tokens copied after the match (draft length)", low=1)
 
-    def generate(self, ctx: DecodeContext) -> list[int]:
-        verifier = ChainVerifier(ctx)
-        while not ctx.done:
-            context = ctx.prompt_ids + ctx.output
-            drafts = lookup_continuation(
-                context, self.config.max_ngram_size, 1, verifier.room(self.config.num_pred_tokens)
-            ) if verifier.room(1) else []
-            # a copied draft is deterministic: q is one-hot, so stochastic verification stays exact
-            verifier.step(drafts)
-        return ctx.output
+    def propose(self, ctx: DecodeContext, chain: Chain, room: int):
+        # a copied draft is deterministic: q is one-hot, so stochastic verification stays exact
+        cfg = self.config
+        return lookup_continuation(chain.tokens, cfg.max_ngram_size, 1, min(cfg.num_pred_tokens, room)), None

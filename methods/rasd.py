@@ -8,17 +8,19 @@ by longest common prefix into one trie (tree fusion), which the target verifies 
 
 The paper fuses retrieval with EAGLE-2's dynamic draft tree; here the model draft is a greedy chain of
 `gamma` tokens from a separate draft model (every draft in the tree is deterministic, so tree
-verification stays exact under sampling). Datastore: the local corpus of `methods.common.ngram`.
+verification stays exact under sampling). Datastore: a suffix index over the `corpus` setting's file, or
+else the texts the harness gives (`ctx.corpus`), built once and kept in `ctx.state` across prompts.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from methods.base import DecodeContext, Method, Needs, Paper, register
-from methods.common.kv import crop, extend, new_cache
-from methods.common.ngram import SuffixIndex, corpus_sequences
+from methods.base import DecodeContext, Method, Needs, Paper, Settings, register, setting
+from methods.common.ngram import SuffixIndex, check_corpus, corpus_sequences, ngram_starts
+from methods.common.speculation import DraftCache
 from methods.common.tree import ROOT, DraftTree, TreeVerifier
 
 
@@ -38,8 +40,15 @@ def fuse(chain: list[int], candidates: list[list[int]], max_nodes: int) -> Draft
 
 
 def prune(candidates: list[list[int]], root_logits: torch.Tensor, top_k: int) -> list[list[int]]:
-    """Keep candidates whose first token is one of the draft model's `top_k` next tokens."""
-    allowed = set(torch.topk(root_logits.float(), min(top_k, root_logits.shape[-1])).indices.tolist())
+    """Keep candidates whose first token is one of the draft model's `top_k` next tokens (ties at the
+    k-th place kept). By rank: fewer than `top_k` tokens score higher, one comparison pass per distinct
+    first token instead of a top-k over the vocabulary."""
+    firsts = sorted({seq[0] for seq in candidates if seq})
+    if not firsts:
+        return []
+    scores = root_logits.float()
+    ranks = (scores[None, :] > scores[firsts][:, None]).sum(-1).tolist()
+    allowed = {tok for tok, rank in zip(firsts, ranks) if rank < top_k}
     return [seq for seq in candidates if seq and seq[0] in allowed]
 
 
@@ -48,57 +57,41 @@ class RetrievalAugmentedSpeculativeDecoding(Method):
     paper = Paper("RASD: Retrieval-Augmented Speculative Decoding", arxiv="2503.03434", venue="Findings of ACL 2025")
     needs = Needs(draft=True)  # the retrieval is fused with a draft model's proposals
     lossless = True
+    stateful = True
 
     @dataclass
-    class Config:
-        gamma: int = 5  # draft-model tokens per step (sps's default)
-        retrieve_length: int = 10  # tokens per retrieved continuation (PLD's default)
-        retrieve_count: int = 4  # continuations per source (prompt, datastore)
-        prune_top_k: int = 5  # a candidate survives if its first token is in the draft's top-k: ours
-        max_nodes: int = 64  # tree size cap (REST's default draft budget)
-        max_ngram: int = 3  # longest suffix looked up (PLD's default)
-        corpus: str = ""  # datastore text or .jsonl file; "" = the built-in question set
+    class Config(Settings):
+        gamma: int = setting(5, "draft-model tokens per step (sps's default)", low=1)
+        retrieve_length: int = setting(10, "tokens per retrieved continuation (PLD's default)", low=1)
+        retrieve_count: int = setting(4, "continuations per source (prompt, datastore)", low=1)
+        prune_top_k: int = setting(5, "a candidate survives if its first token is in the draft's top-k: ours", low=1)
+        max_nodes: int = setting(64, "tree size cap (REST's default draft budget)", low=1)
+        max_ngram: int = setting(3, "longest suffix looked up (PLD's default)", low=1)
+        corpus: str = setting("", "datastore text or .jsonl file; empty: the texts the harness gives (the prompts)")
 
-    def __init__(self, **overrides) -> None:
-        super().__init__(**overrides)
-        cfg = self.config
-        if min(cfg.gamma, cfg.retrieve_length, cfg.retrieve_count, cfg.prune_top_k, cfg.max_nodes, cfg.max_ngram) < 1:
-            raise ValueError(f"rasd's settings must all be >= 1, got {cfg}")
-        self._datastore: SuffixIndex | None = None
-        self._datastore_key = None
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            check_corpus(self.corpus)
 
-    def datastore_for(self, ctx: DecodeContext) -> SuffixIndex:
-        key = (self.config.corpus, getattr(ctx.tokenizer, "name_or_path", None), self.config.max_ngram)
-        if self._datastore is None or self._datastore_key != key:
-            # a bare model without a tokenizer gets an empty datastore (prompt lookup still works)
-            corpus = corpus_sequences(ctx.tokenizer, self.config.corpus or None) if ctx.tokenizer else []
-            self._datastore = SuffixIndex(corpus, min_n=1, max_n=self.config.max_ngram)
-            self._datastore_key = key
-        return self._datastore
+    def datastore(self, ctx: DecodeContext) -> SuffixIndex:
+        """The corpus's suffix index, kept in ctx.state across prompts (built on first use)."""
+        store = ctx.state.get("datastore")
+        if store is None:
+            store = ctx.state["datastore"] = SuffixIndex(corpus_sequences(ctx, self.config.corpus), min_n=1,
+                                                         max_n=self.config.max_ngram)
+        return store
 
     def generate(self, ctx: DecodeContext) -> list[int]:
         cfg = self.config
-        datastore = self.datastore_for(ctx)
-        ctx.state["datastore"] = datastore
+        datastore = self.datastore(ctx)
         verifier = TreeVerifier(ctx)
-        draft_cache, draft_seen = new_cache(ctx.draft), []  # tokens the draft's cache holds
-        vocab = ctx.target.config.vocab_size
+        draft = DraftCache(ctx)
         while not ctx.done:
             context = ctx.prompt_ids + ctx.output
             depth = verifier.room(max(cfg.gamma, cfg.retrieve_length))
             tree = DraftTree()
             if depth:
-                common = 0
-                while common < min(len(draft_seen), len(context)) and draft_seen[common] == context[common]:
-                    common += 1
-                crop(draft_cache, common)
-                root_logits = extend(ctx.draft, context[common:], draft_cache, keep=1)[-1][:vocab]
-                chain, logits = [], root_logits
-                for i in range(min(cfg.gamma, depth)):
-                    chain.append(int(logits.argmax()))
-                    if i < min(cfg.gamma, depth) - 1:
-                        logits = extend(ctx.draft, [chain[-1]], draft_cache, keep=1)[-1][:vocab]
-                draft_seen = context + chain[:-1]
+                chain, _, root_logits = draft.chain(ctx, context, min(cfg.gamma, depth), sampled=False)
                 length = min(cfg.retrieve_length, depth)
                 retrieved = self._from_context(context, length) + datastore.continuations(
                     context, length, cfg.retrieve_count)
@@ -108,14 +101,13 @@ class RetrievalAugmentedSpeculativeDecoding(Method):
 
     def _from_context(self, context: list[int], length: int) -> list[list[int]]:
         """Prompt lookup: continuations of the longest recurring suffix n-gram (most recent first)."""
+        tokens = np.asarray(context)
         for n in range(min(self.config.max_ngram, len(context) - 1), 0, -1):
-            suffix = context[-n:]
-            found = []
-            for start in range(len(context) - n - 1, -1, -1):
-                if context[start:start + n] == suffix:
-                    follow = context[start + n:start + n + length]
-                    if follow and follow not in found:
-                        found.append(follow)
+            found: list[list[int]] = []
+            for start in ngram_starts(tokens, n)[::-1].tolist():
+                follow = context[start + n:start + n + length]
+                if follow not in found:
+                    found.append(follow)
                     if len(found) == self.config.retrieve_count:
                         break
             if found:

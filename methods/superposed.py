@@ -5,7 +5,8 @@ Every later pass feeds ONE input: the superposition of the k drafts' last-token 
 by the drafts' normalised probabilities. The single distribution it returns extends every draft with
 its top-k tokens (k x k candidates); each candidate is scored by its draft's score plus the geometric
 interpolation (1 - alpha) log p_model + alpha log p_ngram, where p_ngram interpolates n-gram models
-(bigram to 6-gram) of a local corpus over the draft's own tokens; a draft the n-gram models know
+(bigram to 6-gram) of a corpus (the `corpus` setting's file, else the texts the harness gives: the
+prompts; built once, kept in `ctx.state` across prompts) over the draft's own tokens; a draft the n-gram models know
 nothing about gets the model term minus a fixed penalty instead. The k best candidates go on; one that
 ends with EOS is set aside as finished; decoding stops once k drafts have finished (beam search's early
 stopping: the paper generates fixed lengths and is silent on EOS, so this is our choice).
@@ -21,9 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from methods.base import DecodeContext, Method, Paper, register
+from methods.base import DecodeContext, Method, Paper, SettingError, Settings, register, setting
 from methods.common.kv import forward, new_cache
-from methods.common.ngram import NGramTable, corpus_sequences
+from methods.common.ngram import NGramTable, check_corpus, corpus_sequences
+from methods.common.sampling import top_indices
 
 NGRAM_ORDERS = (2, 3, 4, 5, 6)
 
@@ -46,35 +48,37 @@ class SuperposedDecoding(Method):
                   arxiv="2405.18400", venue="NeurIPS 2024")
     lossless = False
 
+    stateful = True
+
     @dataclass
-    class Config:
-        k: int = 3  # drafts (the paper's main setting)
-        alpha: float = 0.5  # n-gram weight in the geometric interpolation: ours (the paper tunes it per model)
-        penalty: float = 200.0  # log-score penalty of a draft the n-gram models cannot score (the release's)
-        corpus: str = ""  # text or .jsonl file for the n-gram models; "" = the built-in question set
+    class Config(Settings):
+        k: int = setting(3, "drafts (the paper's main setting)", low=1)
+        alpha: float = setting(0.5, "n-gram weight in the geometric interpolation, below 1: ours (the paper tunes "
+                                    "it per model)", low=0.0, high=1.0)
+        penalty: float = setting(200.0, "log-score penalty of a draft the n-gram models cannot score (the release's)",
+                                 low=0.0)
+        corpus: str = setting("", "text or .jsonl file for the n-gram models; empty: the texts the harness gives "
+                                  "(the prompts)")
 
-    def __init__(self, **overrides) -> None:
-        super().__init__(**overrides)
-        if self.config.k < 1 or not 0.0 <= self.config.alpha < 1.0:
-            raise ValueError(f"superposed needs k >= 1 and 0 <= alpha < 1, got k={self.config.k}, alpha={self.config.alpha}")
-        self._models: dict[int, NGramTable] | None = None
-        self._models_key = None
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            if self.alpha >= 1.0:
+                raise SettingError(f"alpha must be below 1 (the model's term must count); got {self.alpha!r}")
+            check_corpus(self.corpus)
 
-    def models_for(self, ctx: DecodeContext) -> dict[int, NGramTable]:
-        key = (self.config.corpus, getattr(ctx.tokenizer, "name_or_path", None))
-        if self._models is None or self._models_key != key:
-            corpus = corpus_sequences(ctx.tokenizer, self.config.corpus or None) if ctx.tokenizer else []
-            self._models = {n: NGramTable(n) for n in NGRAM_ORDERS}
-            for seq in corpus:
-                for table in self._models.values():
+    def models(self, ctx: DecodeContext) -> dict[int, NGramTable]:
+        """The n-gram models of the corpus, kept in ctx.state across prompts (built on first use)."""
+        models = ctx.state.get("ngram_models")
+        if models is None:
+            models = ctx.state["ngram_models"] = {n: NGramTable(n) for n in NGRAM_ORDERS}
+            for seq in corpus_sequences(ctx, self.config.corpus):
+                for table in models.values():
                     table.add(seq)
-            self._models_key = key
-        return self._models
+        return models
 
     def generate(self, ctx: DecodeContext) -> list[int]:
         cfg = self.config
-        models = self.models_for(ctx)
-        ctx.state["ngram_models"] = models
+        models = self.models(ctx)
         model, cache = ctx.target, new_cache(ctx.target)
         vocab = model.config.vocab_size
         embed = model.get_input_embeddings()
@@ -102,13 +106,14 @@ class SuperposedDecoding(Method):
                 models: dict[int, NGramTable]) -> tuple[list[Draft], list[Draft]]:
         """The k best of the k x k extensions of `drafts` by the top-k tokens: (alive, finished with EOS)."""
         cfg = self.config
-        log_p = torch.log_softmax(logits.float(), -1)
-        top = torch.topk(log_p, min(cfg.k, log_p.shape[-1]))
+        logits = logits.float()
+        top = top_indices(logits, cfg.k)
+        top_log_p = (logits[top] - torch.logsumexp(logits, -1)).tolist()  # log-softmax of the top k only
         candidates = []
         for draft in drafts:
             context = ctx.prompt_ids + draft.tokens
             scored = []
-            for lp, tok in zip(top.values.tolist(), top.indices.tolist()):
+            for lp, tok in zip(top_log_p, top):
                 q = ngram_prob(models, context, tok)
                 scored.append((tok, lp, None if not q else math.log(q)))
             known = cfg.alpha > 0 and any(q is not None for _, _, q in scored)

@@ -11,8 +11,8 @@ acceleration phase runs. Drafting stops when the draft's confidence in its token
 the tree also holds the draft's next-best alternatives at that position, more of them the less
 confident the draft was (the release's 3/5/8/10 under greedy, 1/3/5/10 under sampling, for confidence
 above 0.95/0.8/0.5/else; sampled alternatives are further draws without replacement from the draft's
-q), and the target verifies the tree in one pass. The search state lives on the method object, so (as
-in the paper's evaluation) it carries over from one prompt to the next within a run.
+q), and the target verifies the tree in one pass. The search state lives in `ctx.state`, so (as in the
+paper's evaluation) it carries over from one prompt to the next within a run.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from methods.base import DecodeContext, Method, Paper, register
+from methods.base import DecodeContext, Method, Paper, Settings, SettingError, register, setting
 from methods.common.layerskip import (
     SkipSet,
     decoder_layers,
@@ -31,7 +31,7 @@ from methods.common.layerskip import (
     prefix_view,
     skipped_forward,
 )
-from methods.common.sampling import gumbel_top_k
+from methods.common.sampling import argmax, draws_without_replacement, top_indices
 from methods.common.speculation import ChainVerifier
 from methods.common.tree import ROOT, DraftTree, TreeVerifier
 
@@ -48,28 +48,31 @@ def candidate_count(confidence: float, greedy: bool) -> int:
     return counts[-1]
 
 
-def dynamic_tree(ctx: DecodeContext, drafts: list[int], dists, confidence: list[float]) -> DraftTree:
-    """The draft chain plus, at every position, the draft's next alternatives as leaves beside it."""
+def dynamic_tree(ctx: DecodeContext, drafts: list[int], rows: list[torch.Tensor], confidence: list[float]) -> DraftTree:
+    """The draft chain plus, at every position, the draft's next alternatives as leaves beside it. `rows`
+    as `draft_chain` returns them: the logits under greedy, the q each draft was drawn from under sampling."""
     greedy = ctx.sampling.greedy
     tree = DraftTree(replacement=False)
     parent = ROOT
-    for token, q, conf in zip(drafts, dists, confidence):
+    for token, row, conf in zip(drafts, rows, confidence):
         if not greedy:
-            tree.set_dist(parent, q)
+            tree.set_dist(parent, row)
         node = tree.add(parent, token)  # the chain's token is the first draw
-        for alt in _alternatives(ctx, token, q, candidate_count(conf, greedy) - 1):
+        for alt in _alternatives(ctx, token, row, candidate_count(conf, greedy) - 1):
             tree.add(parent, alt)
         parent = node
     return tree
 
 
-def _alternatives(ctx: DecodeContext, token: int, q, count: int) -> list[int]:
+def _alternatives(ctx: DecodeContext, token: int, row: torch.Tensor, count: int) -> list[int]:
     """Greedy: the next `count` most likely tokens. Sampling: `count` further draws without replacement."""
     if count <= 0:
         return []
-    left = q.clone()
-    left[token] = 0  # log 0 = -inf: never drawn again, and the draws stop when nothing is left
-    return gumbel_top_k(left.log(), count, None if ctx.sampling.greedy else ctx.generator)
+    if ctx.sampling.greedy:
+        return [t for t in top_indices(row, count + 1) if t != token][:count]
+    left = row.clone()
+    left[token] = 0  # never drawn again; the draws stop when nothing is left
+    return draws_without_replacement(left, count, ctx.generator)
 
 
 @register("swift")
@@ -79,41 +82,42 @@ class Swift(Method):
     lossless = True
 
     @dataclass
-    class Config:  # the official release's defaults
-        skip_ratio: float = 0.45  # share of the 2 x (layers - 2) sublayers skipped (first and last layer kept)
-        stop_threshold: float = 0.8  # drafting stops below this draft confidence
-        max_draft: int = 25  # draft tokens per step at most
-        context_window: int = 32  # generated tokens the matchness is scored on (search starts after them)
-        opt_interval: int = 1  # decoding steps between search iterations
-        bayes_interval: int = 25  # every n-th iteration is a Bayesian-optimisation proposal
-        max_opt_iter: int = 1000
-        max_tolerance_iter: int = 300
-        max_score: float = 0.95  # matchness that ends the search
-        optimization: bool = True
-        bayes: bool = True
-        dynamic_verification: bool = True  # verify the draft's alternatives too, as a tree
-        seed: int = 0  # random search and the Bayesian optimiser (the release seeds the optimiser with 1)
+    class Config(Settings):  # the official release's defaults
+        skip_ratio: float = setting(0.45, "share of the 2 x (layers - 2) middle sublayers skipped (below 1)",
+                                    low=0.0, high=1.0)
+        stop_threshold: float = setting(0.8, "drafting stops below this draft confidence", low=0.0, high=1.0)
+        max_draft: int = setting(25, "draft tokens per step at most", low=1)
+        context_window: int = setting(32, "generated tokens the matchness is scored on (search starts after them)",
+                                      low=1)
+        opt_interval: int = setting(1, "decoding steps between search iterations", low=1)
+        bayes_interval: int = setting(25, "every n-th search iteration is a Bayesian-optimisation proposal", low=1)
+        max_opt_iter: int = setting(1000, "search iterations at most", low=0)
+        max_tolerance_iter: int = setting(300, "search iterations without improvement before it stops", low=0)
+        max_score: float = setting(0.95, "matchness that ends the search", low=0.0, high=1.0)
+        optimization: bool = setting(True, "search the skip set while decoding (off: the release's starting set)")
+        bayes: bool = setting(True, "mix Bayesian-optimisation proposals into the random search")
+        dynamic_verification: bool = setting(True, "verify the draft's alternatives too, as a tree")
+        seed: int = setting(0, "random search and the Bayesian optimiser (the release seeds the optimiser with 1)",
+                            low=0)
 
-    def __init__(self, **overrides) -> None:
-        super().__init__(**overrides)
-        cfg = self.config
-        if not 0.0 <= cfg.skip_ratio < 1.0:
-            raise ValueError(f"swift.skip_ratio must be in [0, 1), got {cfg.skip_ratio}")
-        if min(cfg.max_draft, cfg.context_window, cfg.opt_interval, cfg.bayes_interval) < 1:
-            raise ValueError(f"swift's max_draft, context_window, opt_interval and bayes_interval must be >= 1, got {cfg}")
-        self._search: LayerSetSearch | None = None
+        def __post_init__(self) -> None:
+            super().__post_init__()
+            if self.skip_ratio >= 1.0:
+                raise SettingError(f"skip_ratio must be below 1 (some sublayers must run); got {self.skip_ratio!r}")
 
-    def search_for(self, model: torch.nn.Module) -> LayerSetSearch:
-        layers = len(decoder_layers(model))
-        if self._search is None or self._search.model_id != id(model):
-            self._search = LayerSetSearch(layers, self.config, id(model))
-        return self._search
+    stateful = True
+
+    def search(self, ctx: DecodeContext) -> LayerSetSearch:
+        """The layer-set search, kept in ctx.state across prompts (built on first use)."""
+        search = ctx.state.get("layer_set_search")
+        layers = len(decoder_layers(ctx.target))
+        if search is None or search.layers != layers:
+            search = ctx.state["layer_set_search"] = LayerSetSearch(layers, self.config)
+        return search
 
     def generate(self, ctx: DecodeContext) -> list[int]:
         cfg = self.config
-        search = self.search_for(ctx.target)
-        ctx.state["layer_set_search"] = search
-        fractions: list[float] = []  # sublayers run, per draft pass (the cost model prices them with it)
+        search = self.search(ctx)
         tree_mode = cfg.dynamic_verification
         verifier = TreeVerifier(ctx) if tree_mode else ChainVerifier(ctx)
         cache = verifier.kv.cache if tree_mode else verifier.cache
@@ -121,22 +125,19 @@ class Swift(Method):
         step = 0
         while not ctx.done:
             k = verifier.room(cfg.max_draft)
-            drafts, dists, confidence = [], [], []
+            drafts, rows, confidence = [], [], []
             if k:
-                drafts, dists, confidence = draft_chain(ctx, cache, verifier.pending, search.current, k,
-                                                        cfg.stop_threshold)
-                fractions += [search.current.fraction_run(search.layers)] * len(drafts)
+                drafts, rows, confidence = draft_chain(ctx, cache, verifier.pending, search.current, k,
+                                                       cfg.stop_threshold, keep_logits=tree_mode)
             if tree_mode:
-                verifier.step(dynamic_tree(ctx, drafts, dists, confidence))
+                verifier.step(dynamic_tree(ctx, drafts, rows, confidence) if drafts else DraftTree())
             else:
-                verifier.step(drafts, None if ctx.sampling.greedy else dists)
+                verifier.step(drafts, torch.stack(rows) if rows and not ctx.sampling.greedy else None)
             if search.active and len(ctx.output) > cfg.context_window + 1 and step % cfg.opt_interval == 0:
                 candidate = search.propose()
                 search.observe(candidate, self._matchness(ctx, cache, candidate))
-                fractions.append(candidate.fraction_run(search.layers))
             step += 1
         ctx.extras.update({
-            "draft_layer_fraction": float(np.mean(fractions)) if fractions else search.current.fraction_run(search.layers),
             "swift_search_iterations": float(search.iterations),
             "swift_best_matchness": float(search.best_score),
         })
@@ -147,8 +148,8 @@ class Swift(Method):
         prompt's keys and values (a view: the target's cache is left as it is)."""
         window = ctx.output[: self.config.context_window + 1]
         logits = skipped_forward(ctx.target, window, prefix_view(cache, len(ctx.prompt_ids)), skip, keep=None)
-        guesses = logits[:-1, : ctx.target.config.vocab_size].argmax(-1).cpu()
-        return float((guesses == torch.tensor(window[1:])).float().mean())
+        guesses = argmax(logits[:-1, : ctx.target.config.vocab_size])
+        return float(np.mean([g == t for g, t in zip(guesses, window[1:])]))
 
 
 class LayerSetSearch:
@@ -156,8 +157,8 @@ class LayerSetSearch:
     layer always run). A point has one coordinate in [0, 1] per middle sublayer, attention ones first;
     a proposal skips the `count` sublayers with the largest coordinates."""
 
-    def __init__(self, layers: int, cfg: Swift.Config, model_id: int) -> None:
-        self.layers, self.cfg, self.model_id = layers, cfg, model_id
+    def __init__(self, layers: int, cfg: Swift.Config) -> None:
+        self.layers, self.cfg = layers, cfg
         self.middle = max(layers - 2, 0)
         self.count = int(self.middle * 2 * cfg.skip_ratio)
         every_other = range(1, layers - 1, 2)  # the release's starting set

@@ -25,7 +25,7 @@ from transformers import DynamicCache
 
 from methods.base import DecodeContext
 from methods.common.kv import crop, forward
-from methods.common.sampling import sample, warp
+from methods.common.sampling import argmax, sample, warp
 
 
 @dataclass(frozen=True)
@@ -38,11 +38,6 @@ class SkipSet:
     @classmethod
     def of(cls, attention=(), mlp=()) -> SkipSet:
         return cls(frozenset(int(i) for i in attention), frozenset(int(i) for i in mlp))
-
-    def fraction_run(self, num_layers: int) -> float:
-        """Share of the 2 x num_layers sublayers the draft still runs (its cost relative to a full pass,
-        ignoring the embedding and LM head)."""
-        return 1.0 - (len(self.attention) + len(self.mlp)) / (2 * num_layers)
 
     def check(self, num_layers: int) -> None:
         bad = sorted(i for i in self.attention | self.mlp if not 0 <= i < num_layers)
@@ -157,33 +152,40 @@ def prefix_view(cache: DynamicCache, length: int) -> DynamicCache:
 
 
 def draft_chain(ctx: DecodeContext, cache: DynamicCache, pending: int, skip: SkipSet, max_tokens: int,
-                stop_below: float = 0.0) -> tuple[list[int], torch.Tensor, list[float]]:
+                stop_below: float | None = None, keep_logits: bool = False
+                ) -> tuple[list[int], list[torch.Tensor], list[float]]:
     """Draft up to `max_tokens` tokens after `pending` (the last emitted token, not yet in `cache`) with
-    the skipped model; stop early once the draft's own probability of its chosen token falls below
-    `stop_below` (that token is kept: it is the last one drafted). Returns the drafts, the distributions
-    they were chosen from (rows; under sampling the warped q they were drawn from, under greedy the
-    plain softmax, whose argmax they are) and each draft's confidence. `cache` comes back as it was."""
+    the skipped model. Returns the drafts, one row per draft (under sampling the warped q it was drawn
+    from; under greedy its logits, whose argmax it is, only if `keep_logits`: else none) and, when
+    `stop_below` is given, each draft's confidence (the draft's plain softmax probability of it): drafting
+    stops once a confidence falls below `stop_below` (that token is kept, the last drafted). Each of these
+    is one more pass over the vocabulary per token, so only what the caller asks for is computed.
+    `cache` comes back as it was."""
     verified = cache.get_seq_length()
     vocab = ctx.target.config.vocab_size
+    sampling = ctx.sampling
+    plain_q = sampling.temperature == 1.0 and not sampling.top_k and sampling.top_p >= 1.0  # q is the softmax
     drafts: list[int] = []
-    probs: list[torch.Tensor] = []
+    rows: list[torch.Tensor] = []
     confidence: list[float] = []
     token = pending
     try:
         while len(drafts) < max_tokens:
             logits = skipped_forward(ctx.target, [token], cache, skip)[-1][:vocab].float()
-            plain = logits.softmax(-1)
-            if ctx.sampling.greedy:
-                token = int(logits.argmax())
-                probs.append(plain)
+            if sampling.greedy:
+                token = argmax(logits)
+                if keep_logits:
+                    rows.append(logits)
             else:
-                q = warp(logits, ctx.sampling)
-                token = sample(q, ctx.generator)
-                probs.append(q)
+                rows.append(warp(logits, sampling))
+                token = sample(rows[-1], ctx.generator)
             drafts.append(token)
+            if stop_below is None:
+                continue
+            plain = rows[-1] if not sampling.greedy and plain_q else logits.softmax(-1)
             confidence.append(float(plain[token]))
             if confidence[-1] < stop_below:
                 break
     finally:
         crop(cache, verified)
-    return drafts, (torch.stack(probs) if probs else torch.zeros(0, vocab)), confidence
+    return drafts, rows, confidence

@@ -1,13 +1,14 @@
 """N-gram mechanics: prompt lookup (a continuation of the current suffix earlier in the context),
-n-gram count tables, a suffix index over a corpus, and the local corpus they are built from."""
+n-gram count tables, a suffix index over a corpus, and the corpus they are built from."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from methods.base import DecodeContext, SettingError
 
 
 def lookup_continuation(tokens: list[int], max_ngram: int, min_ngram: int, num_pred: int) -> list[int]:
@@ -15,20 +16,31 @@ def lookup_continuation(tokens: list[int], max_ngram: int, min_ngram: int, num_p
     n-gram (n from `max_ngram` down to `min_ngram`); empty if none recurs. First, not most
     recent, occurrence: as in the prompt-lookup reference implementation."""
     length = len(tokens)
+    if length < 2 or num_pred < 1:
+        return []
+    context = np.asarray(tokens)
     for n in range(min(max_ngram, length - 1), min_ngram - 1, -1):
-        suffix = tokens[length - n :]
-        for start in range(length - n):  # the suffix itself is excluded
-            if tokens[start : start + n] == suffix:
-                follow = tokens[start + n : start + n + num_pred]
-                if follow:
-                    return follow
+        starts = ngram_starts(context, n)
+        if len(starts):
+            start = int(starts[0])
+            return tokens[start + n : start + n + num_pred]
     return []
 
 
+def ngram_starts(context: np.ndarray, n: int) -> np.ndarray:
+    """Where the last `n` tokens of `context` occur earlier (each start < len - n, so at least one token
+    follows), in order: n vectorised comparisons instead of a Python scan of the context."""
+    length = len(context)
+    match = context[: length - n] == context[length - n]
+    for j in range(1, n):
+        match &= context[j : length - n + j] == context[length - n + j]
+    return np.flatnonzero(match)
+
+
 class NGramTable:
-    """Counts of the token that follows each (n-1)-token context: the tri-gram "matrix" of ADED (n=3),
-    the n-gram models Superposed Decoding interpolates with. Counts, not probabilities, so that new
-    text (verified output) can be added at any time; `top` and `prob` normalise on the fly."""
+    """Counts of the token that follows each (n-1)-token context: the n-gram models Superposed Decoding
+    interpolates with. Counts, not probabilities, so that new text can be added at any time; `prob`
+    normalises on the fly."""
 
     def __init__(self, n: int) -> None:
         if n < 2:
@@ -52,19 +64,6 @@ class NGramTable:
         total = sum(row.values())
         return row.get(int(token), 0.0) / total if total else 0.0
 
-    def top(self, context: Sequence[int], k: int) -> list[tuple[int, float]]:
-        """The k most frequent next tokens with their probabilities, most likely first (ties: lower id)."""
-        row = self.next_counts(context)
-        total = sum(row.values())
-        best = sorted(row.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
-        return [(tok, count / total) for tok, count in best]
-
-    def prune(self, k: int) -> None:
-        """Keep the k most frequent next tokens of every context (ADED keeps 12)."""
-        for context, row in self.counts.items():
-            if len(row) > k:
-                self.counts[context] = dict(sorted(row.items(), key=lambda kv: (-kv[1], kv[0]))[:k])
-
     def __len__(self) -> int:
         return len(self.counts)
 
@@ -78,9 +77,10 @@ class SuffixIndex:
         self.min_n, self.max_n, self.max_positions = min_n, max_n, max_positions
         self.tokens = np.array([t for seq in sequences for t in list(seq) + [-1]], dtype=np.int64)  # -1 separates
         self.starts: dict[tuple[int, ...], list[int]] = {}
+        tokens = self.tokens.tolist()
         for n in range(min_n, max_n + 1):
-            for i in range(len(self.tokens) - n):
-                key = tuple(self.tokens[i:i + n].tolist())
+            for i in range(len(tokens) - n):
+                key = tuple(tokens[i:i + n])
                 if -1 in key:
                     continue
                 where = self.starts.setdefault(key, [])
@@ -109,24 +109,32 @@ class SuffixIndex:
         return []
 
 
-def corpus_sequences(tokenizer, path: str | None = None) -> list[list[int]]:
-    """Token ids of a local text corpus, one sequence per line (a .jsonl line's "turns" are joined).
+def corpus_sequences(ctx: DecodeContext, path: str = "") -> list[list[int]]:
+    """Token ids of a method's corpus, one sequence per text: the file its `corpus` setting names, else
+    the texts the harness passes in `ctx.corpus` (the suite's prompts). No method reads a suite's data
+    itself. Empty without a tokenizer (a bare model): the stores then learn from the output alone."""
+    texts = read_corpus(path) if path else list(ctx.corpus)
+    if ctx.tokenizer is None:
+        return []
+    return [ctx.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts if text]
 
-    Default: the turns of the built-in Spec-Bench-style question set shipped in suites/data (read as a
-    data file; no suite code is imported). It holds the benchmark's own prompts, which prompt lookup
-    sees anyway; it holds no reference answers. Pass a file of your own text for a real datastore."""
-    if tokenizer is None:
-        raise ValueError("building an n-gram store from a corpus needs the target's tokenizer")
-    file = Path(path) if path else Path(importlib.util.find_spec("suites").origin).parent / "data" / "specbench.jsonl"
-    if not file.is_file():
-        raise FileNotFoundError(f"corpus file {file} does not exist")
-    lines = []
+
+def read_corpus(path: str) -> list[str]:
+    """Texts of a corpus file: one per line, or per .jsonl record ("turns" joined by newlines, or "text")."""
+    file = Path(path)
+    texts = []
     for line in file.read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
         if file.suffix == ".jsonl":
             record = json.loads(line)
-            lines.append("\n".join(record.get("turns") or [record.get("text", "")]))
+            texts.append("\n".join(record.get("turns") or [record.get("text", "")]))
         else:
-            lines.append(line)
-    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in lines]
+            texts.append(line)
+    return texts
+
+
+def check_corpus(path: str) -> None:
+    """A `corpus` setting names a readable file or nothing (checked when the method is built)."""
+    if path and not Path(path).is_file():
+        raise SettingError(f"corpus names no file: {path!r}")

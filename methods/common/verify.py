@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from methods.base import Sampling
-from methods.common.sampling import sample, warp
+from methods.common.sampling import argmax, sample, warp
 
 
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -21,7 +21,7 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def verify_greedy(draft: list[int], target_logits: torch.Tensor) -> tuple[int, int]:
     """Longest prefix of `draft` equal to the target's argmax; returns (accepted, next token)."""
-    choices = target_logits.argmax(-1).tolist()
+    choices = argmax(target_logits)
     accepted = 0
     while accepted < len(draft) and draft[accepted] == choices[accepted]:
         accepted += 1
@@ -115,7 +115,7 @@ def verify_siblings(
 def verify_tree_greedy(tree, logits: torch.Tensor) -> tuple[list[int], int]:
     """Longest root-to-node path whose tokens equal the target's argmax; returns (path, next token).
     `logits[0]` scores the root's children, `logits[1 + i]` node i's."""
-    choices = logits.argmax(-1).tolist()
+    choices = argmax(logits)
     path, node = [], -1
     while True:
         token = choices[node + 1]

@@ -15,7 +15,7 @@ import torch
 
 from methods.base import DecodeContext, Sampling
 from methods.common.layerskip import SkipSet
-from methods.swift import Swift
+from methods.swift import LayerSetSearch, Swift
 from tests.conftest import tiny_llama
 
 pytestmark = pytest.mark.bench
@@ -42,11 +42,11 @@ def prompts(count: int, seed: int) -> list[list[int]]:
     return [rng.integers(4, 50, size=12).tolist() for _ in range(count)]
 
 
-def mean_accepted(method: Swift, model, items) -> float:
+def mean_accepted(method: Swift, model, items, state: dict) -> float:
     accepted = []
     for prompt in items:
         ctx = DecodeContext(prompt_ids=prompt, target=model, sampling=Sampling(), max_new_tokens=NEW_TOKENS,
-                            eos_token_ids=frozenset())
+                            eos_token_ids=frozenset(), state=state)
         method.generate(ctx)
         accepted += ctx.trace.accepted[1:]  # the prefill pass drafts nothing
     return float(np.mean(accepted))
@@ -55,14 +55,16 @@ def mean_accepted(method: Swift, model, items) -> float:
 def test_searched_skip_set_beats_random_sets():
     model = model_with_inert_sublayers()
     searching = Swift(context_window=WINDOW, dynamic_verification=False)  # chains: the skip set alone decides
-    mean_accepted(searching, model, prompts(8, seed=1))  # the search runs across these prompts
-    search = searching.search_for(model)
+    state: dict = {}
+    mean_accepted(searching, model, prompts(8, seed=1), state)  # the search runs across these prompts
+    search = state["layer_set_search"]
     held_out = prompts(4, seed=2)
 
     def fixed(skip: SkipSet) -> float:
         method = Swift(optimization=False, dynamic_verification=False)
-        method.search_for(model).current = skip
-        return mean_accepted(method, model, held_out)
+        frozen = LayerSetSearch(LAYERS, method.config)
+        frozen.current = skip
+        return mean_accepted(method, model, held_out, {"layer_set_search": frozen})
 
     searched = fixed(search.current)
     rng = np.random.default_rng(3)
