@@ -17,7 +17,7 @@ from transformers import DynamicCache
 
 from methods.base import DecodeContext, Sampling
 from methods.common.kv import forward, new_cache
-from methods.common.sampling import warp
+from methods.common.sampling import sample, warp
 
 NEG_INF = float("-inf")
 
@@ -127,7 +127,7 @@ def joint_probs(weights: torch.Tensor, logits: torch.Tensor, sampling: Sampling)
 
 def draw(probs: torch.Tensor, count: int, generator: torch.Generator) -> list[int]:
     """`count` i.i.d. draws (with replacement, as beam sampling does) from a flattened distribution."""
-    return torch.multinomial(probs.detach().cpu(), count, replacement=True, generator=generator).tolist()
+    return [sample(probs, generator) for _ in range(count)]
 
 
 # ---------------------------------------------------------------- hypotheses and reporting
