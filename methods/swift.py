@@ -80,6 +80,7 @@ class Swift(Method):
     paper = Paper("SWIFT: On-the-Fly Self-Speculative Decoding for LLM Inference Acceleration", arxiv="2410.06916",
                   venue="ICLR 2025")
     lossless = True
+    stateful = True
 
     @dataclass
     class Config(Settings):  # the official release's defaults
@@ -104,8 +105,6 @@ class Swift(Method):
             super().__post_init__()
             if self.skip_ratio >= 1.0:
                 raise SettingError(f"skip_ratio must be below 1 (some sublayers must run); got {self.skip_ratio!r}")
-
-    stateful = True
 
     def search(self, ctx: DecodeContext) -> LayerSetSearch:
         """The layer-set search, kept in ctx.state across prompts (built on first use)."""

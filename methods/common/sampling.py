@@ -1,6 +1,7 @@
 """Turning logits into the distribution a method samples from, the same way for target and draft."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from methods.base import Sampling
@@ -52,15 +53,16 @@ def _block_mass(p: torch.Tensor) -> torch.Tensor:
 
 
 def _pick(weights: torch.Tensor, generator: torch.Generator) -> int:
-    """Index i with probability weights[i] / weights.sum() (float64 weights on the CPU)."""
-    cdf = weights.cumsum(0)
+    """Index i with probability weights[i] / weights.sum() (a short float64 CPU tensor: numpy does the
+    few hundred-entry work, torch's per-call overhead would dominate it)."""
+    cdf = np.cumsum(weights.numpy())
     total = float(cdf[-1])
     if not 0.0 < total < float("inf"):
         raise ValueError(f"cannot sample from weights summing to {total}")
-    u = torch.rand(1, generator=generator, dtype=torch.float64) * total
-    index = int(torch.searchsorted(cdf, u, right=True))  # entries of weight 0 own an empty interval
-    if index >= len(weights):  # u * total rounded up to total: the last token with weight
-        index = int(torch.nonzero(weights > 0).max())
+    u = float(torch.rand(1, generator=generator, dtype=torch.float64)) * total
+    index = int(np.searchsorted(cdf, u, side="right"))  # entries of weight 0 own an empty interval
+    if index >= len(cdf):  # u * total rounded up to total: the last token with weight
+        index = int(np.flatnonzero(weights.numpy() > 0)[-1])
     return index
 
 
