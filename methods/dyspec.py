@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from methods.base import DecodeContext, Paper, Settings, register, setting
+from methods.common import vocab
 from methods.common.tree import ROOT, DraftTree, TreeDrafter
 from methods.common.tree_method import TreeMethod
 
@@ -27,9 +28,11 @@ class Offer:
         """The j-th child (token, q(token)); None when no undrawn token has mass left."""
         if j >= len(self.tokens) and len(self.tokens) >= FIRST_OFFER:  # the first offer ran out: double it
             want = 2 * len(self.tokens)
-            if self.q is None:
-                tokens, logprobs = self.drafter.top(self.logits[None], want, logprobs=True)
-                self.tokens, self.probs = tokens[0], [math.exp(lp) for lp in logprobs[0]]
+            if self.q is None:  # q(x) = exp(logit(x) - logit(x_1)) q(x_1): no second normaliser
+                row = self.drafter.logits(self.logits)[0]
+                values, tokens = vocab.top_k(row, want)
+                scale = math.log(self.probs[0]) - float(row[self.tokens[0]])
+                self.tokens, self.probs = tokens.tolist(), [math.exp(v + scale) for v in values.tolist()]
             else:
                 self.tokens = self.drafter.distinct(self.q, want, drawn=self.tokens)
                 self.probs = self.q[self.tokens].tolist()

@@ -54,8 +54,9 @@ def build_tree(matrix: torch.Tensor, root: int, template, max_depth: int) -> Dra
 def recycle(matrix: torch.Tensor, tokens: list[int], logits: torch.Tensor) -> None:
     """Overwrite row tokens[i] with the top-k of logits[i] (a token fed twice keeps its last row): one
     batched top-k, one transfer, one indexed write."""
-    k = matrix.shape[1]
-    top = vocab.top_k(logits[:, : matrix.shape[0]], k)[1].to(device=matrix.device, dtype=matrix.dtype)
+    k, size = matrix.shape[1], matrix.shape[0]
+    top = vocab.top_k(logits if logits.shape[-1] == size else logits[:, :size], k)[1]
+    top = top.to(device=matrix.device, dtype=matrix.dtype)
     last = {token: i for i, token in enumerate(tokens)}
     matrix[list(last)] = top[list(last.values())]
 

@@ -14,6 +14,15 @@ from tests.test_verification_rule import V, assert_matches, tables
 
 LENGTH = 2
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Thousands of steps on 4-token rows: intra-op threads only add their fork/join (ms on a busy CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 SETTINGS = {
     "specinfer_tree": {"expansion": (2, 2)},
     "rsd_c": {"branching": (2, 2)},

@@ -39,6 +39,7 @@ The loop (`tree_method.TreeMethod`): build a `DraftTree` with the drafter, `path
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from transformers import DynamicCache
 
@@ -137,34 +138,35 @@ def tree_attention(parents: list[list[int]], prefix: int, pending: int, dtype: t
     prefix + pending + depth - 1. Additive float (0 / dtype min), not bool: eager attention adds it.
     """
     slots = max((len(p) for p in parents), default=0)
-    table = torch.tensor([list(p) + [-1] * (slots - len(p)) for p in parents], dtype=torch.long)
-    table = table.reshape(len(parents), slots)
-    rows, index = table.shape[0], torch.arange(slots)
-    if (table >= index).any():
-        k = int((table >= index).any(0).nonzero()[0])
-        raise ValueError(f"node {k}: its parent must come before it")
-    new = slots if new is None else new
-    # ancestors-or-self by pointer jumping, one level per round (rounds = the depth, not the nodes)
-    seen = torch.zeros(rows, slots, slots + 1, dtype=torch.bool)  # the last column collects the root
-    at = index.expand(rows, slots)
-    parent_of = torch.cat([table.where(table >= 0, slots), torch.full((rows, 1), slots)], 1)
+    rows, new = len(parents), slots if new is None else new
+    table = np.full((rows, slots), -1, dtype=np.int64)
+    for r, p in enumerate(parents):
+        table[r, : len(p)] = p
+    index = np.arange(slots)
+    late = (table >= index).any(0)
+    if late.any():
+        raise ValueError(f"node {int(late.argmax())}: its parent must come before it")
+    # ancestors-or-self by pointer jumping, one level per round (rounds = the depth, not the nodes); in
+    # numpy: these index tensors are tiny, and a torch call costs more than the work
+    seen = np.zeros((rows, slots, slots + 1), dtype=bool)  # the last column collects the root
+    parent_of = np.concatenate([np.where(table >= 0, table, slots), np.full((rows, 1), slots)], 1)
+    at, rr, kk = np.broadcast_to(index, (rows, slots)), np.arange(rows)[:, None], index[None]
     while True:
-        seen.scatter_(2, at[..., None], True)
-        if bool((at == slots).all()):
+        seen[rr, kk, at] = True
+        if (at == slots).all():
             break
-        at = parent_of.gather(1, at)
-    seen = seen[..., :slots]
-    depth = seen.sum(-1)
+        at = parent_of[rr, at]
+    seen = seen[:, slots - new:, :slots]
     q = pending + new
-    visible = torch.zeros(rows, q, pending + slots, dtype=torch.bool)
-    visible[:, :pending, :pending] = torch.ones(pending, pending, dtype=torch.bool).tril()
+    visible = np.zeros((rows, q, pending + slots), dtype=bool)
+    visible[:, :pending, :pending] = np.tri(pending, dtype=bool)
     visible[:, pending:, :pending] = True
-    visible[:, pending:, pending:] = seen[:, slots - new:]
-    positions = torch.cat([torch.arange(prefix, prefix + pending).expand(rows, pending),
-                           prefix + pending + depth[:, slots - new:] - 1], 1)
+    visible[:, pending:, pending:] = seen
+    positions = np.concatenate([np.broadcast_to(np.arange(prefix, prefix + pending), (rows, pending)),
+                                prefix + pending + seen.sum(-1) - 1], 1)
     mask = torch.zeros(rows, 1, q, prefix + pending + slots, dtype=dtype, device=device)
-    mask[:, 0, :, prefix:].masked_fill_(~visible.to(mask.device), torch.finfo(dtype).min)
-    return mask, positions.to(mask.device)
+    mask[:, 0, :, prefix:].masked_fill_(torch.from_numpy(~visible).to(mask.device), torch.finfo(dtype).min)
+    return mask, torch.from_numpy(positions).to(mask.device)
 
 
 def keep_positions(cache: DynamicCache, prefix: int, positions: list[int]) -> None:
@@ -211,13 +213,14 @@ class TreeKV:
                 raise ValueError(f"node {node}: its parent {parent} has not been fed to this model")
             self.slot_parents.append(ROOT if parent == ROOT else self.slots[parent])
             self.slots[node] = len(self.slots)
-        device = self.model.device
-        mask, positions = tree_attention([self.slot_parents], self.prefix, len(pending), self.dtype,
-                                         new=len(nodes), device=device)
+        device, kwargs = self.model.device, {}
+        if self.slots:  # tree attention; pending tokens alone are plain causal
+            mask, positions = tree_attention([self.slot_parents], self.prefix, len(pending), self.dtype,
+                                             new=len(nodes), device=device)
+            kwargs = {"attention_mask": mask, "position_ids": positions}
         ids = torch.tensor([pending + [tree.tokens[n] for n in nodes]], dtype=torch.long, device=device)
         keep = len(nodes) + (1 if pending else 0)
-        out = forward(self.model, self.cache, input_ids=ids, attention_mask=mask, position_ids=positions,
-                      logits_to_keep=keep)
+        out = forward(self.model, self.cache, input_ids=ids, logits_to_keep=keep, **kwargs)
         self.prefix, self.pending = self.prefix + len(pending), []
         return out.logits[0]
 

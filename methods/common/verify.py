@@ -15,9 +15,11 @@ from methods.common.sampling import sample, warp
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """normalise(max(0, p - q)) along the last dim: what a rejection leaves to sample from; p itself where
     nothing is left (p <= q everywhere up to rounding). The one residual every rule uses."""
-    rest = (p - q).clamp_min(0)
+    rest = (p - q).clamp_min_(0)
     total = rest.sum(-1, keepdim=True)
-    return torch.where(total > 0, rest / total.clamp_min(torch.finfo(rest.dtype).tiny), p)
+    if rest.dim() == 1:  # one distribution: its callers read scalars from it next anyway
+        return rest.div_(total) if float(total) > 0 else p
+    return torch.where(total > 0, rest.div_(total.clamp_min(torch.finfo(rest.dtype).tiny)), p)
 
 
 def verify_greedy(draft: list[int], target_logits: torch.Tensor) -> tuple[int, int]:
@@ -94,6 +96,8 @@ def verify_siblings(
     """
     p = target_probs.float()
     q = None if draft_probs is None else draft_probs.float().to(p.device)
+    if q is not None and not replacement and len(tokens) > 1:
+        q = q.clone()  # renormalised in place as drawn children are removed
     for i, tok in enumerate(tokens):
         u = float(torch.rand((), generator=generator))
         if q is None:
@@ -107,20 +111,27 @@ def verify_siblings(
         if q_x > 0 and u * q_x < p_x:  # u < p/q without dividing
             return i, tok
         p = residual(p, q)
-        if not replacement:
-            rest = q.clone()
-            rest[tok] = 0.0
-            q = _normalise(rest, rest)
+        if not replacement and i + 1 < len(tokens):
+            q[tok] = 0.0
+            left = q.sum()
+            if left > 0:
+                q.div_(left)
     return None, int(vocab.sample(p[None], 1, generator)[0, 0])
 
 
 def verify_tree_greedy(tree, logits: torch.Tensor) -> tuple[list[int], int]:
     """Longest root-to-node path whose tokens equal the target's argmax; returns (path, next token).
-    `logits[0]` scores the root's children, `logits[1 + i]` node i's (one batched argmax, one transfer)."""
-    choices = vocab.argmax(logits).tolist()
+    `logits[0]` scores the root's children, `logits[1 + i]` node i's. On an accelerator: one batched
+    argmax, one transfer; on the CPU, where each row costs a pass over the vocabulary, only the rows
+    along the walk are read."""
+    if logits.device.type == "cpu":
+        def choice(r: int) -> int:
+            return int(vocab.argmax(logits[r]))
+    else:
+        choice = vocab.argmax(logits).tolist().__getitem__
     path, node = [], -1
     while True:
-        token = choices[node + 1]
+        token = choice(node + 1)
         child = tree.children[node].get(token)
         if child is None:
             return path, token

@@ -38,10 +38,9 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     """`x.argmax(-1)` (the first maximal index of each row), for 1-D or 2-D `x`."""
     if not _blocked(x):
         return x.argmax(-1)
-    rows = _rows(x)
-    blocks = _blocks(rows, float("-inf"))
+    blocks = _blocks(_rows(x), float("-inf"))
     best = blocks.amax(-1).argmax(-1)  # the first block holding the row's maximum
-    inner = blocks[torch.arange(len(rows)), best].argmax(-1)
+    inner = blocks[torch.arange(len(blocks)), best].argmax(-1)
     return (best * BLOCK + inner).reshape(x.shape[:-1])
 
 
@@ -53,10 +52,12 @@ def top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     k = min(k, x.shape[-1])
     if not _blocked(x) or k > x.shape[-1] // BLOCK:
         return torch.topk(x, k, dim=-1)
-    rows = _rows(x)
-    blocks = _blocks(rows, float("-inf"))
+    if k == 1:
+        indices = argmax(x)[..., None]
+        return x.gather(-1, indices), indices
+    blocks = _blocks(_rows(x), float("-inf"))
     chosen = blocks.amax(-1).topk(k, dim=-1).indices  # rows x k
-    candidates = blocks.gather(1, chosen[..., None].expand(-1, -1, BLOCK)).reshape(len(rows), k * BLOCK)
+    candidates = blocks.gather(1, chosen[..., None].expand(-1, -1, BLOCK)).reshape(len(blocks), k * BLOCK)
     values, pos = candidates.topk(k, dim=-1)
     indices = chosen.gather(1, pos // BLOCK) * BLOCK + pos % BLOCK
     return values.reshape(*x.shape[:-1], k), indices.reshape(*x.shape[:-1], k)
