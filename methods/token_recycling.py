@@ -40,7 +40,7 @@ def build_tree(matrix: torch.Tensor, root: int, template, max_depth: int) -> Dra
     tree = DraftTree()
     node_of: dict[tuple[int, ...], int] = {(): ROOT}
     rows: dict[int, list[int]] = {}  # the rows this tree reads (not the whole matrix)
-    for path in template:  # breadth first: parents before children
+    for path in sorted(template, key=lambda p: (len(p), p)):  # breadth first: parents before children
         if len(path) > max_depth or path[:-1] not in node_of:
             continue
         parent = node_of[path[:-1]]
@@ -74,7 +74,7 @@ class TokenRecycling(TreeMethod):
 
     def __init__(self, **overrides) -> None:
         super().__init__(**overrides)
-        self.template = sorted((p for p in TEMPLATE_2_2_2 if max(p) < self.config.k), key=lambda p: (len(p), p))
+        self.template = [p for p in TEMPLATE_2_2_2 if max(p) < self.config.k]
         self.depth = max(len(p) for p in self.template)
 
     def matrix(self, ctx: DecodeContext) -> torch.Tensor:
