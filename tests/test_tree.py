@@ -8,7 +8,7 @@ import torch
 from scipy.stats import chisquare
 
 from methods.base import DecodeContext, Sampling
-from methods.common.kv import extend, gather, new_cache
+from methods.common.kv import compact, extend, new_cache
 from methods.common.sampling import sample
 from methods.common.tree import ROOT, DraftTree, TreeKV, TreeVerifier, row, tree_attention
 from methods.common.verify import (
@@ -184,15 +184,17 @@ def test_commit_keeps_exactly_the_accepted_path(fed_depth):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_gather_selects_positions_of_every_layer():
+def test_compact_keeps_the_prefix_and_the_path_of_every_layer():
     model = tiny_llama(seed=3)
     cache = new_cache(model)
-    extend(model, PREFIX, cache)
+    extend(model, PREFIX + [30, 31, 32], cache)
     before = [layer.keys.clone() for layer in cache.layers]
-    gather(cache, [0, 2, 4])
-    assert cache.get_seq_length() == 3
+    compact(cache, 3, [4, 6])
+    assert cache.get_seq_length() == 5
     for old, layer in zip(before, cache.layers):
-        assert torch.equal(layer.keys, old[:, :, [0, 2, 4]])
+        assert torch.equal(layer.keys, old[:, :, [0, 1, 2, 4, 6]])
+    compact(cache, 3, [3, 4])  # already in place: only cut
+    assert cache.get_seq_length() == 5
 
 
 def test_greedy_tree_walk_takes_the_longest_argmax_path():

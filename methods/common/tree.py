@@ -45,7 +45,7 @@ from transformers import DynamicCache
 
 from methods.base import DecodeContext
 from methods.common import vocab
-from methods.common.kv import crop, forward, new_cache
+from methods.common.kv import compact, forward, new_cache
 from methods.common.sampling import on_target_vocab, warp
 from methods.common.verify import verify_tree
 
@@ -169,23 +169,6 @@ def tree_attention(parents: list[list[int]], prefix: int, pending: int, dtype: t
     return mask, torch.from_numpy(positions).to(mask.device)
 
 
-def keep_positions(cache: DynamicCache, prefix: int, positions: list[int]) -> None:
-    """Keep the first `prefix` positions of every layer followed by `positions` (ascending, all >= prefix):
-    the accepted path of a tree, moved in place (only the path's entries are copied)."""
-    if positions != list(range(prefix, prefix + len(positions))):
-        with torch.inference_mode():
-            for layer in cache.layers:
-                if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
-                    raise NotImplementedError(f"keeping positions of a {type(layer).__name__} cache layer")
-                if layer.keys is None or layer.keys.numel() == 0:
-                    continue
-                index = torch.tensor(positions, dtype=torch.long, device=layer.keys.device)
-                span = slice(prefix, prefix + len(positions))
-                layer.keys[..., span, :] = layer.keys.index_select(-2, index)
-                layer.values[..., span, :] = layer.values.index_select(-2, index)
-    crop(cache, prefix + len(positions))
-
-
 class TreeKV:
     """One model's KV cache: a committed prefix, then tree nodes in the order they were fed."""
 
@@ -229,7 +212,7 @@ class TreeKV:
         fed = 0
         while fed < len(path) and path[fed] in self.slots:
             fed += 1
-        keep_positions(self.cache, self.prefix, [self.prefix + self.slots[n] for n in path[:fed]])
+        compact(self.cache, self.prefix, [self.prefix + self.slots[n] for n in path[:fed]])
         self.prefix += fed
         self.slots, self.slot_parents = {}, []
         self.pending = self.pending + [tree.tokens[n] for n in path[fed:]] + list(extra)
