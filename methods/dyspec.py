@@ -35,7 +35,7 @@ class Offer:
                 self.tokens, self.probs = tokens.tolist(), [math.exp(v + scale) for v in values.tolist()]
             else:
                 self.tokens = self.drafter.distinct(self.q, want, drawn=self.tokens)
-                self.probs = self.q[self.tokens].tolist()
+                self.probs = self.drafter.at(self.q[None], [self.tokens])[0]
         if j >= len(self.tokens) or not self.probs[j] > 0:
             return None
         return self.tokens[j], self.probs[j]
@@ -91,11 +91,10 @@ class DySpec(TreeMethod):
             tokens, logprobs = drafter.top(rows, FIRST_OFFER, logprobs=True)
             return {node: Offer(drafter, r, None, toks, [math.exp(lp) for lp in lps])
                     for node, r, toks, lps in zip(nodes, rows, tokens, logprobs)}
-        offers = {}
-        for node, r, q in zip(nodes, rows, drafter.probs(rows)):
-            tokens = drafter.distinct(q, FIRST_OFFER)
-            offers[node] = Offer(drafter, r, q, tokens, q[tokens].tolist())
-        return offers
+        q = drafter.probs(rows)
+        drawn = drafter.distinct(q, FIRST_OFFER)
+        return {node: Offer(drafter, r, dist, toks, probs)
+                for node, r, dist, toks, probs in zip(nodes, rows, q, drawn, drafter.at(q, drawn))}
 
     def _feed(self, ctx: DecodeContext, drafter: TreeDrafter, tree: DraftTree, heap: list, offers: dict) -> None:
         """One draft pass for every unfed node among the slots that can still be popped before the

@@ -34,7 +34,7 @@ class RecursiveSpeculativeDecodingConstant(TreeMethod):
             for node, dist in zip(nodes, q):
                 tree.set_dist(node, dist)
             # distinct siblings, without replacement, in draw order
-            return [drafter.distinct(dist, width) for dist in q]
+            return drafter.distinct(q, width)
 
         drafter.grow_levels(tree, self.config.branching[:depth], choose)
         return tree

@@ -70,11 +70,11 @@ class RecursiveSpeculativeDecodingBeam(TreeMethod):
                     candidates += [(phi + lp, phi + lp, node, tok) for tok, lp in zip(toks, lps)]
             else:  # stochastic beam search: each beam's W best perturbed children, drawn top-down
                 q = drafter.probs(rows)
+                drawn = drafter.distinct(q, width)
                 uniforms = torch.rand(len(beams), width, dtype=torch.float64, generator=ctx.generator)
-                for (node, value, phi), dist, us in zip(beams, q, uniforms.clamp(1e-300, 1 - 2**-53).tolist()):
+                for (node, value, phi), dist, toks, probs, us in zip(
+                        beams, q, drawn, drafter.at(q, drawn), uniforms.clamp(1e-300, 1 - 2**-53).tolist()):
                     tree.set_dist(node, dist)
-                    toks = drafter.distinct(dist, width)
-                    probs = dist[toks].tolist()
                     keys = conditioned(value, top_down_gumbels(phi, probs, us))
                     candidates += [(key, phi + math.log(p), node, tok) for key, p, tok in zip(keys, probs, toks)]
             # the W best sequences survive (sequences sampled without replacement); a node's

@@ -313,9 +313,17 @@ class TreeDrafter:
         """`count` i.i.d. draws from each row of `probs`."""
         return vocab.sample(probs, count, self.ctx.generator).tolist()
 
-    def distinct(self, q: torch.Tensor, k: int, drawn: list[int] | None = None) -> list[int]:
-        """Up to k draws without replacement from the 1-D `q`, in draw order (after `drawn`)."""
-        return vocab.sample_distinct(q, k, self.ctx.generator, drawn)
+    def distinct(self, probs: torch.Tensor, k: int, drawn: list | None = None) -> list:
+        """Up to k draws without replacement from each row of `probs` (or a 1-D `probs`), in draw order,
+        after `drawn`."""
+        return vocab.sample_distinct(probs, k, self.ctx.generator, drawn)
+
+    @staticmethod
+    def at(probs: torch.Tensor, tokens: list[list[int]]) -> list[list[float]]:
+        """probs[r, tokens[r]] for every row (ragged), in one gather and one transfer."""
+        width = max((len(t) for t in tokens), default=0)
+        index = torch.tensor([t + [0] * (width - len(t)) for t in tokens], dtype=torch.long, device=probs.device)
+        return [row[: len(t)] for row, t in zip(probs.gather(-1, index.reshape(len(tokens), width)).tolist(), tokens)]
 
     def grow_levels(self, tree: DraftTree, widths, choose) -> None:
         """Grow `tree` level by level: `choose(nodes, rows, width)` returns, for the frontier `nodes` and

@@ -87,38 +87,51 @@ def sample(probs: torch.Tensor, count: int, generator: torch.Generator) -> torch
     return block * BLOCK + token
 
 
-def sample_distinct(probs: torch.Tensor, k: int, generator: torch.Generator,
-                    drawn: list[int] | None = None) -> list[int]:
-    """Up to k tokens drawn without replacement from a 1-D `probs`, in draw order (the Plackett-Luce
-    order that Gumbel-Top-k gives), continuing after the tokens in `drawn` (returned with them). Fewer
-    when fewer tokens have mass.
+def sample_distinct(probs: torch.Tensor, k: int, generator: torch.Generator, drawn: list | None = None) -> list:
+    """Up to k tokens drawn without replacement from each row of `probs`, in draw order (the
+    Plackett-Luce order that Gumbel-Top-k gives), continuing after the tokens in `drawn` (returned with
+    them); fewer when fewer tokens have mass. 1-D `probs`: a list; rows x V: a list per row.
 
     The first appearances in a stream of i.i.d. draws are exactly such draws (a draw of a token already
-    seen is a rejection); once the seen tokens hold most of the mass, the next ones are drawn from the
-    rest directly (exact as well: that is the distribution of the stream's next new token)."""
-    seen = list(drawn or [])
-    got, mass = set(seen), None
+    seen is a rejection): one batched round of draws serves every row. A row that still lacks tokens
+    goes on alone, and once its seen tokens hold most of the mass, draws the next ones from the rest
+    directly (exact as well: that is the distribution of the stream's next new token)."""
+    if probs.dim() == 1:
+        return sample_distinct(probs[None], k, generator, None if drawn is None else [drawn])[0]
     probs = probs.float()
-    total = float(probs.sum())
-    if not total > 0:  # no mass (or NaN: a row of -inf log-probabilities)
-        return seen
+    totals = probs.sum(-1).tolist()
+    seen = [list(d) for d in drawn] if drawn is not None else [[] for _ in totals]
+    if drawn is None:
+        for row, tokens in zip(seen, sample(probs, 4 * k + 4, generator).tolist()):
+            _first_appearances(row, tokens, k)
+    for r, total in enumerate(totals):
+        if not total > 0:  # no mass (or NaN: a row of -inf log-probabilities): its draws mean nothing
+            seen[r] = [] if drawn is None else seen[r]
+        elif len(seen[r]) < k:
+            _complete(probs[r], total, seen[r], k, generator)
+    return seen
+
+
+def _first_appearances(seen: list[int], tokens: list[int], k: int) -> None:
+    got = set(seen)
+    for tok in tokens:
+        if len(seen) >= k:
+            return
+        if tok not in got:
+            got.add(tok)
+            seen.append(tok)
+
+
+def _complete(probs: torch.Tensor, total: float, seen: list[int], k: int, generator: torch.Generator) -> None:
+    """Extend `seen` to k tokens drawn without replacement from the 1-D `probs` (or until no mass is left)."""
+    direct = False
     while len(seen) < k:
-        want = k - len(seen)
-        if mass is None:
-            mass = float(probs[seen].sum()) / total if seen else 0.0
-        if mass < 0.5:  # i.i.d. draws find new tokens often
-            for tok in sample(probs[None], 4 * want + 4, generator)[0].tolist():
-                if tok not in got and len(seen) < k:
-                    got.add(tok)
-                    seen.append(tok)
-            mass = None
+        if not direct and float(probs[seen].sum()) / total < 0.5:  # i.i.d. draws find new tokens often
+            _first_appearances(seen, sample(probs[None], 4 * (k - len(seen)) + 4, generator)[0].tolist(), k)
             continue
+        direct = True  # the seen tokens hold most of the mass: draw from the rest
         rest = probs.clone()
         rest[seen] = 0.0
         if not float(rest.sum()) > 0:
-            break
-        tok = int(sample(rest[None], 1, generator)[0, 0])
-        got.add(tok)
-        seen.append(tok)
-        mass = 1.0  # stay on direct draws
-    return seen
+            return
+        seen.append(int(sample(rest[None], 1, generator)[0, 0]))
