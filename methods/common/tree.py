@@ -139,31 +139,35 @@ def tree_attention(parents: list[list[int]], prefix: int, pending: int, dtype: t
     """
     slots = max((len(p) for p in parents), default=0)
     rows, new = len(parents), slots if new is None else new
-    table = np.full((rows, slots), -1, dtype=np.int64)
-    for r, p in enumerate(parents):
-        table[r, : len(p)] = p
+    if all(len(p) == slots for p in parents):
+        table = np.array(parents, dtype=np.int64).reshape(rows, slots)
+    else:
+        table = np.full((rows, slots), -1, dtype=np.int64)
+        for r, p in enumerate(parents):
+            table[r, : len(p)] = p
     index = np.arange(slots)
-    late = (table >= index).any(0)
-    if late.any():
-        raise ValueError(f"node {int(late.argmax())}: its parent must come before it")
+    if (table >= index).any():
+        raise ValueError(f"node {int((table >= index).any(0).argmax())}: its parent must come before it")
     # ancestors-or-self by pointer jumping, one level per round (rounds = the depth, not the nodes); in
-    # numpy: these index tensors are tiny, and a torch call costs more than the work
+    # numpy: these index arrays are tiny, and a torch call costs more than the work
     seen = np.zeros((rows, slots, slots + 1), dtype=bool)  # the last column collects the root
-    parent_of = np.concatenate([np.where(table >= 0, table, slots), np.full((rows, 1), slots)], 1)
+    parent_of = np.concatenate([table, np.full((rows, 1), slots)], 1)
+    parent_of[parent_of < 0] = slots
     at, rr, kk = np.broadcast_to(index, (rows, slots)), np.arange(rows)[:, None], index[None]
     while True:
         seen[rr, kk, at] = True
+        at = parent_of[rr, at]
         if (at == slots).all():
             break
-        at = parent_of[rr, at]
-    seen = seen[:, slots - new:, :slots]
+    # keys after the prefix: the pending tokens (causal among themselves), then the tree slots
     q = pending + new
     visible = np.zeros((rows, q, pending + slots), dtype=bool)
     visible[:, :pending, :pending] = np.tri(pending, dtype=bool)
     visible[:, pending:, :pending] = True
-    visible[:, pending:, pending:] = seen
-    positions = np.concatenate([np.broadcast_to(np.arange(prefix, prefix + pending), (rows, pending)),
-                                prefix + pending + seen.sum(-1) - 1], 1)
+    visible[:, pending:, pending:] = seen[:, slots - new:, :slots]
+    positions = np.empty((rows, q), dtype=np.int64)
+    positions[:, :pending] = np.arange(prefix, prefix + pending)
+    positions[:, pending:] = visible[:, pending:].sum(-1) + (prefix - 1)  # pending + depth - 1, after the prefix
     mask = torch.zeros(rows, 1, q, prefix + pending + slots, dtype=dtype, device=device)
     mask[:, 0, :, prefix:].masked_fill_(torch.from_numpy(~visible).to(mask.device), torch.finfo(dtype).min)
     return mask, torch.from_numpy(positions).to(mask.device)
