@@ -14,7 +14,8 @@ from typing import Literal
 import torch
 
 from methods.base import DecodeContext, Paper, Settings, register, setting
-from methods.common.beams import BeamCache, BeamMethod, BeamRun, Hypothesis, topk
+from methods.common import vocab
+from methods.common.beams import BeamCache, BeamMethod, BeamRun, Hypothesis
 
 UNREACHABLE = -1.0e9  # transformers' "never choose this" score
 
@@ -45,7 +46,7 @@ class BeamSearch(BeamMethod):
             length += 1  # new tokens in every candidate
             # the top `keep` of all (beam, token) pairs are among each beam's own top `keep`: one batched
             # topk per beam on the device, and only those candidates reach the host
-            top_values, top_indices = topk(logp, min(keep, logp.shape[-1]))
+            top_values, top_indices = vocab.top_k(logp, min(keep, logp.shape[-1]))
             scores = (top_values + running_scores.to(logp.device)[:, None]).reshape(-1)
             best = torch.topk(scores, k=min(keep, scores.numel()))
             per_row = top_indices.shape[-1]

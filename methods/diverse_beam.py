@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from methods.base import DecodeContext, Paper, SettingError, Settings, register, setting
-from methods.common.beams import BeamCache, BeamMethod, BeamRun, Hypothesis, by_mean_logprob, topk
+from methods.common import vocab
+from methods.common.beams import BeamCache, BeamMethod, BeamRun, Hypothesis, by_mean_logprob
 
 
 @register("diverse_beam")
@@ -46,7 +47,7 @@ class DiverseBeamSearch(BeamMethod):
             logp = torch.log_softmax(cache.feed(pending)[:, -1], -1)
             # a group's best 2B/G candidates are among each row's top 2B/G + B tokens (the earlier groups
             # penalise at most B tokens): one batched topk on the device, the rest on those candidates
-            values, tokens = topk(logp, min(2 * per_group + beams, logp.shape[-1]))
+            values, tokens = vocab.top_k(logp, min(2 * per_group + beams, logp.shape[-1]))
             values, tokens = values.cpu(), tokens.cpu()
             counts: dict[int, int] = {}  # tokens the earlier groups chose at this step
             for g in range(groups):

@@ -29,7 +29,8 @@ from typing import Literal
 import torch
 
 from methods.base import DecodeContext, Method, Needs, Paper, SettingError, Settings, register, setting
-from methods.common.beams import argmax, joint
+from methods.common import vocab
+from methods.common.beams import joint
 from methods.common.sampling import next_token, on_target_vocab, warp
 from methods.common.tree import ROOT, DraftTree, TreeKV, TreeVerifier, row
 
@@ -133,5 +134,5 @@ def _token_probs(logits: torch.Tensor, rows: list[int], tokens: list[int], ctx: 
     at = torch.tensor([r - low for r in rows], device=logits.device)
     wanted = torch.tensor(tokens, device=logits.device)
     if ctx.sampling.greedy:
-        return (argmax(block)[at, 0] == wanted).float().tolist()
+        return (vocab.argmax(block)[at] == wanted).float().tolist()
     return warp(block, ctx.sampling)[at, wanted].tolist()

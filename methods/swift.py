@@ -31,7 +31,8 @@ from methods.common.layerskip import (
     prefix_view,
     skipped_forward,
 )
-from methods.common.sampling import argmax, draws_without_replacement, top_indices
+from methods.common import vocab
+from methods.common.sampling import argmax
 from methods.common.speculation import ChainVerifier
 from methods.common.tree import ROOT, DraftTree, TreeVerifier
 
@@ -69,10 +70,9 @@ def _alternatives(ctx: DecodeContext, token: int, row: torch.Tensor, count: int)
     if count <= 0:
         return []
     if ctx.sampling.greedy:
-        return [t for t in top_indices(row, count + 1) if t != token][:count]
-    left = row.clone()
-    left[token] = 0  # never drawn again; the draws stop when nothing is left
-    return draws_without_replacement(left, count, ctx.generator)
+        return [t for t in vocab.top_k(row, count + 1)[1].tolist() if t != token][:count]
+    # further draws without replacement after the chain's token (the first draw); fewer if no mass is left
+    return vocab.sample_distinct(row, count + 1, ctx.generator, drawn=[token])[1:]
 
 
 @register("swift")

@@ -141,24 +141,24 @@ def test_settings_are_checked_when_built():
 
 def test_blocked_helpers_equal_torch_on_a_large_vocabulary():
     """argmax and topk run in two stages on a CPU (block maxima first): the same indices and values as torch."""
-    from methods.common.beams import argmax, topk
+    from methods.common.vocab import argmax, top_k as topk
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 151_936, generator=g)
     x[1, 7] = x[1, 90_000] = 50.0  # a tie for the maximum: the first index wins, as in torch
-    assert torch.equal(argmax(x), x.argmax(-1, keepdim=True))
+    assert torch.equal(argmax(x), x.argmax(-1))
     for k in (1, 6, 8):
         values, index = topk(x, k)
         expected = torch.topk(x, k, dim=-1)
         assert torch.equal(values, expected.values) and torch.equal(x.gather(-1, index), expected.values)
 
 
-def test_draw_flat_samples_the_distribution_and_never_a_zero_entry():
-    from methods.common.beams import BLOCK, draw_flat
+def test_draws_sample_the_distribution_and_never_a_zero_entry():
+    from methods.common.vocab import BLOCK, sample
 
     p = torch.zeros(3 * BLOCK + 17)
     p[[1, 3, BLOCK - 1, BLOCK, 2 * BLOCK + 5, 3 * BLOCK + 16]] = torch.tensor([0.1, 0.3, 0.05, 0.25, 0.2, 0.1])
-    picks = torch.tensor(draw_flat(p, 100_000, torch.Generator().manual_seed(0)))
+    picks = sample(p[None], 100_000, torch.Generator().manual_seed(0))[0]
     freq = torch.bincount(picks, minlength=len(p)).double() / len(picks)
     assert freq[p == 0].sum() == 0
     assert torch.allclose(freq, p.double(), atol=0.005)

@@ -26,8 +26,10 @@ import torch
 from transformers import DynamicCache
 
 from methods.base import BudgetExhausted, DecodeContext, Method, Sampling
+from methods.common import vocab
 from methods.common.kv import forward, new_cache
 from methods.common.sampling import sample, warp
+from methods.common.tree import tree_attention
 
 NEG_INF = float("-inf")
 
@@ -65,7 +67,7 @@ class BeamCache:
                for toks, row_nodes in zip(pending, forest)]
         kwargs = {}
         if nodes:
-            mask, positions = _forest_mask(forest, prefix, width, nodes, self.model.dtype)
+            mask, positions = tree_attention([[p for _, p in f] for f in forest], prefix, width, self.model.dtype)
             kwargs = {"attention_mask": mask.to(self.model.device), "position_ids": positions.to(self.model.device)}
         out = forward(self.model, self.cache, input_ids=torch.tensor(ids, device=self.model.device),
                       logits_to_keep=1 + nodes, **kwargs)
@@ -92,34 +94,6 @@ class BeamCache:
                 values = values.gather(2, g.expand(-1, values.shape[1], -1, values.shape[3]))
             layer.keys, layer.values = keys, values
         return BeamCache(self.model, fresh)
-
-
-def _forest_mask(forest, prefix: int, width: int, nodes: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    q = width + nodes
-    visible = torch.zeros(len(forest), q, prefix + q, dtype=torch.bool)
-    positions = torch.zeros(len(forest), q, dtype=torch.long)
-    visible[:, :, :prefix] = True
-    visible[:, :width, prefix : prefix + width] = torch.ones(width, width, dtype=torch.bool).tril()
-    positions[:, :width] = torch.arange(prefix, prefix + width)
-    start = prefix + width
-    for r, row_nodes in enumerate(forest):
-        depth: list[int] = []
-        for k in range(nodes):
-            visible[r, width + k, prefix : prefix + width] = True  # the pending tokens
-            visible[r, width + k, start + k] = True  # itself
-            if k >= len(row_nodes):  # padding: position right after the pending tokens
-                positions[r, width + k] = start
-                continue
-            parent = row_nodes[k][1]
-            if parent >= k:
-                raise ValueError(f"node {k}: its parent {parent} must come before it")
-            depth.append(1 if parent < 0 else depth[parent] + 1)
-            while parent >= 0:
-                visible[r, width + k, start + parent] = True
-                parent = row_nodes[parent][1]
-            positions[r, width + k] = start + depth[k] - 1
-    mask = torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
-    return mask[:, None], positions
 
 
 # ---------------------------------------------------------------- the family's skeleton
@@ -251,54 +225,6 @@ def logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int]) -> torch.
     return torch.log_softmax(logits[low : max(rows) + 1], -1)[at, torch.tensor(tokens, device=logits.device)]
 
 
-def argmax(logits: torch.Tensor) -> torch.Tensor:
-    """logits.argmax(-1, keepdim=True), the same (first) index. On a CPU in two stages -- the first block of
-    128 holding the maximum, then the maximum in it -- since torch's CPU argmax is not vectorised and
-    amax is (7x faster on 4 x 152k); elsewhere one kernel."""
-    if logits.device.type != "cpu" or logits.shape[-1] % 128:
-        return logits.argmax(-1, keepdim=True)
-    blocks = logits.reshape(*logits.shape[:-1], -1, 128)
-    best = blocks.amax(-1).argmax(-1, keepdim=True)
-    inner = blocks.gather(-2, best[..., None].expand(*best.shape, 128)).argmax(-1)
-    return best * 128 + inner
-
-
-def topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk(x, k, dim=-1) (values, indices; sorted). On a CPU in two stages: the k largest values of
-    a row lie in the k blocks of 128 with the largest maxima (block maxima are a vectorised amax), so one
-    topk over those k x 128 candidates replaces a topk over the whole row (10x faster on 4 x 152k)."""
-    if x.device.type != "cpu" or x.shape[-1] % 128 or 2 * k * 128 > x.shape[-1]:
-        return torch.topk(x, k, dim=-1)
-    blocks = x.reshape(*x.shape[:-1], -1, 128)
-    best = blocks.amax(-1).topk(k, dim=-1).indices
-    values, at = blocks.gather(-2, best[..., None].expand(*best.shape, 128)).flatten(-2).topk(k, dim=-1)
-    return values, best.gather(-1, at // 128) * 128 + at % 128
-
-
-BLOCK = 256  # entries per block in `draw_flat`'s first stage
-
-
-def draw_flat(probs: torch.Tensor, count: int, generator: torch.Generator) -> list[int]:
-    """`count` i.i.d. draws (with replacement) from a 1-D distribution, on its device: one uniform double
-    per draw from the CPU `generator` (runs repeat across devices), the first index whose cumulative
-    probability passes it. Two stages, which block of BLOCK entries and then which entry in it, so that
-    prefix sums run over the block totals and the `count` drawn blocks, not all entries (a sequential scan
-    on a CPU). Prefix sums in float64 (in float32 a 600k-entry prefix sum drifts by ~1e-5); the block
-    totals themselves in float32 (256 entries each: exact to ~1e-7, the probabilities' own precision)."""
-    u = torch.rand(count, dtype=torch.float64, generator=generator).to(probs.device)
-    pad = -probs.numel() % BLOCK
-    blocks = (torch.nn.functional.pad(probs, (0, pad)) if pad else probs).view(-1, BLOCK)
-    totals = blocks.sum(-1).double()
-    ends = totals.cumsum(0)
-    mass = u * ends[-1]
-    block = torch.searchsorted(ends, mass, right=True).clamp_max(len(ends) - 1)
-    within = blocks[block].double().cumsum(-1)
-    # where in the block, as a fraction of its total: never past its last non-zero entry
-    share = ((mass - ends[block] + totals[block]) / totals[block]).clamp(0, 1)
-    entry = torch.searchsorted(within, (share * within[:, -1])[:, None], right=True)[:, 0]
-    return (block * BLOCK + entry.clamp_max(BLOCK - 1)).tolist()
-
-
 def joint(logits: torch.Tensor, log_weights: list[float], sampling: Sampling,
           rows: list[int] | None = None) -> Joint | GreedyJoint:
     """The beams' joint distribution over (beam, token): beam weight x the beam's next-token distribution
@@ -314,7 +240,7 @@ def joint(logits: torch.Tensor, log_weights: list[float], sampling: Sampling,
     block = rows_of(logits, distinct)
     at = None if distinct == rows else [distinct.index(r) for r in rows]
     if sampling.greedy:
-        tokens = argmax(block)[:, 0].tolist()
+        tokens = vocab.argmax(block).tolist()
         return GreedyJoint([tokens[a] for a in at] if at else tokens, [w / total for w in weights])
     per_beam = warp(block, sampling)  # rows sum to 1, so the joint's total is the weights' (one pass, no sum)
     if at:
@@ -334,7 +260,7 @@ class Joint:
         made as `sample` makes it, so that one beam consumes the generator exactly as `ar` and `sps` do."""
         rows, vocab = self.probs.shape
         flat = self.probs.reshape(-1)
-        picks = [sample(flat, generator)] if count == 1 and rows == 1 else draw_flat(flat, count, generator)
+        picks = [sample(flat, generator)] if count == 1 and rows == 1 else vocab.sample(flat[None], count, generator)[0].tolist()
         return [i // vocab for i in picks], [i % vocab for i in picks]
 
     def at(self, beams: list[int], tokens: list[int]) -> list[float]:

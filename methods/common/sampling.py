@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from methods.base import Sampling
+from methods.common import vocab
 
 
 def warp(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
@@ -67,11 +68,8 @@ def _pick(weights: torch.Tensor, generator: torch.Generator) -> int:
 
 
 def argmax(x: torch.Tensor) -> int | list[int]:
-    """`x.argmax(-1).tolist()` (the first index of the largest entry, per row). On a CPU through numpy:
-    torch's CPU argmax over a 151,936-entry row takes ~0.3 ms, numpy's ~0.03 ms."""
-    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64, torch.float16):
-        return x.detach().numpy().argmax(-1).tolist()
-    return x.argmax(-1).tolist()
+    """`x.argmax(-1).tolist()` (the first index of the largest entry, per row), by `vocab.argmax`."""
+    return vocab.argmax(x).tolist()
 
 
 def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
@@ -82,48 +80,14 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
 
 
 def gumbel_top_k(log_probs: torch.Tensor, k: int, generator: torch.Generator | None) -> list[int]:
-    """k distinct tokens drawn without replacement from softmax(log_probs), in draw order: the
-    distribution of the Gumbel-Top-k trick (Kool et al., arXiv 1903.06059), drawn here one token after
-    another from what the earlier draws left. generator None: the plain top-k (greedy)."""
-    log_probs = log_probs.detach().float().reshape(-1)
+    """k distinct tokens drawn without replacement from softmax(log_probs), in draw order (the order the
+    Gumbel-Top-k trick gives, Kool et al., arXiv 1903.06059; drawn by `vocab.sample_distinct`, without a
+    full-vocabulary noise vector). generator None: the plain top-k (greedy)."""
+    log_probs = log_probs.detach().float()
     if generator is None:
-        return top_indices(log_probs, k)
-    return draws_without_replacement((log_probs - log_probs.max()).exp(), k, generator)
-
-
-def draws_without_replacement(weights: torch.Tensor, k: int, generator: torch.Generator) -> list[int]:
-    """Up to k distinct tokens, each drawn from `weights` (1-D, >= 0) with the earlier draws removed,
-    in draw order; fewer when fewer have weight. Two-level like `sample`: after a draw only its block's
-    mass changes, so each further draw costs one block, not a pass over the vocabulary."""
-    p = weights.detach().float().reshape(-1)
-    mass = _block_mass(p)
-    rows: dict[int, torch.Tensor] = {}  # blocks drawn from, on the host, with their drawn tokens zeroed
-    out: list[int] = []
-    while len(out) < k and float(mass.sum()) > 0:
-        block = _pick(mass, generator)
-        if block not in rows:
-            rows[block] = p[block * _BLOCK:(block + 1) * _BLOCK].double().cpu()
-        index = _pick(rows[block], generator)
-        out.append(block * _BLOCK + index)
-        rows[block][index] = 0.0
-        mass[block] = rows[block].sum()
-    return out
-
-
-def top_indices(x: torch.Tensor, k: int) -> list[int]:
-    """Indices of the k largest entries of a 1-D tensor, largest first (-inf entries left out). Over a
-    large vocabulary by blocks: the k blocks with the largest maxima hold the k largest entries, so one
-    max per block and a top-k over k blocks replace torch's CPU top-k over the whole row (~0.6 ms)."""
-    x = x.detach().float().reshape(-1)
-    k = min(k, x.numel())
-    if x.numel() <= 4 * _BLOCK:
-        values, indices = torch.topk(x, k)
-    else:
-        blocks = torch.nn.functional.pad(x, (0, -x.numel() % _BLOCK), value=float("-inf")).view(-1, _BLOCK)
-        chosen = torch.topk(blocks.amax(-1), min(k, blocks.shape[0])).indices
-        values, flat = torch.topk(blocks[chosen].reshape(-1), k)
-        indices = chosen[flat // _BLOCK] * _BLOCK + flat % _BLOCK
-    return [i for i, v in zip(indices.tolist(), values.tolist()) if v != float("-inf")]
+        k = min(k, int(torch.isfinite(log_probs).sum()))
+        return vocab.top_k(log_probs, k)[1].tolist()
+    return vocab.sample_distinct(log_probs.softmax(-1), k, generator)
 
 
 def on_target_vocab(x: torch.Tensor, vocab: int, fill: float = float("-inf")) -> torch.Tensor:
