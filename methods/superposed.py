@@ -25,7 +25,7 @@ import torch
 from methods.base import DecodeContext, Method, Paper, SettingError, Settings, register, setting
 from methods.common.kv import forward, new_cache
 from methods.common.ngram import NGramTable, check_corpus, corpus_sequences
-from methods.common.sampling import top_indices
+from methods.common import vocab
 
 NGRAM_ORDERS = (2, 3, 4, 5, 6)
 
@@ -109,7 +109,7 @@ class SuperposedDecoding(Method):
         """The k best of the k x k extensions of `drafts` by the top-k tokens: (alive, finished with EOS)."""
         cfg = self.config
         logits = logits.float()
-        top = top_indices(logits, cfg.k)
+        top = vocab.top_k(logits, cfg.k)[1].tolist()
         top_log_p = (logits[top] - torch.logsumexp(logits, -1)).tolist()  # log-softmax of the top k only
         candidates = []
         for draft in drafts:
