@@ -258,10 +258,11 @@ class Joint:
     def draw(self, count: int, generator: torch.Generator) -> tuple[list[int], list[int]]:
         """`count` i.i.d. (beam, token) draws, as (beams, tokens). One draw from one beam's distribution is
         made as `sample` makes it, so that one beam consumes the generator exactly as `ar` and `sps` do."""
-        rows, vocab = self.probs.shape
+        rows, size = self.probs.shape
         flat = self.probs.reshape(-1)
-        picks = [sample(flat, generator)] if count == 1 and rows == 1 else vocab.sample(flat[None], count, generator)[0].tolist()
-        return [i // vocab for i in picks], [i % vocab for i in picks]
+        picks = ([sample(flat, generator)] if count == 1 and rows == 1
+                 else vocab.sample(flat[None], count, generator)[0].tolist())
+        return [i // size for i in picks], [i % size for i in picks]
 
     def at(self, beams: list[int], tokens: list[int]) -> list[float]:
         """The joint probabilities of the (beams[i], tokens[i]) pairs."""
