@@ -3,58 +3,38 @@ sub-sequences are merged into a directed acyclic graph, so shared parts are draf
 graph is expanded into a token tree for one target verification pass."""
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
-from functools import partial
 
-from methods.base import DecodeContext, Method, Needs, Paper, register
-from methods.common.tree import ROOT, DraftTree
-from methods.common.tree_method import run_tree_method
+from methods.base import DecodeContext, Paper, Settings, register, setting
+from methods.common.tree import ROOT, DraftTree, TreeDrafter
+from methods.common.tree_method import TreeMethod
 
 
 @register("gsd")
-class GraphSpeculativeDecoding(Method):
+class GraphSpeculativeDecoding(TreeMethod):
     paper = Paper("Graph-Structured Speculative Decoding", arxiv="2407.16207")
-    needs = Needs(draft=True)
     # verified with the lossless tree rule (the drafts are the draft's deterministic top-n); the
     # paper's own non-exact-match acceptance is not used
-    lossless = True
 
     @dataclass
-    class Config:
+    class Config(Settings):
         # knobs and values from the official code (gzhch/gsd), whose experiments sweep them:
-        candidates: int = 4  # top-n tokens considered under each node ("tree_decoding")
-        sibling_threshold: float = 0.2  # keep a candidate with prob >= this x the node's top prob
-        prob_threshold: float = 0.4  # a node below this prob is a leaf (drafting stops once all are)
-        repeat_threshold: int = 1  # merge a token whose previous k tokens also match; -1: no merging
-        max_depth: int = 8  # draft steps per round (not fixed in the paper: ours)
-        max_nodes: int = 100  # size cap of the tree expanded from the graph (the official code's)
+        candidates: int = setting(4, "top-n tokens considered under each node (the code's tree_decoding)", low=1)
+        sibling_threshold: float = setting(0.2, "keep a candidate with prob >= this x the node's top prob", low=0)
+        prob_threshold: float = setting(0.4, "a node below this prob is a leaf (drafting stops once all are)", low=0)
+        repeat_threshold: int = setting(1, "merge a token whose previous k tokens also match; -1: no merging", low=-1)
+        max_depth: int = setting(8, "draft steps per round (not fixed in the paper: ours)", low=1)
+        max_nodes: int = setting(100, "size cap of the tree expanded from the graph (the official code's)", low=1)
 
-        def __post_init__(self):
-            if self.candidates < 1 or self.max_depth < 1 or self.max_nodes < 1 or self.repeat_threshold < -1:
-                raise ValueError("gsd: candidates, max_depth and max_nodes must be positive, repeat_threshold >= -1")
-
-    def generate(self, ctx: DecodeContext) -> list[int]:
-        self._step = None
-        return run_tree_method(ctx, partial(self.draft_tree, ctx), self._follow)
-
-    def draft_tree(self, ctx: DecodeContext, drafter, depth: int) -> DraftTree:
+    def draft_tree(self, ctx: DecodeContext, drafter: TreeDrafter, depth: int) -> DraftTree:
+        """The draft's cache holds the graph's nodes in their own context (`tree.fed`): after
+        verification it keeps those on the accepted path up to the first merged edge."""
         graph, links = self._draft_graph(drafter, depth, drafter.last_token)
         tree, real = self._expand(graph, links, depth)
-        self._step = (graph, real)
+        tree.fed = (graph, real)
         return tree
-
-    def _follow(self, drafter, tree: DraftTree, path: list[int], token: int) -> None:
-        """The draft's cache holds graph nodes in their own context: keep those on the accepted path
-        up to the first merged edge; the rest of the path is recomputed in the next draft pass."""
-        graph, real = self._step or (tree, {})
-        self._step = None
-        prefix = []
-        for node in path:
-            if real.get(node) is None:
-                break
-            prefix.append(real[node])
-        drafter.commit(graph, prefix, [tree.tokens[n] for n in path[len(prefix):]] + [token])
 
     def _draft_graph(self, drafter, depth: int, root_token: int):
         """Draft level by level; a candidate that repeats an existing node (same token, same k
@@ -66,11 +46,11 @@ class GraphSpeculativeDecoding(Method):
         frontier, rows = [ROOT], drafter.start(graph)[None]
         for level in range(min(depth, c.max_depth)):
             new, open_branch = [], False
-            for node, logits in zip(frontier, rows):
-                probs = logits[: drafter.vocab].float().softmax(-1)
-                top = probs.topk(min(c.candidates, probs.shape[-1]))
-                best = float(top.values[0])
-                for prob, token in zip(top.values.tolist(), top.indices.tolist()):
+            tokens, logprobs = drafter.top(rows, c.candidates, logprobs=True)
+            for node, toks, lps in zip(frontier, tokens, logprobs):
+                probs = [math.exp(lp) for lp in lps]
+                best = probs[0]
+                for prob, token in zip(probs, toks):
                     if prob < c.sibling_threshold * best:
                         continue
                     merged = self._repeat(graph, node, token, root_token)

@@ -1,13 +1,12 @@
-"""Recursive Speculative Decoding with constant branching factors: Gumbel-Top-k siblings, verified recursively."""
+"""Recursive Speculative Decoding with constant branching factors: siblings drawn without replacement
+(Gumbel-Top-k), verified recursively."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
-from methods.base import DecodeContext, Method, Needs, Paper, register
-from methods.common.sampling import gumbel_top_k
-from methods.common.tree import DraftTree
-from methods.common.tree_method import parse_widths, run_tree_method
+from methods.base import DecodeContext, Paper, Settings, register, setting
+from methods.common.tree import DraftTree, TreeDrafter
+from methods.common.tree_method import TreeMethod
 
 RSD_PAPER = Paper(
     "Recursive Speculative Decoding: Accelerating LLM Inference via Sampling Without Replacement",
@@ -16,33 +15,18 @@ RSD_PAPER = Paper(
 
 
 @register("rsd_c")
-class RecursiveSpeculativeDecodingConstant(Method):
+class RecursiveSpeculativeDecodingConstant(TreeMethod):
     paper = RSD_PAPER
-    needs = Needs(draft=True)
-    lossless = True
 
     @dataclass
-    class Config:
-        # branching factor of every node at each level; the paper sweeps several per budget and fixes
-        # none, so this default (depth 5 like sps's gamma, 2 x 2 leaves) is ours
-        branching: str = "2,2,1,1,1"
+    class Config(Settings):
+        # the paper sweeps several per budget and fixes none: this default (depth 5 like sps's gamma,
+        # 2 x 2 leaves) is ours
+        branching: tuple[int, ...] = setting((2, 2, 1, 1, 1), "children of every node at each level", low=1)
 
-        def __post_init__(self):
-            parse_widths(self.branching, "rsd_c.branching")
-
-    def generate(self, ctx: DecodeContext) -> list[int]:
-        return run_tree_method(ctx, partial(self.draft_tree, ctx))
-
-    def draft_tree(self, ctx: DecodeContext, drafter, depth: int) -> DraftTree:
-        widths = parse_widths(self.config.branching, "rsd_c.branching")
-        generator = None if ctx.sampling.greedy else ctx.generator
+    def draft_tree(self, ctx: DecodeContext, drafter: TreeDrafter, depth: int) -> DraftTree:
+        # sampling: distinct siblings drawn without replacement, in draw order (Gumbel-Top-k); greedy:
+        # the top-k, what Gumbel-Top-k becomes without noise
         tree = DraftTree(replacement=False)
-
-        def choose(node, q, width):
-            if generator is not None:
-                tree.set_dist(node, q)
-            # distinct siblings without replacement, in draw order (greedy: the top-k)
-            return gumbel_top_k(q.log(), width, generator)
-
-        drafter.grow_levels(tree, widths[:depth], choose)
+        drafter.grow_levels(tree, self.config.branching[:depth])
         return tree

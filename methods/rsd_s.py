@@ -4,45 +4,59 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
-from methods.base import DecodeContext, Method, Needs, register
-from methods.common.tree import ROOT, DraftTree
-from methods.common.tree_method import run_tree_method
+from methods.base import DecodeContext, Settings, register, setting
+from methods.common.tree import ROOT, DraftTree, TreeDrafter
+from methods.common.tree_method import TreeMethod
 from methods.rsd_c import RSD_PAPER
 
 
-def conditioned_gumbels(parent_value: float, phis: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Perturbed log-probabilities of a node's children whose maximum equals the parent's perturbed
-    value (Kool et al., arXiv 1903.06059, eq. 10, in its numerically stable form)."""
-    gumbel = phis - (-torch.rand(phis.shape, generator=generator).clamp(1e-20, 1 - 1e-7).log()).log()
-    top = gumbel.max()
-    v = parent_value - gumbel + torch.log1p(-torch.exp((gumbel - top).clamp(max=-1e-12)))
-    return parent_value - v.clamp_min(0) - torch.log1p(torch.exp(-v.abs()))
+def gumbel(location: float, u: float) -> float:
+    return location - math.log(-math.log(u))
+
+
+def top_down_gumbels(phi: float, probs: list[float], uniforms: list[float]) -> list[float]:
+    """The perturbed log-probabilities phi + log q(x) + Gumbel of a node's children x_1, x_2, ... drawn
+    without replacement from q in that order: they are the largest perturbed values in descending
+    order, so each is a Gumbel located at the log of the mass not drawn before it, truncated below the
+    previous one (the top-down construction of Maddison et al., arXiv 1411.0030), and the children
+    never drawn need no noise at all."""
+    values, bound, rest = [], math.inf, 1.0
+    for q, u in zip(probs, uniforms):
+        if rest <= 0:
+            break
+        g = gumbel(phi + math.log(rest), u)
+        if bound < math.inf:  # -log(exp(-g) + exp(-bound)), without overflow
+            g = min(g, bound) - math.log1p(math.exp(-abs(g - bound)))
+        values.append(g)
+        bound, rest = g, rest - q
+    return values
+
+
+def conditioned(parent_value: float, values: list[float]) -> list[float]:
+    """Children's perturbed values shifted so their maximum equals the parent's perturbed value (Kool
+    et al., arXiv 1903.06059, eq. 10, in its numerically stable form); `values[0]` is their maximum."""
+    out = []
+    for g in values:
+        gap = min(g - values[0], -1e-12)
+        v = parent_value - g + math.log1p(-math.exp(gap))
+        out.append(parent_value - max(v, 0.0) - math.log1p(math.exp(-abs(v))))
+    return out
 
 
 @register("rsd_s")
-class RecursiveSpeculativeDecodingBeam(Method):
+class RecursiveSpeculativeDecodingBeam(TreeMethod):
     paper = RSD_PAPER
-    needs = Needs(draft=True)
-    lossless = True
 
     @dataclass
-    class Config:
+    class Config(Settings):
         # the paper sweeps (beamwidth, draft length) per budget and fixes none: ours, depth as sps's gamma
-        beam_width: int = 3
-        depth: int = 5
+        beam_width: int = setting(3, "beams kept per level (sequences sampled without replacement)", low=1)
+        depth: int = setting(5, "draft length (levels of the tree)", low=1)
 
-        def __post_init__(self):
-            if self.beam_width < 1 or self.depth < 1:
-                raise ValueError("rsd_s.beam_width and rsd_s.depth must be positive")
-
-    def generate(self, ctx: DecodeContext) -> list[int]:
-        return run_tree_method(ctx, partial(self.draft_tree, ctx))
-
-    def draft_tree(self, ctx: DecodeContext, drafter, depth: int) -> DraftTree:
+    def draft_tree(self, ctx: DecodeContext, drafter: TreeDrafter, depth: int) -> DraftTree:
         greedy = ctx.sampling.greedy
         tree = DraftTree(replacement=False)
         width, depth = self.config.beam_width, min(depth, self.config.depth)
@@ -50,18 +64,21 @@ class RecursiveSpeculativeDecodingBeam(Method):
         rows = drafter.start(tree)[None]
         for level in range(depth):
             candidates = []  # (G, phi, parent, token)
-            for (node, value, phi), logits in zip(beams, rows):
-                q = drafter.dist(logits)
-                if not greedy:
-                    tree.set_dist(node, q)
-                phis = phi + q.log()
-                # greedy: plain beam search on log-probabilities (no noise)
-                keys = phis if greedy else conditioned_gumbels(value, phis, ctx.generator)
-                top = torch.topk(keys, min(width, int(torch.isfinite(keys).sum())))
-                for key, token in zip(top.values.tolist(), top.indices.tolist()):
-                    candidates.append((key, float(phis[token]), node, token))
+            if greedy:  # plain beam search on log-probabilities (no noise): each beam's top W
+                tokens, logprobs = drafter.top(rows, width, logprobs=True)
+                for (node, _, phi), toks, lps in zip(beams, tokens, logprobs):
+                    candidates += [(phi + lp, phi + lp, node, tok) for tok, lp in zip(toks, lps)]
+            else:  # stochastic beam search: each beam's W best perturbed children, drawn top-down
+                q = drafter.probs(rows)
+                drawn = drafter.distinct(q, width)
+                uniforms = torch.rand(len(beams), width, dtype=torch.float64, generator=ctx.generator)
+                for (node, value, phi), dist, toks, probs, us in zip(
+                        beams, q, drawn, drafter.at(q, drawn), uniforms.clamp(1e-300, 1 - 2**-53).tolist()):
+                    tree.set_dist(node, dist)
+                    keys = conditioned(value, top_down_gumbels(phi, probs, us))
+                    candidates += [(key, phi + math.log(p), node, tok) for key, p, tok in zip(keys, probs, toks)]
             # the W best sequences survive (sequences sampled without replacement); a node's
-            # children enter in descending perturbed value = their Gumbel-Top-k draw order
+            # children enter in descending perturbed value = their draw order
             candidates.sort(key=lambda c: c[0], reverse=True)
             beams = [(tree.add(parent, token), key, phi)
                      for key, phi, parent, token in candidates[:width] if math.isfinite(key)]

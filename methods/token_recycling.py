@@ -4,8 +4,9 @@ Row t of the matrix holds the k tokens the target last ranked highest right afte
 builds a draft tree by breadth-first search over a fixed template from the last token (template path
 [i, j] = the j-th candidate after the i-th candidate after the root), verifies it in one target pass
 with tree attention, and overwrites the rows of every token the pass processed (root and tree nodes)
-with that pass's top-k at their positions. The matrix starts at zeros and, as in the paper's
-evaluation, is kept from one prompt to the next ("hot start").
+with that pass's top-k at their positions. The matrix starts at zeros and lives in `ctx.state`: the
+harness carries it from one prompt to the next, as in the paper's evaluation ("hot start"), or resets
+it per item (`--method-state fresh`), and restores it for every repeat and budget point of one item.
 """
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from methods.base import DecodeContext, Method, Paper, register
-from methods.common.tree import ROOT, DraftTree, TreeVerifier, row
+from methods.base import DecodeContext, Needs, Paper, Settings, register, setting
+from methods.common import vocab
+from methods.common.tree import ROOT, DraftTree
+from methods.common.tree_method import TreeMethod
 
 # The release's default template "2.2.2": 80 nodes over 6 levels (8, 21, 25, 15, 8, 3 nodes).
 TEMPLATE_2_2_2: list[tuple[int, ...]] = (
@@ -49,46 +52,43 @@ def build_tree(matrix: torch.Tensor, root: int, template, max_depth: int) -> Dra
 
 
 def recycle(matrix: torch.Tensor, tokens: list[int], logits: torch.Tensor) -> None:
-    """Overwrite row tokens[i] with the top-k of logits[i] (in order: a token fed twice keeps its last row)."""
-    k = matrix.shape[1]
-    top = torch.topk(logits[:, : matrix.shape[0]].float(), k, dim=-1).indices.to(matrix.dtype).cpu()
-    for token, candidates in zip(tokens, top):
-        matrix[token] = candidates
+    """Overwrite row tokens[i] with the top-k of logits[i] (a token fed twice keeps its last row): one
+    batched top-k, one transfer, one indexed write."""
+    k, size = matrix.shape[1], matrix.shape[0]
+    top = vocab.top_k(logits if logits.shape[-1] == size else logits[:, :size], k)[1]
+    top = top.to(device=matrix.device, dtype=matrix.dtype)
+    last = {token: i for i, token in enumerate(tokens)}
+    matrix[list(last)] = top[list(last.values())]
 
 
 @register("token_recycling")
-class TokenRecycling(Method):
+class TokenRecycling(TreeMethod):
     paper = Paper("Turning Trash into Treasure: Accelerating Inference of Large Language Models with Token Recycling",
                   arxiv="2408.08696", venue="ACL 2025")
-    lossless = True
+    needs = Needs()  # no draft model: the tree comes from the matrix, which learns from every target pass
+    stateful = True  # the matrix, in ctx.state["adjacency_matrix"]
 
     @dataclass
-    class Config:
-        k: int = 8  # candidates kept per token (the matrix's width)
-        hot_start: bool = True  # keep the matrix across prompts, as the paper's evaluation does
+    class Config(Settings):
+        k: int = setting(8, "candidates kept per token (the matrix's width)", low=1)
 
     def __init__(self, **overrides) -> None:
         super().__init__(**overrides)
-        if self.config.k < 1:
-            raise ValueError(f"token_recycling.k must be >= 1, got {self.config.k}")
         self.template = [p for p in TEMPLATE_2_2_2 if max(p) < self.config.k]
-        self._matrix: torch.Tensor | None = None
+        self.depth = max(len(p) for p in self.template)
 
-    def matrix_for(self, vocab: int) -> torch.Tensor:
-        if self._matrix is None or self._matrix.shape[0] != vocab or not self.config.hot_start:
+    def matrix(self, ctx: DecodeContext) -> torch.Tensor:
+        vocab_size = ctx.target.config.vocab_size
+        matrix = ctx.state.get("adjacency_matrix")
+        if matrix is None or matrix.shape != (vocab_size, self.config.k):
             # int32 holds any vocabulary id at half the release's int64 footprint
-            self._matrix = torch.zeros(vocab, self.config.k, dtype=torch.int32)
-        return self._matrix
+            matrix = ctx.state["adjacency_matrix"] = torch.zeros(vocab_size, self.config.k, dtype=torch.int32)
+        return matrix
 
-    def generate(self, ctx: DecodeContext) -> list[int]:
-        matrix = self.matrix_for(ctx.target.config.vocab_size)
-        ctx.state["adjacency_matrix"] = matrix
-        depth = max(len(p) for p in self.template)
-        verifier = TreeVerifier(ctx)
-        while not ctx.done:
-            root = verifier.pending
-            tree = build_tree(matrix, root, self.template, verifier.room(depth))
-            verifier.step(tree)
-            # the pass's rows: the root (last committed token), then every node
-            recycle(matrix, [root] + tree.tokens, verifier.last_logits[[row(ROOT)] + [row(n) for n in range(len(tree))]])
-        return ctx.output
+    def draft_tree(self, ctx: DecodeContext, drafter: None, depth: int) -> DraftTree:
+        return build_tree(self.matrix(ctx), ctx.output[-1] if ctx.output else ctx.prompt_ids[-1], self.template,
+                          min(depth, self.depth))
+
+    def learn(self, ctx: DecodeContext, root: int, tree: DraftTree, logits: torch.Tensor) -> None:
+        # the pass's rows: the root (last committed token), then every node
+        recycle(self.matrix(ctx), [root] + tree.tokens, logits)

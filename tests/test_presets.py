@@ -53,7 +53,7 @@ def test_trees_preset_runs_every_tree_method_losslessly(model_dirs, data_file, t
             assert r["draft_calls"] > 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["methods"]["dyspec"]["config"] == {"budget": 6, "max_depth": 5}  # --set beat the preset
-    assert manifest["methods"]["specinfer_tree"]["config"]["expansion"] == "1,1,3,1,1"
+    assert manifest["methods"]["specinfer_tree"]["config"]["expansion"] == [1, 1, 3, 1, 1]  # a typed list
     report = (out / "report" / "report.md").read_text()
     assert "## Drafting" in report and "Draft tokens verified/target call" in report
 

@@ -8,9 +8,9 @@ import torch
 from scipy.stats import chisquare
 
 from methods.base import DecodeContext, Sampling
-from methods.common.kv import extend, gather, new_cache
+from methods.common.kv import compact, extend, new_cache
 from methods.common.sampling import sample
-from methods.common.tree import ROOT, DraftTree, TreeKV, TreeVerifier, row
+from methods.common.tree import ROOT, DraftTree, TreeKV, TreeVerifier, row, tree_attention
 from methods.common.verify import (
     verify_siblings,
     verify_tree_greedy,
@@ -47,6 +47,94 @@ def test_add_path_merges_shared_prefixes():
         tree.add(42, 1)
 
 
+# ---- the one tree/forest mask builder reproduces the two it replaced (their code as of 9e26726) ----
+
+def old_tree_mask(tree, nodes, slots, prefix, pending, dtype):
+    width = pending + len(nodes)
+    kv = prefix + pending + len(slots)
+    visible = torch.zeros(width, kv, dtype=torch.bool)
+    visible[:, : prefix + pending] = True
+    visible[:pending, prefix : prefix + pending] = torch.ones(pending, pending, dtype=torch.bool).tril()
+    start = prefix + pending
+    positions = list(range(prefix, start))
+    for r, node in enumerate(nodes, start=pending):
+        for anc in tree.path(node):
+            visible[r, slots[anc]] = True
+        positions.append(start + tree.depths[node] - 1)
+    mask = torch.zeros(width, kv, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
+    return mask[None, None], torch.tensor([positions], dtype=torch.long)
+
+
+def old_forest_mask(forest, prefix, width, nodes, dtype):
+    q = width + nodes
+    visible = torch.zeros(len(forest), q, prefix + q, dtype=torch.bool)
+    positions = torch.zeros(len(forest), q, dtype=torch.long)
+    visible[:, :, :prefix] = True
+    visible[:, :width, prefix : prefix + width] = torch.ones(width, width, dtype=torch.bool).tril()
+    positions[:, :width] = torch.arange(prefix, prefix + width)
+    start = prefix + width
+    for r, row_nodes in enumerate(forest):
+        depth = []
+        for k in range(nodes):
+            visible[r, width + k, prefix : prefix + width] = True
+            visible[r, width + k, start + k] = True
+            if k >= len(row_nodes):
+                positions[r, width + k] = start
+                continue
+            parent = row_nodes[k][1]
+            depth.append(1 if parent < 0 else depth[parent] + 1)
+            while parent >= 0:
+                visible[r, width + k, start + parent] = True
+                parent = row_nodes[parent][1]
+            positions[r, width + k] = start + depth[k] - 1
+    mask = torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
+    return mask[:, None], positions
+
+
+def random_parents(rng, n):
+    return [int(rng.integers(-1, k)) if k else -1 for k in range(n)]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_tree_attention_equals_the_old_tree_mask(seed):
+    """A tree fed in two passes (the first with the pending tokens, or not), as TreeKV feeds it."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 40))
+    parents = random_parents(rng, n)
+    tree = DraftTree()
+    for k, parent in enumerate(parents):
+        tree.tokens.append(k)
+        tree.parents.append(parent)
+        tree.depths.append(1 if parent < 0 else tree.depths[parent] + 1)
+    prefix, earlier = int(rng.integers(0, 9)), int(rng.integers(0, n))
+    pending = 0 if earlier else int(rng.integers(0, 4))
+    new = list(range(earlier, n))
+    slots = {k: prefix + pending + k for k in range(n)}
+    for dtype in (torch.float32, torch.bfloat16):
+        want_mask, want_pos = old_tree_mask(tree, new, slots, prefix, pending, dtype)
+        got_mask, got_pos = tree_attention([parents], prefix, pending, dtype, new=len(new))
+        assert torch.equal(got_mask, want_mask) and torch.equal(got_pos, want_pos)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_tree_attention_equals_the_old_forest_mask(seed):
+    """Beams' forests: a ragged forest per row (shorter rows padded with dummy nodes)."""
+    rng = np.random.default_rng(seed)
+    forest = [[(0, p) for p in random_parents(rng, int(rng.integers(0, 12)))] for _ in range(int(rng.integers(1, 5)))]
+    nodes = max(len(f) for f in forest)
+    if not nodes:
+        return
+    prefix, width = int(rng.integers(0, 9)), int(rng.integers(1, 4))
+    want_mask, want_pos = old_forest_mask(forest, prefix, width, nodes, torch.float32)
+    got_mask, got_pos = tree_attention([[p for _, p in f] for f in forest], prefix, width, torch.float32)
+    assert torch.equal(got_mask, want_mask) and torch.equal(got_pos, want_pos)
+
+
+def test_tree_attention_rejects_a_parent_after_its_child():
+    with pytest.raises(ValueError, match="node 1"):
+        tree_attention([[-1, 2, 0]], 0, 1, torch.float32)
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_tree_attention_equals_causal_logits_along_every_path(attention):
     model = tiny_llama(seed=3)
@@ -76,6 +164,17 @@ def test_tree_fed_level_by_level_equals_one_pass():
         torch.testing.assert_close(got, whole[row(node)], atol=1e-4, rtol=1e-4)
 
 
+def test_a_chain_is_fed_causally_with_the_same_logits():
+    """A chain (every node the child of the one before) needs no tree mask: TreeKV feeds it causally."""
+    model = tiny_llama(seed=3)
+    tree = DraftTree()
+    tree.add_path([5, 6, 7, 8])
+    kv = TreeKV(model, PREFIX)
+    rows = [kv.feed(tree, [0, 1])[-2:], kv.feed(tree, [2]), kv.feed(tree, [3])]
+    reference = causal_logits(model, PREFIX + [5, 6, 7, 8])[-4:]
+    torch.testing.assert_close(torch.cat(rows), reference, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("fed_depth", [4, 2])
 def test_commit_keeps_exactly_the_accepted_path(fed_depth):
     """After commit, the next pass gives the same logits as a cache built causally from the accepted
@@ -96,15 +195,17 @@ def test_commit_keeps_exactly_the_accepted_path(fed_depth):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_gather_selects_positions_of_every_layer():
+def test_compact_keeps_the_prefix_and_the_path_of_every_layer():
     model = tiny_llama(seed=3)
     cache = new_cache(model)
-    extend(model, PREFIX, cache)
+    extend(model, PREFIX + [30, 31, 32], cache)
     before = [layer.keys.clone() for layer in cache.layers]
-    gather(cache, [0, 2, 4])
-    assert cache.get_seq_length() == 3
+    compact(cache, 3, [4, 6])
+    assert cache.get_seq_length() == 5
     for old, layer in zip(before, cache.layers):
-        assert torch.equal(layer.keys, old[:, :, [0, 2, 4]])
+        assert torch.equal(layer.keys, old[:, :, [0, 1, 2, 4, 6]])
+    compact(cache, 3, [3, 4])  # already in place: only cut
+    assert cache.get_seq_length() == 5
 
 
 def test_greedy_tree_walk_takes_the_longest_argmax_path():

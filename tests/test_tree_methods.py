@@ -8,46 +8,53 @@ import pytest
 import torch
 
 from methods.base import Sampling, get_method
+from methods.common.tree import TreeDrafter
 from methods.common.verify import verify_tree_stochastic
 from tests.test_verification_rule import V, assert_matches, tables
 
 LENGTH = 2
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Thousands of steps on 4-token rows: intra-op threads only add their fork/join (ms on a busy CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 SETTINGS = {
-    "specinfer_tree": {"expansion": "2,2"},
-    "rsd_c": {"branching": "2,2"},
+    "specinfer_tree": {"expansion": (2, 2)},
+    "rsd_c": {"branching": (2, 2)},
     "rsd_s": {"beam_width": 2, "depth": 2},
     "dyspec": {"budget": 4},
     "gsd": {"candidates": 2, "sibling_threshold": 0.0, "prob_threshold": 0.0, "repeat_threshold": 0, "max_depth": 2},
 }
 
 
-class MarkovDrafter:
-    """A stand-in for `TreeDrafter`: the next-token logits depend on the last token only."""
+class MarkovDrafter(TreeDrafter):
+    """`TreeDrafter` (its own distributions, top-k and draws) with a Markov draft in place of a model:
+    the next-token logits depend on the last token only."""
 
-    def __init__(self, draft_logits: torch.Tensor, last: int) -> None:
-        self.logits, self.vocab, self.last_token = draft_logits, V, last
+    def __init__(self, ctx, draft_logits: torch.Tensor, last: int) -> None:
+        self.ctx, self.table, self.vocab, self.last = ctx, draft_logits, V, last
+
+    @property
+    def last_token(self) -> int:
+        return self.last
 
     def start(self, tree):
-        return self.logits[self.last_token]
+        return self.table[self.last]
 
     def expand(self, tree, nodes):
-        return self.logits[[tree.tokens[n] for n in nodes]]
-
-    def dist(self, logits):
-        return logits.float().softmax(-1)
-
-    def grow_levels(self, tree, widths, choose):
-        from methods.common.tree import TreeDrafter
-
-        TreeDrafter.grow_levels(self, tree, widths, choose)
+        return self.table[[tree.tokens[n] for n in nodes]]
 
 
 def method_sequence(method, p, draft_logits, first, generator):
     ctx = SimpleNamespace(sampling=Sampling(temperature=1.0), generator=generator)
     out, last = [], first
     while len(out) < LENGTH:
-        tree = method.draft_tree(ctx, MarkovDrafter(draft_logits, last), LENGTH)
+        tree = method.draft_tree(ctx, MarkovDrafter(ctx, draft_logits, last), LENGTH)
         rows = torch.stack([p[t] for t in [last] + tree.tokens])
         path, token = verify_tree_stochastic(tree, rows, generator)
         out += [tree.tokens[n] for n in path] + [token]
@@ -74,10 +81,10 @@ def test_method_tree_matches_target_distribution(name):
 
 def test_the_check_catches_a_wrong_sibling_rule(monkeypatch):
     """Verifying Gumbel-Top-k siblings as if they were i.i.d. draws is biased, and the check sees it."""
-    from methods.common import tree as tree_module
+    from methods.common import verify
 
-    plain = tree_module.DraftTree.__init__
-    monkeypatch.setattr(tree_module.DraftTree, "__init__", lambda self, replacement=False: plain(self, True))
+    plain = verify.verify_siblings
+    monkeypatch.setattr(verify, "verify_siblings", lambda tokens, q, p, replacement, g: plain(tokens, q, p, True, g))
     with pytest.raises(AssertionError, match="differs from the target"):
         check_method("rsd_c")
 
@@ -87,7 +94,7 @@ def test_method_tree_shape(name):
     """The drafted tree respects the method's size knobs and records how siblings were drawn."""
     target_logits, draft_logits = tables(5)
     ctx = SimpleNamespace(sampling=Sampling(temperature=1.0), generator=torch.Generator().manual_seed(0))
-    tree = get_method(name)(**SETTINGS[name]).draft_tree(ctx, MarkovDrafter(draft_logits, 1), LENGTH)
+    tree = get_method(name)(**SETTINGS[name]).draft_tree(ctx, MarkovDrafter(ctx, draft_logits, 1), LENGTH)
     assert 1 <= len(tree) <= 6 and tree.depth <= LENGTH
     for parent, draws in tree.draws.items():
         if draws and name != "gsd":  # gsd drafts the deterministic top-n: no distribution

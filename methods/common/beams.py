@@ -18,6 +18,7 @@ from transformers import DynamicCache
 from methods.base import DecodeContext, Sampling
 from methods.common.kv import forward, new_cache
 from methods.common.sampling import warp
+from methods.common.tree import tree_attention
 
 NEG_INF = float("-inf")
 
@@ -57,7 +58,7 @@ class BeamCache:
                 ids[r, width + k] = int(tok)
         kwargs = {}
         if nodes:
-            mask, positions = _forest_mask(forest, prefix, width, nodes, self.model.dtype)
+            mask, positions = tree_attention([[p for _, p in f] for f in forest], prefix, width, self.model.dtype)
             kwargs = {"attention_mask": mask.to(self.model.device), "position_ids": positions.to(self.model.device)}
         out = forward(self.model, self.cache, input_ids=ids.to(self.model.device), **kwargs)
         return out.logits.float()
@@ -81,34 +82,6 @@ class BeamCache:
                 values = values.gather(2, g.expand(-1, values.shape[1], -1, values.shape[3]))
             fresh.update(keys, values, layer_idx)
         return BeamCache(self.model, fresh)
-
-
-def _forest_mask(forest, prefix: int, width: int, nodes: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    q = width + nodes
-    visible = torch.zeros(len(forest), q, prefix + q, dtype=torch.bool)
-    positions = torch.zeros(len(forest), q, dtype=torch.long)
-    visible[:, :, :prefix] = True
-    visible[:, :width, prefix : prefix + width] = torch.ones(width, width, dtype=torch.bool).tril()
-    positions[:, :width] = torch.arange(prefix, prefix + width)
-    start = prefix + width
-    for r, row_nodes in enumerate(forest):
-        depth: list[int] = []
-        for k in range(nodes):
-            visible[r, width + k, prefix : prefix + width] = True  # the pending tokens
-            visible[r, width + k, start + k] = True  # itself
-            if k >= len(row_nodes):  # padding: position right after the pending tokens
-                positions[r, width + k] = start
-                continue
-            parent = row_nodes[k][1]
-            if parent >= k:
-                raise ValueError(f"node {k}: its parent {parent} must come before it")
-            depth.append(1 if parent < 0 else depth[parent] + 1)
-            while parent >= 0:
-                visible[r, width + k, start + parent] = True
-                parent = row_nodes[parent][1]
-            positions[r, width + k] = start + depth[k] - 1
-    mask = torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
-    return mask[:, None], positions
 
 
 # ---------------------------------------------------------------- beam sampling

@@ -47,13 +47,18 @@ def crop(cache: DynamicCache, keep: int) -> None:
             layer.crop(-remove)
 
 
-def gather(cache: DynamicCache, positions: list[int]) -> None:
-    """Keep only `positions` (in that order) of every layer: the accepted path of a token tree."""
-    for layer in cache.layers:
-        if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
-            raise NotImplementedError(f"gathering a {type(layer).__name__} cache layer is not supported")
-        if layer.keys is None or layer.keys.numel() == 0:
-            continue
-        index = torch.tensor(positions, dtype=torch.long, device=layer.keys.device)
-        layer.keys = layer.keys.index_select(-2, index)
-        layer.values = layer.values.index_select(-2, index)
+def compact(cache: DynamicCache, prefix: int, positions: list[int]) -> None:
+    """Keep the first `prefix` positions of every layer followed by `positions` (ascending, all >= prefix):
+    the accepted path of a token tree, moved in place (only the path's entries are copied)."""
+    if positions != list(range(prefix, prefix + len(positions))):
+        with torch.inference_mode():
+            for layer in cache.layers:
+                if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
+                    raise NotImplementedError(f"compacting a {type(layer).__name__} cache layer is not supported")
+                if layer.keys is None or layer.keys.numel() == 0:
+                    continue
+                index = torch.tensor(positions, dtype=torch.long, device=layer.keys.device)
+                span = slice(prefix, prefix + len(positions))
+                layer.keys[..., span, :] = layer.keys.index_select(-2, index)
+                layer.values[..., span, :] = layer.values.index_select(-2, index)
+    crop(cache, prefix + len(positions))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from methods.base import Sampling
+from methods.common import vocab
 
 
 def warp(logits: torch.Tensor, sampling: Sampling) -> torch.Tensor:
@@ -38,14 +39,14 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
 
 
 def gumbel_top_k(log_probs: torch.Tensor, k: int, generator: torch.Generator | None) -> list[int]:
-    """k distinct tokens drawn without replacement from softmax(log_probs), in draw order, by the
-    Gumbel-Top-k trick (Kool et al., arXiv 1903.06059). generator None: the plain top-k (greedy)."""
-    log_probs = log_probs.detach().float().cpu()
-    k = min(k, int(torch.isfinite(log_probs).sum()))
+    """k distinct tokens drawn without replacement from softmax(log_probs), in draw order (the order the
+    Gumbel-Top-k trick gives, Kool et al., arXiv 1903.06059; drawn by `vocab.sample_distinct`, without a
+    full-vocabulary noise vector). generator None: the plain top-k (greedy)."""
+    log_probs = log_probs.detach().float()
     if generator is None:
-        return torch.topk(log_probs, k).indices.tolist()
-    u = torch.rand(log_probs.shape, generator=generator).clamp(1e-20, 1.0 - 1e-7)
-    return torch.topk(log_probs - (-u.log()).log(), k).indices.tolist()
+        k = min(k, int(torch.isfinite(log_probs).sum()))
+        return vocab.top_k(log_probs, k)[1].tolist()
+    return vocab.sample_distinct(log_probs.softmax(-1), k, generator)
 
 
 def on_target_vocab(x: torch.Tensor, vocab: int, fill: float = float("-inf")) -> torch.Tensor:

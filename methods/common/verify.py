@@ -8,15 +8,18 @@ from __future__ import annotations
 import torch
 
 from methods.base import Sampling
+from methods.common import vocab
 from methods.common.sampling import sample, warp
 
 
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """normalise(max(0, p - q)) along the last dim: what a rejection leaves to sample from; p itself where
     nothing is left (p <= q everywhere up to rounding). The one residual every rule uses."""
-    rest = (p - q).clamp_min(0)
+    rest = (p - q).clamp_min_(0)
     total = rest.sum(-1, keepdim=True)
-    return torch.where(total > 0, rest / total.clamp_min(torch.finfo(rest.dtype).tiny), p)
+    if rest.dim() == 1:  # one distribution: its callers read scalars from it next anyway
+        return rest.div_(total) if float(total) > 0 else p
+    return torch.where(total > 0, rest.div_(total.clamp_min(torch.finfo(rest.dtype).tiny)), p)
 
 
 def verify_greedy(draft: list[int], target_logits: torch.Tensor) -> tuple[int, int]:
@@ -88,10 +91,13 @@ def verify_siblings(
       (Gumbel-Top-k or stochastic beam search, RSD);
     - a point mass on x_i when `draft_probs` is None (a deterministic drafter): then p_{i+1} is
       p_i with x_i removed.
-    If every child is rejected, the token is sampled from the final residual.
+    If every child is rejected, the token is sampled from the final residual. The distributions stay
+    where `target_probs` lives; only the two probabilities of each tried child reach the host.
     """
-    p = target_probs.float().cpu()
-    q = None if draft_probs is None else draft_probs.float().cpu()
+    p = target_probs.float()
+    q = None if draft_probs is None else draft_probs.float().to(p.device)
+    if q is not None and not replacement and len(tokens) > 1:
+        q = q.clone()  # renormalised in place as drawn children are removed
     for i, tok in enumerate(tokens):
         u = float(torch.rand((), generator=generator))
         if q is None:
@@ -101,24 +107,31 @@ def verify_siblings(
             removed[tok] = 0.0
             p = _normalise(removed, p)
             continue
-        p_x, q_x = float(p[tok]), float(q[tok])
+        p_x, q_x = torch.stack((p[tok], q[tok])).tolist()
         if q_x > 0 and u * q_x < p_x:  # u < p/q without dividing
             return i, tok
         p = residual(p, q)
-        if not replacement:
-            rest = q.clone()
-            rest[tok] = 0.0
-            q = _normalise(rest, rest)
-    return None, sample(p, generator)
+        if not replacement and i + 1 < len(tokens):
+            q[tok] = 0.0
+            left = q.sum()
+            if left > 0:
+                q.div_(left)
+    return None, int(vocab.sample(p[None], 1, generator)[0, 0])
 
 
 def verify_tree_greedy(tree, logits: torch.Tensor) -> tuple[list[int], int]:
     """Longest root-to-node path whose tokens equal the target's argmax; returns (path, next token).
-    `logits[0]` scores the root's children, `logits[1 + i]` node i's."""
-    choices = logits.argmax(-1).tolist()
+    `logits[0]` scores the root's children, `logits[1 + i]` node i's. On an accelerator: one batched
+    argmax, one transfer; on the CPU, where each row costs a pass over the vocabulary, only the rows
+    along the walk are read."""
+    if logits.device.type == "cpu":
+        def choice(r: int) -> int:
+            return int(vocab.argmax(logits[r]))
+    else:
+        choice = vocab.argmax(logits).tolist().__getitem__
     path, node = [], -1
     while True:
-        token = choices[node + 1]
+        token = choice(node + 1)
         child = tree.children[node].get(token)
         if child is None:
             return path, token
@@ -126,14 +139,17 @@ def verify_tree_greedy(tree, logits: torch.Tensor) -> tuple[list[int], int]:
         node = child
 
 
-def verify_tree_stochastic(tree, target_probs: torch.Tensor, generator: torch.Generator) -> tuple[list[int], int]:
-    """Walk down from the root, at each node verifying its children by `verify_siblings`."""
+def verify_tree_stochastic(tree, target_probs, generator: torch.Generator) -> tuple[list[int], int]:
+    """Walk down from the root, at each node verifying its children by `verify_siblings`.
+    `target_probs`: the target's distributions, row 0 the root's and row 1 + i node i's, as a tensor or
+    as a function of the row (so only the rows on the walk are computed)."""
+    probs_of = target_probs if callable(target_probs) else target_probs.__getitem__
     path, node = [], -1
     while True:
         draws = tree.draws[node]
-        p = target_probs[node + 1]
+        p = probs_of(node + 1)
         if not draws:
-            return path, sample(p, generator)
+            return path, int(vocab.sample(p.float()[None], 1, generator)[0, 0])
         index, token = verify_siblings(
             [tree.tokens[c] for c in draws], tree.dists.get(node), p, tree.replacement, generator
         )
@@ -144,7 +160,8 @@ def verify_tree_stochastic(tree, target_probs: torch.Tensor, generator: torch.Ge
 
 
 def verify_tree(tree, logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> tuple[list[int], int]:
-    """Greedy or stochastic tree verification, whichever `sampling` asks for."""
+    """Greedy or stochastic tree verification, whichever `sampling` asks for (sampling warps only the
+    rows the walk visits)."""
     if sampling.greedy:
         return verify_tree_greedy(tree, logits)
-    return verify_tree_stochastic(tree, warp(logits, sampling).cpu(), generator)
+    return verify_tree_stochastic(tree, lambda r: warp(logits[r], sampling), generator)
