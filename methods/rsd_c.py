@@ -25,16 +25,8 @@ class RecursiveSpeculativeDecodingConstant(TreeMethod):
         branching: tuple[int, ...] = setting((2, 2, 1, 1, 1), "children of every node at each level", low=1)
 
     def draft_tree(self, ctx: DecodeContext, drafter: TreeDrafter, depth: int) -> DraftTree:
+        # sampling: distinct siblings drawn without replacement, in draw order (Gumbel-Top-k); greedy:
+        # the top-k, what Gumbel-Top-k becomes without noise
         tree = DraftTree(replacement=False)
-
-        def choose(nodes, rows, width):
-            if ctx.sampling.greedy:  # the top-k: what Gumbel-Top-k becomes without noise
-                return drafter.top(rows, width)
-            q = drafter.probs(rows)
-            for node, dist in zip(nodes, q):
-                tree.set_dist(node, dist)
-            # distinct siblings, without replacement, in draw order
-            return drafter.distinct(q, width)
-
-        drafter.grow_levels(tree, self.config.branching[:depth], choose)
+        drafter.grow_levels(tree, self.config.branching[:depth])
         return tree

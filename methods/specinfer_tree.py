@@ -21,17 +21,8 @@ class SpecInferTree(TreeMethod):
             (1, 1, 3, 1, 1, 1, 1, 1), "children per node at each level (the paper's <1,1,3,1,1,1,1,1>)", low=1)
 
     def draft_tree(self, ctx: DecodeContext, drafter: TreeDrafter, depth: int) -> DraftTree:
+        # greedy: the draft's top-k per node; sampling: siblings drawn i.i.d. from q (the multi-step
+        # speculative sampling rule assumes it), a repeated token merged into one node and tried again
         tree = DraftTree(replacement=True)
-
-        def choose(nodes, rows, width):
-            if ctx.sampling.greedy:  # the draft's top-k; the greedy rule needs no draft distribution
-                return drafter.top(rows, width)
-            # sampled i.i.d. from q (the multi-step speculative sampling rule assumes it); a
-            # repeated token is merged into one node and tried again by the rule
-            q = drafter.probs(rows)
-            for node, dist in zip(nodes, q):
-                tree.set_dist(node, dist)
-            return drafter.sample(q, width)
-
-        drafter.grow_levels(tree, self.config.expansion[:depth], choose)
+        drafter.grow_levels(tree, self.config.expansion[:depth])
         return tree

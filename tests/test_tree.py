@@ -164,6 +164,17 @@ def test_tree_fed_level_by_level_equals_one_pass():
         torch.testing.assert_close(got, whole[row(node)], atol=1e-4, rtol=1e-4)
 
 
+def test_a_chain_is_fed_causally_with_the_same_logits():
+    """A chain (every node the child of the one before) needs no tree mask: TreeKV feeds it causally."""
+    model = tiny_llama(seed=3)
+    tree = DraftTree()
+    tree.add_path([5, 6, 7, 8])
+    kv = TreeKV(model, PREFIX)
+    rows = [kv.feed(tree, [0, 1])[-2:], kv.feed(tree, [2]), kv.feed(tree, [3])]
+    reference = causal_logits(model, PREFIX + [5, 6, 7, 8])[-4:]
+    torch.testing.assert_close(torch.cat(rows), reference, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("fed_depth", [4, 2])
 def test_commit_keeps_exactly_the_accepted_path(fed_depth):
     """After commit, the next pass gives the same logits as a cache built causally from the accepted

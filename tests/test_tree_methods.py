@@ -81,10 +81,10 @@ def test_method_tree_matches_target_distribution(name):
 
 def test_the_check_catches_a_wrong_sibling_rule(monkeypatch):
     """Verifying Gumbel-Top-k siblings as if they were i.i.d. draws is biased, and the check sees it."""
-    from methods.common import tree as tree_module
+    from methods.common import verify
 
-    plain = tree_module.DraftTree.__init__
-    monkeypatch.setattr(tree_module.DraftTree, "__init__", lambda self, replacement=False: plain(self, True))
+    plain = verify.verify_siblings
+    monkeypatch.setattr(verify, "verify_siblings", lambda tokens, q, p, replacement, g: plain(tokens, q, p, True, g))
     with pytest.raises(AssertionError, match="differs from the target"):
         check_method("rsd_c")
 

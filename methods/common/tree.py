@@ -17,9 +17,10 @@ API (shared by every tree, graph and beam method):
   `feed(tree, nodes)` runs ONE forward pass over the pending committed tokens (causal) and the
   given nodes (tree attention: each node sees the prefix, its ancestors and itself, at position
   prefix + depth - 1) and returns the logits: row 0 for the root (only if pending tokens were fed),
-  then one row per node given. `commit(tree, path, extra)` keeps the prefix plus the accepted
-  path's keys and values; path nodes the model never saw and `extra` become pending. The draft
-  model of a tree method uses it the same way as the target.
+  then one row per node given (a chain of nodes needs no mask: it is fed causally). `commit(tree,
+  path, extra)` keeps the prefix plus the accepted path's keys and values (`kv.compact`, in place);
+  path nodes the model never saw and `extra` become pending. The draft model of a tree method uses
+  it the same way as the target.
 - `TreeVerifier(ctx)`: the target's side (like `speculation.ChainVerifier`: the prompt is folded
   into the first pass). `step(tree, rule=None)` feeds the prompt/last token plus every node in one
   target pass, verifies (greedy: the longest path equal to the target's argmax; sampling:
@@ -31,8 +32,9 @@ API (shared by every tree, graph and beam method):
   (logits of new nodes, one draft pass), `follow(tree, path, token)` after each target step. On a
   batch of rows, all on the model's device with one host transfer each: `probs` (the draft
   distributions over the target vocabulary), `top` (the most likely tokens, with their
-  log-probabilities if asked), `sample` (i.i.d. draws), `distinct` (draws without replacement);
-  `grow_levels` grows a tree level by level with a batched per-level choice of children.
+  log-probabilities if asked), `sample` (i.i.d. draws), `distinct` (draws without replacement),
+  `children` (a tree's next siblings by the rule its tree declares); `grow_levels` grows a tree level
+  by level with a batched per-level choice of children.
 
 The loop (`tree_method.TreeMethod`): build a `DraftTree` with the drafter, `path = verifier.step(tree)`,
 `drafter.follow(tree, path, verifier.pending)`.
@@ -201,7 +203,8 @@ class TreeKV:
             self.slot_parents.append(ROOT if parent == ROOT else self.slots[parent])
             self.slots[node] = len(self.slots)
         device, kwargs = self.model.device, {}
-        if self.slots:  # tree attention; pending tokens alone are plain causal
+        # tree attention, unless the slots form one chain (or there are none): then it is plain causal
+        if self.slot_parents != list(range(-1, len(self.slot_parents) - 1)):
             mask, positions = tree_attention([self.slot_parents], self.prefix, len(pending), self.dtype,
                                              new=len(nodes), device=device)
             kwargs = {"attention_mask": mask, "position_ids": positions}
@@ -329,10 +332,22 @@ class TreeDrafter:
         index = torch.tensor([t + [0] * (width - len(t)) for t in tokens], dtype=torch.long, device=probs.device)
         return [row[: len(t)] for row, t in zip(probs.gather(-1, index.reshape(len(tokens), width)).tolist(), tokens)]
 
-    def grow_levels(self, tree: DraftTree, widths, choose) -> None:
-        """Grow `tree` level by level: `choose(nodes, rows, width)` returns, for the frontier `nodes` and
-        their logits `rows`, the tokens to draft under each node (in draw order); one draft pass per
-        level feeds the new nodes (none after the last level)."""
+    def children(self, tree: DraftTree, nodes: list[int], rows: torch.Tensor, width: int) -> list[list[int]]:
+        """`width` children for each of `nodes` (logits `rows`), in draw order. Greedy: the draft's top
+        `width` (the greedy rule needs no distribution). Sampling: drawn from q, i.i.d. if
+        `tree.replacement` (SpecInfer) else without replacement (RSD), with q recorded for the rule."""
+        if self.ctx.sampling.greedy:
+            return self.top(rows, width)
+        q = self.probs(rows)
+        for node, dist in zip(nodes, q):
+            tree.set_dist(node, dist)
+        return self.sample(q, width) if tree.replacement else self.distinct(q, width)
+
+    def grow_levels(self, tree: DraftTree, widths, choose=None) -> None:
+        """Grow `tree` level by level: `choose(nodes, rows, width)` (default: `children`) returns, for
+        the frontier `nodes` and their logits `rows`, the tokens to draft under each node (in draw
+        order); one draft pass per level feeds the new nodes (none after the last level)."""
+        choose = choose or (lambda nodes, rows, width: self.children(tree, nodes, rows, width))
         frontier, rows = [ROOT], self.start(tree)[None]
         for level, width in enumerate(widths):
             new: list[int] = []

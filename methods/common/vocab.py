@@ -31,7 +31,7 @@ def _blocks(x: torch.Tensor, fill: float) -> torch.Tensor:
 
 
 def _blocked(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.shape[-1] >= 32 * BLOCK
+    return x.is_cpu and x.shape[-1] >= 32 * BLOCK
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:
