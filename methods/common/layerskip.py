@@ -123,18 +123,20 @@ def skipped_forward(model: torch.nn.Module, tokens: list[int], cache: DynamicCac
     """One draft pass over `tokens` after what `cache` holds, with `skip` applied; the logits of the
     last `keep` tokens (all if None). A self-draft pass: `skipping` marks it for the harness.
 
-    Positions and the mask are given explicitly: the cache's first layer may be a skipped one whose
-    length lags behind, and transformers would size both from it."""
-    past = attended_length(cache, skip)
-    q = len(tokens)
+    Where layer 0's attention is skipped, positions and the mask are given explicitly: the cache's
+    first layer then lags behind, and transformers would size both from it. Otherwise transformers'
+    own causal defaults are the same, and building them here would only cost host time per pass."""
     device = model.device
     ids = torch.tensor([tokens], dtype=torch.long, device=device)
-    positions = torch.arange(past, past + q, device=device).unsqueeze(0)
-    mask = torch.ones(q, past + q, dtype=torch.bool, device=device)
-    mask[:, past:] = torch.tril(mask[:, past:])
     kwargs = {"logits_to_keep": keep} if keep else {}
+    if 0 in skip.attention:
+        past, q = attended_length(cache, skip), len(tokens)
+        mask = torch.ones(q, past + q, dtype=torch.bool, device=device)
+        mask[:, past:] = torch.tril(mask[:, past:])
+        kwargs.update(position_ids=torch.arange(past, past + q, device=device).unsqueeze(0),
+                      attention_mask=mask[None, None])
     with skipping(model, skip):
-        out = forward(model, cache, input_ids=ids, position_ids=positions, attention_mask=mask[None, None], **kwargs)
+        out = forward(model, cache, input_ids=ids, **kwargs)
     return out.logits[0]
 
 
