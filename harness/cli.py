@@ -301,6 +301,7 @@ def cmd_models(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from harness.methodstate import MODES
     from harness.models import DEFAULT_DRAFT, DEFAULT_TARGET
 
     p = argparse.ArgumentParser(prog="decodebench", description=__doc__)
@@ -324,7 +325,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     run.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
     run.add_argument("--repeats", type=int, default=1, help="run every record K times; the report shows the timing spread")
-    run.add_argument("--method-state", choices=["carry", "fresh"], default="carry",
+    run.add_argument("--method-state", choices=MODES, default=MODES[0],
                      help="state stateful methods keep across prompts: carry = the papers' hot start over distinct "
                           "items in run order; fresh = emptied before every item (every repeat and budget point "
                           "of an item starts from the same state either way)")
