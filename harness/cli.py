@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-console = Console()
+console = Console(soft_wrap=True)  # messages stay one line each (paths unbroken, grep finds them)
 
 
 def _settings(pairs: list[str]) -> dict[str, dict]:
@@ -36,7 +36,11 @@ def _budgets(pairs: list[str]):
         key, _, values = pair.partition("=")
         if key not in names or not values:
             raise SystemExit(f"--budget expects one of {', '.join(names)}=N[,N...], got {pair!r}")
-        parsed = [float(v) if key == "wall_s" else int(v) for v in values.split(",")]
+        try:
+            parsed = [float(v) if key == "wall_s" else int(v) for v in values.split(",")]
+        except ValueError:
+            raise SystemExit(f"--budget {key}: {values!r} is not {'a number' if key == 'wall_s' else 'an integer'}"
+                             " (or a comma-separated list of them)") from None
         if len(parsed) == 1:
             fixed[names[key]] = parsed[0]
         elif sweep:
@@ -49,46 +53,123 @@ def _budgets(pairs: list[str]):
 
 
 def cmd_run(args) -> int:
-    from harness.models import ModelError
-    from harness.presets import get_preset, merged_settings
-    from harness.report import build_report, format_table_markdown
-    from harness.runner import RunConfig, Runner
-    from harness.tables import load_records, main_records, speed_table
-    from methods.base import Sampling
+    from harness.runner import Runner
 
     try:
-        preset = get_preset(args.preset) if args.preset else None
-    except KeyError as err:
-        console.print(f"[red]error:[/] {err.args[0]}")
-        return 2
-    methods = args.methods or (",".join(preset.methods) if preset else DEFAULT_METHODS)
+        runner = Runner(_run_config(args), console)  # every setting checked here, before any model loads
+    except SystemExit as usage:
+        return _error(usage.code)
+    except _input_errors() as err:
+        return _error(err)
+    code = _execute(runner, lambda: runner.run(force_new=args.force_new))
+    if code is not None:
+        return code
+    _print_table(runner.out)
+    return _run_outcome(runner)
+
+
+# what bad input raises (unknown names, out-of-range settings, unreadable data, missing or untrusted
+# models, a folder holding another run or another writer): one line, exit 2, nothing run
+def _input_errors() -> tuple[type[BaseException], ...]:
+    from harness.manifest import ManifestMismatch
+    from harness.models import ModelError
+    from harness.runfolder import RunFolderError
+
+    return (KeyError, ValueError, ModelError, ManifestMismatch, RunFolderError)
+
+
+def _error(err) -> int:
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    console.print(f"[red]error:[/] {escape(str(text))}", soft_wrap=True)  # one line: grep finds it
+    return EXIT_USAGE
+
+
+def _run_config(args):
+    from harness.presets import get_preset, merged_settings
+    from harness.runner import RunConfig
+    from methods.base import Sampling
+
+    preset = get_preset(args.preset) if args.preset else None
+    methods = args.methods if args.methods is not None else (",".join(preset.methods) if preset else DEFAULT_METHODS)
+    names = [m.strip() for m in methods.split(",") if m.strip()]
     explicit = _settings(args.set)
-    stray = sorted(set(explicit) - {m.strip() for m in methods.split(",")})
+    stray = sorted(set(explicit) - set(names))
     if stray:  # a typo in a method name would otherwise be ignored silently
-        console.print(f"[red]error:[/] --set names {', '.join(stray)}, not in this run's methods ({methods})")
-        return 2
-    out = args.out or f"runs/{args.suite}-{time.strftime('%Y%m%d-%H%M%S')}"
-    cfg = RunConfig(
-        suite=args.suite, methods=[m.strip() for m in methods.split(",") if m.strip()],
-        target=args.target, draft=args.draft or None, data=args.data, limit=args.limit,
-        max_new_tokens=args.max_new_tokens,
+        raise SystemExit(f"--set names {', '.join(stray)}, not in this run's methods ({methods})")
+    return RunConfig(
+        suite=args.suite, methods=names, target=args.target, draft=args.draft or None, data=args.data,
+        limit=args.limit, max_new_tokens=args.max_new_tokens,
         sampling=Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed),
         budgets=_budgets(args.budget or (preset.budgets if preset else [])),
         settings=merged_settings(preset, explicit), device=args.device, dtype=args.dtype,
-        warmup=not args.no_warmup, trackers=not args.no_trackers, repeats=args.repeats, out=out,
+        warmup=not args.no_warmup, trackers=not args.no_trackers, repeats=args.repeats,
+        out=args.out or f"runs/{args.suite}-{time.strftime('%Y%m%d-%H%M%S')}",
         method_state=args.method_state, strict_counting=args.strict_counting,
+        trust_remote_code=args.trust_remote_code,
     )
+
+
+def _execute(runner, work) -> int | None:
+    """Run `work`; None when it finished, else the exit code of what stopped it (said in one line)."""
+    import signal
+
+    def terminated(signum, frame):
+        raise KeyboardInterrupt(signum)
+
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
-        run_dir = Runner(cfg, console).run()
-    except (ModelError, KeyError, ValueError, RuntimeError) as err:
-        console.print(f"[red]error:[/] {err}")
-        return 2
-    report = build_report(run_dir)
+        work()
+    except KeyboardInterrupt as stop:
+        console.print(f"interrupted after {runner.written} records; run the same command to resume")
+        return EXIT_TERMINATED if stop.args == (signal.SIGTERM,) else EXIT_INTERRUPTED
+    except _input_errors() as err:
+        return _error(err)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return None
+
+
+def _run_outcome(runner) -> int:
+    """0 when every record of this invocation succeeded; 1 when every one failed; 3 when some did."""
+    failed, written = len(runner.failures), runner.written
+    if not failed:
+        return EXIT_OK
+    first = escape(runner.failures[0])
+    if failed == written:
+        console.print(f"[red]every record failed ({failed} of {written}); the first: {first}[/]")
+        return EXIT_FAILED
+    console.print(f"[yellow]{failed} of {written} records failed (see the report's Errors section; the first: "
+                  f"{first}); run the same command to retry them[/]")
+    return EXIT_PARTIAL
+
+
+def _print_table(run_dir: Path) -> None:
+    from harness.report import format_table_markdown
+    from harness.tables import load_records, main_records, speed_table
+
+    report = _build_report(run_dir)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     table = format_table_markdown(speed_table(main_records(load_records(run_dir / "results.jsonl"))), manifest["methods"])
     console.print(table, markup=False, soft_wrap=True)
     console.print(f"report: {report / 'report.md'}  {report / 'report.html'}")
-    return 0
+
+
+def _build_report(run_dir: Path, **kwargs) -> Path:
+    """build_report, its warnings (duplicate records, say) printed rather than lost."""
+    import warnings
+
+    from harness.report import build_report
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = build_report(run_dir, **kwargs)
+    for warning in caught:
+        console.print(f"[yellow]warning:[/] {escape(str(warning.message))}")
+    return report
+
+
+# exit codes (README, "Exit codes")
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 3, 130, 143
 
 
 DEFAULT_METHODS = "ar,sps,pld"
@@ -109,15 +190,21 @@ def cmd_demo(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from harness.reproduce import compare_runs, config_from_manifest
+    """Re-run a run from its manifest into a new folder and compare: exit 0 same outputs and counts,
+    1 different, 2 cannot compare (no original results, the run itself, changed data, bad folder)."""
+    from harness.reproduce import ReproduceError, check_data, compare_runs, prepare
     from harness.runner import Runner
 
-    manifest_path = Path(args.manifest)
-    if manifest_path.is_dir():
-        manifest_path = manifest_path / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    Runner(config_from_manifest(manifest, args.out), console).run()
-    result = compare_runs(manifest_path.parent, Path(args.out))
+    try:
+        original, cfg = prepare(Path(args.manifest), Path(args.out))
+        runner = Runner(cfg, console)
+        check_data(original, runner.data)
+    except _input_errors() + (ReproduceError,) as err:
+        return _error(err)
+    code = _execute(runner, runner.run)
+    if code is not None:
+        return code
+    result = compare_runs(original, Path(args.out))
     for line in result.environment:
         console.print(f"[yellow]environment[/] {line}")
     for diff in result.output_diffs:
@@ -131,8 +218,9 @@ def cmd_reproduce(args) -> int:
         console.print(f"{s['method']:>12}: {s['then']:.2f} -> {s['now']:.2f} tok/s, ratio {s['ratio']:.2f} "
                       f"[{s['low']:.2f}, {s['high']:.2f}] {verdict}", markup=False)
     ok = result.identical_outputs and not result.count_diffs
-    console.print("reproduced: identical outputs and counts" if ok else "[red]NOT reproduced[/]")
-    return 0 if ok else 1
+    console.print(f"reproduced: identical outputs and counts ({result.compared} records compared)" if ok
+                  else "[red]NOT reproduced[/]")
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 def cmd_profile(args) -> int:
@@ -169,17 +257,14 @@ def cmd_profile(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from rich.markup import escape
-
     from harness.record import SchemaError
-    from harness.report import build_report
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "results.jsonl").is_file():
         console.print(f"[red]error:[/] {run_dir} has no results.jsonl")
         return 2
     try:
-        report = build_report(run_dir, baseline=args.baseline, profile=args.profile)
+        report = _build_report(run_dir, baseline=args.baseline, profile=args.profile)
     except SchemaError as err:  # a run written by another decodebench
         console.print(f"[red]error:[/] {escape(str(err))}")
         return 2
@@ -334,7 +419,12 @@ def parser() -> argparse.ArgumentParser:
                           "as self-drafting that skips nothing) instead of counting it as uncounted work")
     run.add_argument("--no-warmup", action="store_true")
     run.add_argument("--no-trackers", action="store_true", help="no memory/energy samplers (to measure their cost)")
-    run.add_argument("--out", help="run folder (default runs/<suite>-<time>); re-running on it resumes")
+    run.add_argument("--out", help="run folder (default runs/<suite>-<time>); re-running on it resumes, and a "
+                     "folder holding a run with other settings is refused")
+    run.add_argument("--force-new", action="store_true",
+                     help="move a run with other settings in --out aside (to OUT.replaced-<time>) and start again")
+    run.add_argument("--trust-remote-code", action="store_true",
+                     help="let a model folder run its own Python code (transformers' trust_remote_code)")
     run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser("demo", help="the main job on the embedded models: ar, sps, pld and transformers' peers")

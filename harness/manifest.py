@@ -20,10 +20,6 @@ PACKAGES = ("decodebench", "torch", "transformers", "accelerate", "gguf", "token
             "matplotlib", "rich", "psutil", "nvidia-ml-py")
 
 
-# settings a resumed run may change: no figure of a finished record depends on them
-FREE_ON_RESUME = ("strict_counting",)
-
-
 class ManifestMismatch(RuntimeError):
     """The output folder holds a run with different settings; resuming would mix them."""
 
@@ -73,20 +69,23 @@ def run_settings(cfg) -> dict:
     return settings
 
 
-def write_manifest(out: Path, cfg, device: str, methods: dict, target, draft, roofline: dict | None = None) -> dict:
+def write_manifest(out: Path, cfg, device: str, methods: dict, target, draft, roofline: dict | None = None,
+                   identity: dict | None = None, data: dict | None = None) -> dict:
+    """Write (or update, on resume) the manifest. The settings were checked against the folder's before
+    anything loaded (harness.runfolder); what only loading reveals is checked here: the record schema,
+    and the hash of the weights actually loaded."""
     path = Path(out) / "manifest.json"
     previous = json.loads(path.read_text()) if path.is_file() else None
     settings = run_settings(cfg)
     if previous and check_manifest(previous, str(path)) != SCHEMA_VERSION:
         raise ManifestMismatch(f"{out} holds a run of record schema version {check_manifest(previous)}; this "
                                f"decodebench writes version {SCHEMA_VERSION}: use another --out to start a new run")
-    now = {k: v for k, v in json.loads(json.dumps(settings)).items() if k not in FREE_ON_RESUME}
-    then = {k: v for k, v in (previous or {}).get("settings", {}).items() if k not in FREE_ON_RESUME}
-    if previous and then != now:
-        changed = sorted(k for k in now.keys() | then.keys() if then.get(k) != now.get(k))
-        raise ManifestMismatch(
-            f"{out} holds a run with different settings ({', '.join(changed)}); use another --out to start a new run"
-        )
+    for role, loaded in (("target", target), ("draft", draft)):
+        then = ((previous or {}).get(role) or {}).get("weights_sha256")
+        now = loaded.info.get("weights_sha256") if loaded else None
+        if then and now and then != now:
+            raise ManifestMismatch(f"{out} was run with other {role} weights ({role} {loaded.spec}: sha256 "
+                                   f"{then[:12]}... then, {now[:12]}... now); use another --out or --force-new")
     described = dict(previous["methods"]) if previous else {}
     for name, method in methods.items():
         described[name] = {**method.describe(), "config": asdict(method.config)}
@@ -98,6 +97,10 @@ def write_manifest(out: Path, cfg, device: str, methods: dict, target, draft, ro
         "command": " ".join(sys.argv),
         "suite": cfg.suite,
         "settings": settings,
+        # the flat settings that make this folder's records comparable, checked before any later run
+        # writes into it (harness/runfolder.py)
+        "identity": identity if identity is not None else (previous or {}).get("identity"),
+        "data": data or (previous or {}).get("data"),
         "sampling": asdict(cfg.sampling),
         "max_new_tokens": cfg.max_new_tokens,
         # stateful methods' state across items: carry (hot start, in run order) or fresh; see harness/methodstate.py

@@ -16,7 +16,7 @@ import pandas as pd
 
 from harness.plots import draw_plots, plot_entry, plot_quality_vs_speed
 from harness.record import check_manifest
-from harness.results import read_records
+from harness.results import read_records, record_key
 from harness.tables import (
     BOOTSTRAP_RESAMPLES,
     CI_HIGH,
@@ -462,13 +462,28 @@ def _roofline_display(manifest: dict, ok: pd.DataFrame, baseline: str) -> dict |
     return {"how": device.get("method", ""), **_table(["Figure", "Value"], rows)}
 
 
+def _without_duplicates(records: list[dict]) -> tuple[list[dict], str | None]:
+    """The first record of every key. Two records with one key (two writers on one folder, before the
+    folder lock) are not repeats: the report keeps one and says so instead of inventing a spread."""
+    kept: dict[tuple, dict] = {}
+    for record in records:
+        kept.setdefault(record_key(record), record)
+    extra = len(records) - len(kept)
+    if not extra:
+        return records, None
+    note = (f"{extra} duplicate record(s) (the same method, item, turn, repeat and budget written more than "
+            f"once) were left out; only the first of each counts")
+    warnings.warn(note, stacklevel=2)
+    return list(kept.values()), note
+
+
 def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path | None = None) -> Path:
     """Read run_dir/results.jsonl and run_dir/manifest.json, write run_dir/report/report.md,
     run_dir/report/report.html (self-contained: PNG plots embedded as base64 data URIs),
     and PNG plots in run_dir/report/. Returns the report folder."""
     run_dir = Path(run_dir)
     markdown_template, html_template = _load_templates()  # fail before any work if they are missing
-    raw = read_records(run_dir / "results.jsonl")
+    raw, duplicates = _without_duplicates(read_records(run_dir / "results.jsonl"))
     records = normalized(pd.DataFrame(raw))
     manifest = _load_manifest(run_dir / "manifest.json")
     methods_manifest = manifest.get("methods", {})
@@ -505,6 +520,7 @@ def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path 
         "main_budget": label,
         "errors": _errors_table(records),
         "warnings": _warnings_table(records),
+        "duplicates": duplicates,
         "methods": _methods_table(manifest, records),
         "quality": _quality_section(records, table, baseline, folder, methods_manifest),
     }

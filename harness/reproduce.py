@@ -19,6 +19,37 @@ from methods.base import Sampling
 COUNTS = ("new_tokens", *group_fields(Counts, int))
 
 
+class ReproduceError(ValueError):
+    """The runs cannot be compared: nothing to compare with, the run itself, or other input."""
+
+
+def prepare(original: Path, out: Path) -> tuple[Path, RunConfig]:
+    """The original run's folder and the config that redoes it into `out`; ReproduceError when a comparison
+    could not mean anything."""
+    folder = original if original.is_dir() else original.parent
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise ReproduceError(f"{folder} holds no manifest.json: not a decodebench run folder")
+    if out.resolve() == folder.resolve():
+        raise ReproduceError(f"--out is the original run itself ({folder}): give a new folder to compare with")
+    if not any(not r.get("error") for r in read_records(folder / "results.jsonl")):
+        raise ReproduceError(f"{folder} has no results to compare with (no successful record in results.jsonl)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError as err:
+        raise ReproduceError(f"{manifest_path} is not valid JSON ({err})") from None
+    return folder, config_from_manifest(manifest, str(out))
+
+
+def check_data(original: Path, data: dict) -> None:
+    """The suite data must be what the original run read (its hash, when the original recorded one)."""
+    then = (json.loads((original / "manifest.json").read_text()).get("data") or {}).get("sha256")
+    if then and then != data["sha256"]:
+        raise ReproduceError(f"the suite data changed since the original run ({data['path'] or 'built-in data'}: "
+                             f"sha256 {then[:12]}... then, {data['sha256'][:12]}... now); the outputs cannot be "
+                             "compared")
+
+
 def config_from_manifest(manifest: dict, out: str) -> RunConfig:
     check_manifest(manifest)  # an unknown schema version is an error before anything runs
     settings = dict(manifest["settings"])
@@ -37,6 +68,7 @@ class Comparison:
     speed: list[dict] = field(default_factory=list)  # per method: tokens/s then and now, ratio interval
     environment: list[str] = field(default_factory=list)
     missing: list[tuple] = field(default_factory=list)
+    compared: int = 0  # records present in both runs
 
     @property
     def identical_outputs(self) -> bool:
@@ -46,7 +78,7 @@ class Comparison:
 def compare_runs(old_dir: Path, new_dir: Path) -> Comparison:
     old = {record_key(r): r for r in read_records(Path(old_dir) / "results.jsonl") if not r.get("error")}
     new = {record_key(r): r for r in read_records(Path(new_dir) / "results.jsonl") if not r.get("error")}
-    result = Comparison(missing=sorted(set(old) - set(new)))
+    result = Comparison(missing=sorted(set(old) - set(new)), compared=len(set(old) & set(new)))
     speeds: dict[str, list[tuple[float, float]]] = {}
     for key in sorted(set(old) & set(new)):
         before, after = old[key], new[key]

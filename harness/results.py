@@ -56,11 +56,19 @@ class ResultStore:
     def _resume(self) -> None:
         """Keep finished records; rewrite the file without partial lines and failed attempts."""
         records = read_records(self.path)
-        kept = [r for r in records if not r.get("error")]
-        for r in kept:
-            self.done[record_key(r)] = r
-        if len(kept) != len(records) or (self.path.is_file() and not self.path.read_bytes().endswith(b"\n")
-                                          and self.path.stat().st_size):
+        duplicates = []
+        for r in records:
+            if r.get("error"):
+                continue
+            if record_key(r) in self.done:
+                duplicates.append(r)
+            else:
+                self.done[record_key(r)] = r
+        if duplicates:  # two writers on one folder (before the lock): one record per key, the rest set aside
+            with open(self.path.with_name("results.duplicates.jsonl"), "a", encoding="utf-8") as side:
+                side.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in duplicates)
+        if len(self.done) != len(records) or (self.path.is_file() and not self.path.read_bytes().endswith(b"\n")
+                                               and self.path.stat().st_size):
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.done.values()),
                            encoding="utf-8")

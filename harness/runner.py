@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import time
 import traceback
 import zlib
@@ -30,9 +31,10 @@ from harness.manifest import write_manifest
 from harness.methodstate import MODES, MethodStates
 from harness.record import LosslessCheck, Record
 from harness.results import ResultStore, first_difference, record_key
+from harness.runfolder import RunFolder, identity
 from harness.trackers import EnergyTracker, PeakMemory
 from methods.base import BudgetExhausted, DecodeContext, Method, Sampling, get_method
-from suites.base import Item, get_suite
+from suites.base import Item, get_suite, items_sha256
 
 BASELINE = "ar"
 # Relative top-2 logit gap under which a greedy divergence is a numerical tie, by dtype. Half
@@ -68,14 +70,59 @@ class RunConfig:
     strict_counting: bool = False
     out: str = "runs/latest"
 
+    # let a model folder run its own Python code (transformers' trust_remote_code); off unless asked
+    trust_remote_code: bool = False
+
     def __post_init__(self) -> None:
+        """Every setting checked before anything loads, the message naming its command-line flag."""
+        if self.data is not None:  # absolute, so the manifest (and `reproduce`) work from any directory
+            self.data = str(Path(self.data).expanduser().resolve())
         if self.method_state not in MODES:
-            raise ValueError(f"method_state must be one of {', '.join(MODES)}; got {self.method_state!r}")
+            raise RunConfigError(f"--method-state must be one of {', '.join(MODES)}; got {self.method_state!r}")
+        if not self.methods:
+            raise RunConfigError("--methods names no method")
+        repeated = sorted({m for m in self.methods if self.methods.count(m) > 1})
+        if repeated:
+            raise RunConfigError(f"--methods names {', '.join(repeated)} more than once")
+        for flag, value in (("--max-new-tokens", self.max_new_tokens), ("--limit", self.limit),
+                            ("--repeats", self.repeats)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise RunConfigError(f"{flag} must be at least 1; got {value!r}")
+        s = self.sampling
+        if not (math.isfinite(s.temperature) and s.temperature >= 0):
+            raise RunConfigError(f"--temperature must be >= 0 (0 = greedy); got {s.temperature}")
+        if not (0 < s.top_p <= 1):
+            raise RunConfigError(f"--top-p must be in (0, 1]; got {s.top_p}")
+        if s.top_k < 0:
+            raise RunConfigError(f"--top-k must be >= 0 (0 = off); got {s.top_k}")
+        if not self.budgets:
+            raise RunConfigError("--budget: no budget point")
+        for budget in self.budgets:
+            for name, value in asdict(budget).items():
+                if value is not None and not (math.isfinite(value) and value > 0):
+                    raise RunConfigError(f"--budget {name.removeprefix('max_')} must be positive; got {value}")
+        resolve_device(self.device)
+        model_specs.pick_dtype(self.dtype, resolve_device(self.device))
+
+
+class RunConfigError(ValueError):
+    """A run setting out of range or unusable here; raised before anything loads."""
 
 
 def resolve_device(name: str) -> str:
+    """The torch device a --device value names, or RunConfigError saying why it cannot be used here."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+        raise RunConfigError(f"--device must be auto, cpu, cuda, cuda:N or mps; got {name!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise RunConfigError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA device; "
+                             "use --device cpu (or auto)")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise RunConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise RunConfigError("--device mps: MPS is not available here")
     return name
 
 
@@ -114,6 +161,12 @@ class Runner:
         for name in ([BASELINE] if BASELINE in cfg.methods else []) + [m for m in cfg.methods if m != BASELINE]:
             self.methods[name] = get_method(name)(**cfg.settings.get(name, {}))  # errors before any loading
         self.items: list[Item] = get_suite(cfg.suite)(data=cfg.data).items(cfg.limit)
+        if not self.items:
+            raise RunConfigError(f"suite {cfg.suite} has no items" + (f" in {cfg.data}" if cfg.data else ""))
+        self.data = {"path": cfg.data, "sha256": items_sha256(self.items)}  # what the run reads, hashed
+        self.identity = identity(cfg, self.methods, self.data["sha256"])
+        self.written = 0  # records appended by this process, and how many of them failed
+        self.failures: list[str] = []
         # what corpus-based methods build their stores from when their settings name no file: the turns'
         # texts (never the references)
         self.corpus: list[str] = [text for item in self.items for text in item.turns]
@@ -290,8 +343,19 @@ class Runner:
                 for repeat in range(self.cfg.repeats) for budget in self.cfg.budgets for name in self.methods
                 if not self.store.has(self._key(name, item, turn, repeat, budget))]
 
-    def run(self) -> Path:
-        self.out.mkdir(parents=True, exist_ok=True)
+    def run(self, force_new: bool = False) -> Path:
+        """Run every pending record into the folder, which this process holds alone while it writes;
+        a folder holding a run with other settings is refused before any model loads."""
+        folder = RunFolder(self.out)
+        if force_new and folder.manifest() is not None:
+            with folder:  # nobody else may be writing what we move
+                self.moved_aside = folder.move_aside()
+            self.console.print(f"--force-new: the previous run in {self.out} is now in {self.moved_aside}")
+        with folder:
+            folder.check(self.identity)
+            return self._run()
+
+    def _run(self) -> Path:
         self.store = ResultStore(self.out)
         self.states = MethodStates(self.out / "state", self.cfg.method_state,
                                    [(item.item_id, turn) for item in self.items for turn in range(len(item.turns))],
@@ -301,7 +365,8 @@ class Runner:
             self.console.print(f"nothing to do: all records are in {self.store.path}")
             return self.out
         self._load_models()
-        write_manifest(self.out, self.cfg, self.device, self.methods, self.target, self.draft, self._roofline())
+        write_manifest(self.out, self.cfg, self.device, self.methods, self.target, self.draft, self._roofline(),
+                       identity=self.identity, data=self.data)
         per_item = len(self.methods) * self.cfg.repeats * len(self.cfg.budgets)
         skipped = sum(len(i.turns) for i in self.items) * per_item - len(todo)
         if skipped:
@@ -316,7 +381,11 @@ class Runner:
                 if self.cfg.warmup and name not in warmed:
                     self._warm_up(self.methods[name])
                     warmed.add(name)
-                self.store.append(self._record(name, item, turn, repeat, budget))
+                record = self._record(name, item, turn, repeat, budget)
+                self.store.append(record)
+                self.written += 1
+                if record.error:
+                    self.failures.append(record.error)
                 progress.advance(task)
         for name, error in self.states.save_errors.items():
             self.console.print(f"[yellow]{name}: its method state could not be saved ({escape(error)}); "

@@ -1,14 +1,33 @@
 """The suite contract: a named set of items, each with user turns and optional references."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib
+import json
 import pkgutil
+from pathlib import Path
 from dataclasses import dataclass
 from typing import ClassVar
 
 
 class SuiteDataError(ValueError):
     """Malformed suite data; the message names the file and line."""
+
+
+def read_text_file(path: str | Path) -> str:
+    """A data file's text, or a SuiteDataError naming the file and what is wrong with it."""
+    path = Path(path)
+    if path.is_dir():
+        raise SuiteDataError(f"{path} is a folder, not a data file")
+    if not path.is_file():
+        raise SuiteDataError(f"{path}: no such file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise SuiteDataError(f"{path}: not a UTF-8 text file (byte {err.start}: {err.reason})") from None
+    except OSError as err:
+        raise SuiteDataError(f"{path}: cannot be read ({err.strerror})") from None
 
 
 @dataclass(frozen=True)
@@ -50,6 +69,15 @@ def first_per_category(items: list[Item], limit: int | None) -> list[Item]:
         if seen[item.category] <= limit:
             kept.append(item)
     return kept
+
+
+def items_sha256(items: list[Item]) -> str:
+    """One hash of the items a run reads (ids, categories, turns, references): the data's identity,
+    whatever file or generator it came from."""
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(json.dumps(dataclasses.astuple(item), ensure_ascii=False).encode())
+    return digest.hexdigest()
 
 
 _REGISTRY: dict[str, type[Suite]] = {}

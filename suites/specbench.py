@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from suites.base import Item, Suite, SuiteDataError, first_per_category, register
+from suites.base import Item, Suite, SuiteDataError, first_per_category, read_text_file, register
 
 CATEGORIES = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
 MT_BENCH_SUBCATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
@@ -19,10 +19,8 @@ BUILTIN = Path(__file__).parent / "data" / "specbench.jsonl"
 
 def load_questions(path: Path) -> list[Item]:
     """Parse a question.jsonl file; any malformed line is an error naming the line number."""
-    if not path.is_file():
-        raise SuiteDataError(f"{path}: no such file")
     items, seen = [], set()
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for lineno, line in enumerate(read_text_file(path).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"

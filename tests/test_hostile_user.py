@@ -107,14 +107,16 @@ def test_a_new_method_in_a_finished_folder_is_added(base, tmp_path, capsys):
 
 # ------------------------------------------------------------------ 3. two writers on one folder
 
-def test_second_writer_is_refused_with_the_holders_pid(base, tmp_path, capsys, no_loading):
+def test_second_writer_is_refused_with_the_holders_pid(base, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from harness.runfolder import RunFolder; "
                                "RunFolder(sys.argv[1]).lock(); print('locked', flush=True); time.sleep(60)",
                                str(out)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
+        monkeypatch.setattr(model_specs, "load", lambda *a, **k: pytest.fail("loaded a model"))
         code, text = run_cli([*base, "--methods", "ar", "--out", out], capsys)
+        monkeypatch.undo()
         assert code == 2 and f"process {holder.pid}" in text
     finally:
         holder.kill()
@@ -237,7 +239,7 @@ def test_bad_data_files_are_named(base, tmp_path, capsys, no_loading):
     folder = tmp_path / "a_folder"
     folder.mkdir()
     broken = tmp_path / "broken.jsonl"
-    broken.write_text('{"question_id": "a", "turns": ["x"]}\n{"question_id": \n')
+    broken.write_text('{"question_id": "a", "category": "qa", "turns": ["x"]}\n{"question_id": \n')
     for data, message in ((binary, f"{binary}: not a UTF-8 text file"), (folder, f"{folder} is a folder"),
                           (tmp_path / "absent.jsonl", "no such file"), (broken, f"{broken}:2")):
         code, text = run_cli([*base[:5], "--data", data, *base[7:], "--methods", "ar", "--out", tmp_path / "x"],

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from harness.instrument import Budget
-from harness.manifest import ManifestMismatch
+from harness.runfolder import RunFolderError
 from harness.record import SCHEMA_VERSION
 from harness.results import read_records
 from harness.runner import RunConfig, Runner
@@ -158,7 +158,7 @@ def test_failing_items_are_recorded_and_retried(model_dirs, data_file, tmp_path,
 
 def test_changed_settings_refuse_to_mix_into_a_run(model_dirs, data_file, tmp_path, cache_dir):
     run(config(model_dirs, data_file, tmp_path / "mix", methods=["ar"], limit=1))
-    with pytest.raises(ManifestMismatch, match="max_new_tokens"):
+    with pytest.raises(RunFolderError, match="max_new_tokens"):
         Runner(config(model_dirs, data_file, tmp_path / "mix", methods=["pld"], limit=1, max_new_tokens=5)).run()
 
 
