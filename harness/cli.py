@@ -480,7 +480,13 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()  # our own progress bar and messages say what is happening
     hf_logging.disable_progress_bar()
-    return args.func(args)
+    try:
+        return args.func(args)
+    except _input_errors() as err:  # any command: bad input is one line and exit 2, never a traceback
+        return _error(err)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
