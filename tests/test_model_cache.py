@@ -344,21 +344,26 @@ def test_slow_kill9_during_real_conversion_then_rebuild(tmp_path, monkeypatch):
     def partials() -> list[Path]:
         return list(root.glob(".partial-smollm2-135m-*"))
 
+    def wait_for(condition) -> None:
+        deadline = time.monotonic() + 120
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
     def start():
         return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdin=subprocess.DEVNULL,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    proc = start()  # 1: a random moment of the conversion (the work folder exists from ~2 s on)
-    time.sleep(random.uniform(4, 12))
+    proc = start()  # 1: at a random moment of the conversion (the work folder exists ~2 s after the start)
+    wait_for(lambda: partials())
+    time.sleep(random.uniform(1, 8))
     assert proc.poll() is None, "the conversion finished before the kill: lower the delay"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert partials() and not (root / "smollm2-135m").exists()
 
-    proc = start()  # 2: while files are written into the work folder
-    deadline = time.monotonic() + 120
-    while not any(any(p.iterdir()) for p in partials() if p.is_dir()) and time.monotonic() < deadline:
-        time.sleep(0.01)
+    proc = start()  # 2: while files are being written into the work folder
+    wait_for(lambda: any(any(p.iterdir()) for p in partials() if p.is_dir()))
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert any(any(p.iterdir()) for p in partials()) and not (root / "smollm2-135m").exists()
