@@ -98,19 +98,26 @@ def verify(folder: Path, hash_files: bool = True) -> dict:
         raise Unverified(f"{folder} is not built") from None
     except (OSError, ValueError) as err:
         raise Unverified(f"{folder / MARKER} is unreadable ({err})") from None
-    files = marker.get("files") if isinstance(marker, dict) else None
-    if marker.get("format") != FORMAT or not isinstance(files, dict):
+    if not isinstance(marker, dict) or marker.get("format") != FORMAT:
         raise Unverified(f"{folder} was written by an older decodebench without file hashes")
+    files = marker.get("files")
+    if not isinstance(files, dict) or not all(
+            isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
+            for e in files.values()):
+        raise Unverified(f"{folder / MARKER} is malformed")
     present = {p.name for p in folder.iterdir()} - {MARKER}
     if present != set(files):
-        missing, extra = sorted(set(files) - present), sorted(present - set(files))
-        raise Unverified(f"{folder}: " + "; ".join(
-            [f"missing {', '.join(missing)}"] * bool(missing) + [f"unexpected {', '.join(extra)}"] * bool(extra)))
+        problems = []
+        if missing := sorted(set(files) - present):
+            problems.append(f"missing {', '.join(missing)}")
+        if extra := sorted(present - set(files)):
+            problems.append(f"unexpected {', '.join(extra)}")
+        raise Unverified(f"{folder}: {'; '.join(problems)}")
     for name, entry in sorted(files.items()):
         size = (folder / name).stat().st_size
         if size != entry["size"]:
             raise Unverified(f"{folder / name} is {size} bytes, its marker says {entry['size']} (damaged)")
-    key = (str(folder.resolve()), st.st_ino, st.st_mtime_ns, st.st_size)
+    key = _identity(folder, st)
     if hash_files and key not in _verified:
         for name, entry in sorted(files.items()):
             if sha256_file(folder / name) != entry["sha256"]:
@@ -184,5 +191,10 @@ def _build(root: Path, name: str, build: Callable[[Path], dict]) -> dict:
             else:
                 work.rename(dest)
         st = (dest / MARKER).stat()  # hashed as written: no need to hash again in this process
-        _verified.add((str(dest.resolve()), st.st_ino, st.st_mtime_ns, st.st_size))
+        _verified.add(_identity(dest, st))
     return marker
+
+
+def _identity(folder: Path, marker_stat: os.stat_result) -> tuple:
+    """An entry as built once: a rebuild (by any process) writes a new marker, hence a new identity."""
+    return str(folder.resolve()), marker_stat.st_ino, marker_stat.st_mtime_ns, marker_stat.st_size

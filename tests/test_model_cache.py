@@ -98,6 +98,24 @@ def test_marker_hashes_every_file_and_info_carries_weights_sha256(fake, model_di
     assert len(fake.conversions) == 1  # built once
 
 
+def test_a_users_gguf_cache_is_verified_and_rebuilt_too(tmp_path, monkeypatch, model_dirs, cache_dir, capsys):
+    gguf = tmp_path / "mine.gguf"
+    gguf.write_bytes(b"not really a GGUF")
+    conversions = []
+    monkeypatch.setattr(models, "_convert_gguf", lambda src, work: conversions.append(src) or [
+        shutil.copy(f, work / f.name) for f in Path(model_dirs[0]).iterdir()])
+    loaded = models.load(str(gguf))
+    digest = hashlib.sha256(b"not really a GGUF").hexdigest()
+    cache = cache_dir / f"gguf-{digest[:16]}"
+    assert loaded.info["kind"] == "gguf" and loaded.info["sha256"] == digest and loaded.info["source"] == str(cache)
+    assert loaded.info["weights_sha256"] == sha256sum_digest(cache, [n for n in os.listdir(cache)
+                                                                     if n != modelcache.MARKER])
+    flip_middle_bytes(cache / "model.safetensors")
+    modelcache._verified.clear()
+    models.load(str(gguf))
+    assert "model.safetensors does not match" in capsys.readouterr().err and len(conversions) == 2
+
+
 def test_user_folder_records_the_hash_of_its_loaded_files(model_dirs, tmp_path):
     folder = Path(model_dirs[0])
     loaded = models.load(str(folder))
@@ -215,6 +233,14 @@ def test_a_cache_from_before_file_hashes_is_rebuilt(fake, capsys):
     models.load("fake")
     assert "older decodebench without file hashes" in capsys.readouterr().err and len(fake.conversions) == 2
     assert models.is_cached(fake)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "{not json", '{"format": 2, "files": {"a": {"size": "1"}}}'])
+def test_an_unreadable_marker_is_unverified_not_a_crash(tmp_path, text):
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / modelcache.MARKER).write_text(text)
+    with pytest.raises(modelcache.Unverified):
+        modelcache.verify(tmp_path / "e")
 
 
 def test_each_entry_is_hashed_once_per_process(fake, monkeypatch):
