@@ -115,7 +115,8 @@ def _environment_diff(old_path: Path, new_path: Path) -> list[str]:
         if old.get(name) != new.get(name):
             lines.append(f"{name}: {old.get(name)} -> {new.get(name)}")
     for role in ("target", "draft"):
-        a, b = (old.get(role) or {}).get("sha256"), (new.get(role) or {}).get("sha256")
-        if a != b:
-            lines.append(f"{role} weights sha256: {a} -> {b}")
+        for key, what in (("sha256", "source sha256"), ("weights_sha256", "loaded weights sha256")):
+            a, b = (old.get(role) or {}).get(key), (new.get(role) or {}).get(key)
+            if a != b:
+                lines.append(f"{role} {what}: {a} -> {b}")
     return lines

@@ -179,11 +179,11 @@ class Runner:
         if needs_draft and not cfg.draft:
             raise model_specs.ModelError(f"{', '.join(needs_draft)} need a draft model: pass --draft")
         self.console.print(f"loading target [bold]{cfg.target}[/] on {self.device}")
-        self.target = model_specs.load(cfg.target, self.device, cfg.dtype)
+        self.target = model_specs.load(cfg.target, self.device, cfg.dtype, trust_remote_code=cfg.trust_remote_code)
         self.draft = None
         if needs_draft:
             self.console.print(f"loading draft [bold]{cfg.draft}[/]")
-            self.draft = model_specs.load(cfg.draft, self.device, cfg.dtype)
+            self.draft = model_specs.load(cfg.draft, self.device, cfg.dtype, trust_remote_code=cfg.trust_remote_code)
             model_specs.check_same_tokenizer(self.target, self.draft)
         self.eos = model_specs.eos_ids(self.target)
         strict = self.cfg.strict_counting

@@ -276,6 +276,7 @@ def test_model_with_custom_code_needs_trust_remote_code(base, tmp_path, capsys, 
     shutil.copytree(model_dirs[0], folder)
     marker = tmp_path / "custom-code-ran"
     config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "evil_llama"  # no class in transformers: only the folder's own code could load it
     config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig",
                           "AutoModelForCausalLM": "modeling_evil.EvilModel"}
     (folder / "config.json").write_text(json.dumps(config))
