@@ -67,7 +67,7 @@ class RunFolder:
             os.close(self._fd)  # closing the descriptor releases the lock
             self._fd = None
 
-    def __enter__(self) -> RunFolder:
+    def __enter__(self):
         self.lock()
         return self
 

@@ -26,7 +26,13 @@ from rich.progress import (
 
 from harness import models as model_specs
 from harness import quality, roofline
-from harness.instrument import Budget, PassCounter, UncountedWork, registered_state_bytes, synchronize
+from harness.instrument import (
+    Budget,
+    PassCounter,
+    UncountedWork,
+    registered_state_bytes,
+    synchronize,
+)
 from harness.manifest import write_manifest
 from harness.methodstate import MODES, MethodStates
 from harness.record import LosslessCheck, Record

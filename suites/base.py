@@ -6,8 +6,8 @@ import hashlib
 import importlib
 import json
 import pkgutil
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 

@@ -10,7 +10,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from suites.base import Item, Suite, SuiteDataError, first_per_category, read_text_file, register
+from suites.base import (
+    Item,
+    Suite,
+    SuiteDataError,
+    first_per_category,
+    read_text_file,
+    register,
+)
 
 CATEGORIES = ("mt_bench", "translation", "summarization", "qa", "math_reasoning", "rag")
 MT_BENCH_SUBCATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
