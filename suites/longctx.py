@@ -351,17 +351,23 @@ class LongContextSuite(Suite):
         # word and list number, take one word more, and let the fill drop the last few entries
         fmt = self.format
         room = length - fmt.count(fmt.text(*layout("")))
-        most = common_n + 1 + max(room, 0) // rarely
-        words = W.distinct(W.pseudo_word, rng, most)
-        word_cost = np.array(fmt.piece_counts([" " + w for w in words]), dtype=float)
-        entries = common_n * often + (most - common_n) * rarely
-        number_cost = np.concatenate([[0], np.cumsum(fmt.piece_counts([f" {i + 1}." for i in range(entries)]))])
+        sample = fmt.piece_counts([f" {max(room // 8, 1)}. {w}" for w in ex_words])
+        most = common_n + 1 + int(1.2 * max(room, 0) / (rarely * np.mean(sample)))
+        words: list[str] = []
+        while True:  # enough distinct words to overfill the room
+            words += W.distinct(W.pseudo_word, rng, most - len(words), exclude=set(words) | set(ex_words))
+            word_cost = np.array(fmt.piece_counts([" " + w for w in words]), dtype=float)
+            entries = common_n * often + (most - common_n) * rarely
+            number_cost = np.concatenate([[0], np.cumsum(fmt.piece_counts([f" {i + 1}." for i in range(entries)]))])
 
-        def estimate(distinct: int) -> float:
-            listed = common_n * often + (distinct - common_n) * rarely
-            return (number_cost[listed] + often * word_cost[:common_n].sum()
-                    + rarely * word_cost[common_n:distinct].sum())
+            def estimate(distinct: int, word_cost=word_cost, number_cost=number_cost) -> float:
+                listed = common_n * often + (distinct - common_n) * rarely
+                return (number_cost[listed] + often * word_cost[:common_n].sum()
+                        + rarely * word_cost[common_n:distinct].sum())
 
+            if estimate(most) > room:
+                break
+            most *= 2
         distinct = common_n + largest_within(lambda extra: estimate(common_n + extra), room, most - common_n)
         distinct = min(distinct + 1, most)
         listed = word_list(words[:distinct], often, rarely, f"{rng.random()}")
