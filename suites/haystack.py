@@ -13,7 +13,20 @@ from suites.sizing import PromptFormat
 from suites.wordlists import NOISE_SENTENCES
 
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
-_AFTER_HYPHEN = re.compile(r"(?<=-)(?=.)")  # a UUID or 'copper-lantern' is filled piece by piece
+_AFTER_HYPHEN = re.compile(r"(?<=-)(?=.)")
+
+
+def split_word(word: str) -> list[str]:
+    """The pieces the fill may stop between: after each hyphen ('copper-', 'lantern'), and every 3 characters
+    of a piece with digits (many tokenizers spend a token per digit, so a number or UUID would otherwise be
+    too coarse a step)."""
+    pieces = []
+    for piece in _AFTER_HYPHEN.split(word):
+        if any(c.isdigit() for c in piece):
+            pieces += [piece[i:i + 3] for i in range(0, len(piece), 3)]
+        else:
+            pieces.append(piece)
+    return pieces
 
 
 @dataclass
@@ -31,33 +44,35 @@ class Haystack:
             for words in batch:
                 self.starts.append(len(self.units))
                 for word in words:
-                    first, *rest = _AFTER_HYPHEN.split(word)
+                    first, *rest = split_word(word)
                     self.units.append(" " + first)
                     self.units.extend(rest)
             counts = fmt.piece_counts(self.units[len(self.prefix) - 1:])
             self.prefix.extend(itertools.accumulate(counts, initial=self.prefix[-1]))
             del self.prefix[len(self.prefix) - len(counts) - 1]  # `initial` repeats the running total once
 
-    def position(self, fraction: float, n: int, placed: Sequence[tuple[int, int]] = ()) -> int:
+    def position(self, fraction: float, n: int, placed: Sequence[tuple[int, int]] = (), last: bool = False) -> int:
         """The sentence start among units[:n] (n itself counts: the end) nearest to `fraction` of the tokens of
-        units[:n] plus those of the sentences `placed` (position, tokens) among them."""
+        units[:n] plus those of the sentences `placed` (position, tokens) among them; `last`: this sentence
+        goes after the placed ones at the same position (else before them)."""
         want = fraction * (self.prefix[n] + sum(t for _, t in placed))
         candidates = self.starts[:bisect.bisect_right(self.starts, n)] + [n]
 
         def before(i: int) -> int:
-            return self.prefix[i] + sum(t for p, t in placed if p < i)
+            return self.prefix[i] + sum(t for p, t in placed if p < i or (last and p == i))
 
         return min(candidates, key=lambda i: (abs(before(i) - want), i))
 
-    def text(self, n: int, inserts: list[tuple[int, str]]) -> tuple[str, list[int]]:
-        """units[:n] with each (position, sentence) inserted before unit `position`; also the character
-        offset where each inserted sentence starts (in the order given), in the stripped text."""
-        order = sorted(range(len(inserts)), key=lambda j: inserts[j][0])
+    def text(self, n: int, inserts: list[tuple[int, str, int]]) -> tuple[str, list[int]]:
+        """units[:n] with each (position, sentence, tie) inserted before unit `position` (several at one
+        position in order of `tie`); also the character offset where each inserted sentence starts (in the
+        order given), in the stripped text."""
+        order = sorted(range(len(inserts)), key=lambda j: (inserts[j][0], inserts[j][2]))
         parts: list[str] = []
         offsets = [0] * len(inserts)
         cursor, length = 0, 0
         for j in order:
-            pos, sentence = inserts[j]
+            pos, sentence, _ = inserts[j]
             chunk = "".join(self.units[cursor:pos])
             parts.append(chunk)
             length += len(chunk)

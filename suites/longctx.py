@@ -267,11 +267,12 @@ class LongContextSuite(Suite):
         sentences = [sentence(k, v) for k, v in needles]
         sizes = self.format.piece_counts([" " + s for s in sentences])
 
-        def inserts(n: int) -> list[tuple[int, str]]:
+        def inserts(n: int) -> list[tuple[int, str, int]]:
             # the others first, at random; then the asked needle at its depth counting the others' tokens
             others = [haystack.position(f, n) for f in fractions[1:]]
-            first = haystack.position(fractions[0], n, list(zip(others, sizes[1:])))
-            return list(zip([first, *others], sentences))
+            last = fractions[0] >= 0.5  # sharing a position, the asked needle goes after the others when deep
+            first = haystack.position(fractions[0], n, list(zip(others, sizes[1:])), last)
+            return [(first, sentences[0], 1 if last else -1)] + [(p, s, 0) for p, s in zip(others, sentences[1:])]
 
         fitted = self._fit(layout, haystack, self._stream(rng, distractor), length, inserts, task)
         return (*fitted, answers, prefix, sentences[0])
@@ -312,8 +313,9 @@ class LongContextSuite(Suite):
 
         haystack = Haystack()
 
-        def inserts(n: int) -> list[tuple[int, str]]:
-            return [(haystack.position(f, n), s) for chain, fs in zip(statements, fractions) for f, s in zip(fs, chain)]
+        def inserts(n: int) -> list[tuple[int, str, int]]:
+            return [(haystack.position(f, n), s, k) for chain, fs in zip(statements, fractions)
+                    for k, (f, s) in enumerate(zip(fs, chain))]
 
         result, user, context, start, _ = self._fit(layout, haystack, self._stream(rng), length, inserts, task)
         meta = {"tokens": result.tokens, "haystack": "text" if o.haystack == "text" else "noise",
