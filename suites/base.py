@@ -8,8 +8,14 @@ Two kinds of suite (`Suite.needs`):
 
 A suite may take options (a `Settings` dataclass, `Suite.Options`, checked before any model loads) and the
 target's tokenizer (when `needs_tokenizer`: a suite that sizes its prompts in tokens):
-    get_suite(name)(data=path_or_None, tokenizer=tok_or_None, **options)
-Options arrive as CLI strings or typed values; a bad one is a SettingError naming `suite.option`.
+    suite = get_suite(name)(data=path_or_None, tokenizer=tok_or_None, **options)
+Options arrive as CLI strings or typed values; a bad one is a SettingError naming `suite.option`
+(`describe_settings(cls.Options)` lists them). Two hooks the runner calls on the instance:
+- `suite.prompt_ids(item)`: the exact prompt ids when the suite renders its own prompts (longctx sizes
+  them in tokens, icl gives plain few-shot text); None: the harness's chat template over the turns.
+- `suite.score(item, output_text) -> (score, metric)`: the suite's own metric; (None, None): the
+  harness's per-category metric applies.
+`item.meta` (JSON-able, optional) carries what a generated item knows: task, length, depth, spans ...
 """
 from __future__ import annotations
 

@@ -17,11 +17,15 @@ Tasks (RULER's names and knobs; every sentence, word list and template here was 
 Layout (RULER's): instructions, the context, the question after it; the reply starts with an answer prefix
 (`answer_prefix`, in meta and in the rendered prompt). A prompt is rendered by `LongContextSuite.prompt_ids`:
 the tokenizer's chat template around the user turn (chat=true and the tokenizer has one), then the answer
-prefix as the reply's start. Its length is `length` tokens or at most `tolerance` (2) fewer; RULER instead
-counts the generation budget inside its length (meta['max_new_tokens'] is RULER's budget per task).
+prefix as the reply's start. Its length (meta['tokens']) is `length` or a few tokens less: the fill stops
+between words (numbers and UUIDs every 3 characters), a cwe list between entries, fwe between coded words.
+RULER instead counts the generation budget inside its length (meta['max_new_tokens'] is RULER's budget).
 
-Depth: the first needle asked goes to the sentence boundary nearest `depth` percent of the haystack's tokens;
-other needles and the chains go to seeded random sentence boundaries (RULER places all of them at random).
+Depth: the first needle asked goes to the sentence boundary nearest `depth` percent of the context's tokens
+(the needle itself left out, so 100 is the very end); other needles and the chains go to seeded random
+sentence boundaries (RULER places all of them at random). meta['depth_actual'] is the depth measured in the
+rendered prompt; it drifts from `depth` by up to half a sentence (a few percent only for short contexts with
+long needles, e.g. UUIDs at 1k tokens).
 
 Scoring as RULER's evaluate: case-insensitive substring match, `string_match_all` (the fraction of the
 references found in the output) for every synthetic task, multi-value and multi-query included; RULER uses
