@@ -1,4 +1,22 @@
-"""The suite contract: a named set of items, each with user turns and optional references."""
+"""The suite contract: a named set of items, each with user turns and optional references.
+
+Two kinds of suite (`Suite.needs`):
+- "generation": each Item is a chat (`turns`), the model answers each user turn, the answer is scored
+  against `reference` (by the harness's per-category metric, or by the suite's own `score`).
+- "loglikelihood": each Item is a DOCUMENT: `item_id` names it, `turns == (text,)` holds its whole text,
+  `reference` is None (build one with `document(...)`); the runner scores the text's log-likelihood.
+
+A suite may take options (a `Settings` dataclass, `Suite.Options`, checked before any model loads) and the
+target's tokenizer (when `needs_tokenizer`: a suite that sizes its prompts in tokens):
+    suite = get_suite(name)(data=path_or_None, tokenizer=tok_or_None, **options)
+Options arrive as CLI strings or typed values; a bad one is a SettingError naming `suite.option`
+(`describe_settings(cls.Options)` lists them). Two hooks the runner calls on the instance:
+- `suite.prompt_ids(item)`: the exact prompt ids when the suite renders its own prompts (longctx sizes
+  them in tokens, icl gives plain few-shot text); None: the harness's chat template over the turns.
+- `suite.score(item, output_text) -> (score, metric)`: the suite's own metric; (None, None): the
+  harness's per-category metric applies.
+`item.meta` (JSON-able, optional) carries what a generated item knows: task, length, depth, spans ...
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -6,9 +24,12 @@ import hashlib
 import importlib
 import json
 import pkgutil
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
+
+from methods.base import SettingError, Settings, parse_setting
 
 
 class SuiteDataError(ValueError):
@@ -37,6 +58,9 @@ class Item:
     turns: tuple[str, ...]
     reference: tuple[str, ...] | None = None
     subcategory: str | None = None  # a finer label within the category (MT-bench's 'writing' under mt_bench)
+    # what a generated suite knows about the item (task, length, depth, spans ...): JSON-able values only;
+    # part of the data's identity (items_sha256) when present, left out of hash(item)
+    meta: dict[str, Any] | None = field(default=None, hash=False)
 
     def messages(self, turn: int, answers: list[str]) -> list[dict]:
         """The chat up to user turn `turn`, earlier turns answered by the model's own `answers`."""
@@ -46,16 +70,55 @@ class Item:
         return chat + [{"role": "user", "content": self.turns[turn]}]
 
 
+def document(doc_id: str, text: str, category: str = "document", meta: dict[str, Any] | None = None) -> Item:
+    """A loglikelihood suite's item: one document, its whole text as the single turn."""
+    return Item(doc_id, category, (text,), None, meta=meta)
+
+
 class Suite:
     name: ClassVar[str] = ""
     needs: ClassVar[str] = "generation"  # or "loglikelihood"
     description: ClassVar[str] = ""
+    needs_tokenizer: ClassVar[bool] = False  # True: the target's tokenizer must be passed to the constructor
 
-    def __init__(self, data: str | None = None) -> None:
+    @dataclass
+    class Options(Settings):
+        pass
+
+    def __init__(self, data: str | None = None, tokenizer: Any = None, **options: Any) -> None:
         self.data = data
+        self.tokenizer = tokenizer
+        self.options = parse_options(self.name, self.Options, options)
+        if self.needs_tokenizer and tokenizer is None:
+            raise SettingError(f"suite {self.name} sizes its prompts in tokens: pass the target's tokenizer")
 
     def items(self, limit: int | None = None) -> list[Item]:
         raise NotImplementedError
+
+    def prompt_ids(self, item: Item) -> list[int] | None:
+        """The exact prompt ids of a one-turn item when the suite renders its own prompts (sized in
+        tokens); None: the harness builds the prompt from the turns (chat template)."""
+        return None
+
+    def score(self, item: Item, output_text: str) -> tuple[float | None, str | None]:
+        """(score in 0..1, metric name) when the suite scores its own items; (None, None): the harness's
+        per-category metric applies."""
+        return None, None
+
+
+def parse_options(suite: str, options_cls: type, raw: dict[str, Any]) -> Any:
+    """A suite's Options from CLI strings or typed values; errors name `suite.option`."""
+    known = {f.name for f in dataclasses.fields(options_cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise SettingError(f"suite {suite} has no option {', '.join(unknown)}; it has: {', '.join(sorted(known)) or 'none'}")
+    hints = typing.get_type_hints(options_cls)
+    try:
+        return options_cls(**{k: parse_setting(k, v, hints.get(k, Any)) for k, v in raw.items()})
+    except SettingError as err:
+        raise SettingError(f"{suite}.{err}") from None
+    except (TypeError, ValueError) as err:
+        raise SettingError(f"{suite}: {err}") from None
 
 
 def first_per_category(items: list[Item], limit: int | None) -> list[Item]:
@@ -76,7 +139,10 @@ def items_sha256(items: list[Item]) -> str:
     whatever file or generator it came from."""
     digest = hashlib.sha256()
     for item in items:
-        digest.update(json.dumps(dataclasses.astuple(item), ensure_ascii=False).encode())
+        row = dataclasses.astuple(item)
+        if item.meta is None:  # the row as it was before `meta` existed: old runs keep their data hash
+            row = row[:-1]
+        digest.update(json.dumps(row, ensure_ascii=False, sort_keys=True).encode())
     return digest.hexdigest()
 
 
