@@ -247,6 +247,27 @@ def describe_settings(config_cls: type) -> list[dict[str, Any]]:
     return out
 
 
+def build_config(owner: str, config_cls: type, overrides: dict[str, Any]) -> Any:
+    """`config_cls` built from CLI strings or values, every error a SettingError naming `owner.setting`."""
+    known = {f.name: f for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise SettingError(
+            f"method {owner!r} has no setting {', '.join(unknown)}; it has: {', '.join(known) or 'none'}"
+        )
+    hints = _hints(config_cls)
+    try:
+        parsed = {k: parse_setting(k, v, hints.get(k, Any)) for k, v in overrides.items()}
+        config = config_cls(**parsed)
+        if not isinstance(config, Settings):  # a Config written without the base still gets checked
+            check_settings(config)
+        return config
+    except SettingError as err:
+        raise SettingError(f"{owner}.{err}") from None
+    except (TypeError, ValueError) as err:
+        raise SettingError(f"{owner}: {err}") from None
+
+
 class Method:
     """Base class. Subclasses set `paper`, `needs`, `lossless`, a `Config` dataclass, and `generate`.
 
@@ -268,22 +289,7 @@ class Method:
         pass
 
     def __init__(self, **overrides: Any) -> None:
-        known = {f.name: f for f in dataclasses.fields(self.Config)}
-        unknown = sorted(set(overrides) - set(known))
-        if unknown:
-            raise SettingError(
-                f"method {self.name!r} has no setting {', '.join(unknown)}; it has: {', '.join(known) or 'none'}"
-            )
-        hints = _hints(self.Config)
-        try:
-            parsed = {k: parse_setting(k, v, hints.get(k, Any)) for k, v in overrides.items()}
-            self.config = self.Config(**parsed)
-            if not isinstance(self.config, Settings):  # a Config written without the base still gets checked
-                check_settings(self.config)
-        except SettingError as err:
-            raise SettingError(f"{self.name}.{err}") from None
-        except (TypeError, ValueError) as err:
-            raise SettingError(f"{self.name}: {err}") from None
+        self.config = build_config(self.name, self.Config, overrides)
 
     def generate(self, ctx: DecodeContext) -> list[int]:
         raise NotImplementedError
@@ -307,7 +313,7 @@ _REGISTRY: dict[str, type[Method]] = {}
 
 def register(name: str):
     def wrap(cls: type[Method]) -> type[Method]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
+        if (name in _REGISTRY and _REGISTRY[name] is not cls) or name in _POLICIES:
             raise ValueError(f"method name {name!r} registered twice")
         cls.name = name
         _REGISTRY[name] = cls
@@ -335,3 +341,31 @@ def get_method(name: str) -> type[Method]:
     if name not in methods:
         raise KeyError(f"unknown method {name!r}; known methods: {', '.join(methods)}")
     return methods[name]
+
+
+# Cache and attention policies (methods.common.cache_policy.CachePolicy): a registry of their own, since a
+# policy is not a decoder; a run composes one with a decoder (`ar+streaming_llm`, see cache_policy.compose).
+_POLICIES: dict[str, type] = {}
+
+
+def register_policy(name: str):
+    def wrap(cls: type) -> type:
+        if (name in _POLICIES and _POLICIES[name] is not cls) or name in _REGISTRY:
+            raise ValueError(f"policy name {name!r} registered twice")
+        cls.name = name
+        _POLICIES[name] = cls
+        return cls
+
+    return wrap
+
+
+def policies() -> dict[str, type]:
+    _discover()
+    return dict(sorted(_POLICIES.items()))
+
+
+def get_policy(name: str) -> type:
+    known = policies()
+    if name not in known:
+        raise KeyError(f"unknown policy {name!r}; known policies: {', '.join(known)}")
+    return known[name]

@@ -24,15 +24,45 @@ def forward(model: torch.nn.Module, cache: DynamicCache | None, **kwargs):
         return model(use_cache=True, **kwargs)
 
 
+def cache_in(kwargs: dict):
+    """The cache a model's forward was called with (for hooks registered with `with_kwargs=True`)."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def kv_bytes(cache) -> int:
+    """Bytes of keys and values a cache holds, over all layers (a static layer counts what it allocated)."""
+    total = 0
+    for layer in getattr(cache, "layers", None) or ():
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
 def new_cache(model: torch.nn.Module) -> DynamicCache:
     return DynamicCache(config=model.config)
+
+
+# id(model) -> the cache policy run attached to it (methods.common.cache_policy), which feeds long inputs
+# in chunks so that the policy acts between them
+_chunkers: dict[int, object] = {}
 
 
 def extend(model: torch.nn.Module, tokens: list[int], cache: DynamicCache, keep: int | None = None) -> torch.Tensor:
     """Feed `tokens` after what `cache` holds; return the logits of the last `keep` of them (all if None).
 
-    Keeping only the rows a method reads skips most of the LM head on a prompt (a large saving).
+    Keeping only the rows a method reads skips most of the LM head on a prompt (a large saving). Under an
+    attached cache policy the tokens may go in several passes (its prefill chunks).
     """
+    chunker = _chunkers.get(id(model))
+    if chunker is not None:
+        return chunker.extend(tokens, cache, keep)  # type: ignore[attr-defined]
+    return extend_once(model, tokens, cache, keep)
+
+
+def extend_once(model: torch.nn.Module, tokens: list[int], cache: DynamicCache, keep: int | None = None) -> torch.Tensor:
+    """`extend` in exactly one forward pass."""
     ids = torch.tensor([tokens], dtype=torch.long, device=model.device)
     kwargs = {"logits_to_keep": keep} if keep else {}
     return forward(model, cache, input_ids=ids, **kwargs).logits[0]

@@ -43,11 +43,11 @@ class ChainVerifier:
     def step(self, drafts: list[int], draft_probs: torch.Tensor | None = None) -> int:
         """Verify `drafts` (with the distributions they were sampled from, if sampled); return how many were accepted."""
         ctx = self.ctx
-        base = self.cache.get_seq_length()
         logits = extend(ctx.target, self.unseen + drafts, self.cache, keep=len(drafts) + 1)
         accepted, correction = verify(drafts, draft_probs, logits, ctx.sampling, ctx.generator)
         ctx.emit(drafts[:accepted] + [correction], proposed=len(drafts))
-        crop(self.cache, base + len(self.unseen) + accepted)
+        # drop the rejected drafts counted from the end: a cache policy may have evicted older entries
+        crop(self.cache, self.cache.get_seq_length() - (len(drafts) - accepted))
         self.unseen = [correction]
         return accepted
 

@@ -1,0 +1,43 @@
+"""Moving cached keys (and queries) to other positions: RoPE composes, so rotating an already-rotated
+vector by a position delta equals computing it at the new position.
+
+Only the rotate-half layout of Llama, Mistral and Qwen2 is handled, and only RoPE types whose frequencies
+do not depend on the sequence length (default, linear, llama3, yarn): a dynamic or longrope model changes
+its frequencies with the length, so a delta rotation would not be exact there and is refused.
+"""
+from __future__ import annotations
+
+import torch
+
+_EXACT_TYPES = {"default", "linear", "llama3", "yarn"}
+
+
+class Rotation:
+    """The model's rotary frequencies, and `rotate(x, delta)`: x moved by `delta` positions."""
+
+    def __init__(self, inv_freq: torch.Tensor) -> None:
+        self.inv_freq = inv_freq.detach().to(torch.float64)
+
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> Rotation:
+        rope_type = (getattr(model.config, "rope_parameters", None) or {}).get("rope_type", "default")
+        if rope_type not in _EXACT_TYPES:
+            raise NotImplementedError(f"re-rotating keys is exact only for RoPE types {sorted(_EXACT_TYPES)}; "
+                                      f"this model uses {rope_type!r}")
+        for module in model.modules():
+            inv_freq = getattr(module, "inv_freq", None)
+            if isinstance(inv_freq, torch.Tensor):
+                return cls(inv_freq)
+        raise NotImplementedError(f"{type(model).__name__} has no rotary embedding (no inv_freq buffer)")
+
+    def rotate(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """x: [..., n, head_dim] rotated at some positions; delta: positions to add, broadcastable to
+        [..., n] (one per row). Angles in float64: positions times frequency reach 1e4 radians and more."""
+        half = x.shape[-1] // 2
+        if self.inv_freq.numel() != half:
+            raise NotImplementedError(f"partial rotary embeddings are not handled ({2 * self.inv_freq.numel()} of "
+                                      f"{x.shape[-1]} dims rotated)")
+        angles = delta.to(torch.float64).unsqueeze(-1) * self.inv_freq.to(x.device)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
