@@ -91,9 +91,12 @@ def _run_config(args):
 
     preset = get_preset(args.preset) if args.preset else None
     methods = args.methods if args.methods is not None else (",".join(preset.methods) if preset else DEFAULT_METHODS)
+    from methods.common.cache_policy import split
+
     names = [m.strip() for m in methods.split(",") if m.strip()]
     explicit = _settings(args.set)
-    stray = sorted(set(explicit) - set(names))
+    parts = {part for name in names for decoder, policies in [split(name)] for part in (decoder, *policies)}
+    stray = sorted(set(explicit) - parts)
     if stray:  # a typo in a method name would otherwise be ignored silently
         raise SystemExit(f"--set names {', '.join(stray)}, not in this run's methods ({methods})")
     return RunConfig(
@@ -105,8 +108,22 @@ def _run_config(args):
         warmup=not args.no_warmup, trackers=not args.no_trackers, repeats=args.repeats,
         out=args.out or f"runs/{args.suite}-{time.strftime('%Y%m%d-%H%M%S')}",
         method_state=args.method_state, strict_counting=args.strict_counting,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=args.trust_remote_code, suite_options=_suite_options(args),
     )
+
+
+def _suite_options(args) -> dict[str, str]:
+    """--option NAME=VALUE (repeatable), with --lengths/--depths/--samples/--tasks as shortcuts."""
+    options = {}
+    for pair in args.option:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"--option expects NAME=VALUE, got {pair!r}")
+        options[name.strip()] = value
+    for name in ("lengths", "depths", "samples", "tasks"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    return options
 
 
 def _execute(runner, work) -> int | None:
@@ -400,6 +417,12 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--draft", default=DEFAULT_DRAFT, help="draft model for draft-model methods")
     run.add_argument("--data", help="a Spec-Bench question.jsonl file instead of the built-in set")
     run.add_argument("--limit", type=int, help="keep the first N items of every category")
+    run.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                     help="a suite option (`decodebench suites NAME` lists them), e.g. --option haystack=needles")
+    run.add_argument("--lengths", help="long-context suites: prompt lengths in tokens, e.g. 1k,2k,4k")
+    run.add_argument("--depths", help="long-context suites: needle depths in percent, e.g. 0,25,50,75,100")
+    run.add_argument("--samples", help="generated suites: items per cell")
+    run.add_argument("--tasks", help="generated suites: which tasks, comma-separated")
     run.add_argument("--max-new-tokens", type=int, default=128)
     run.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     run.add_argument("--top-p", type=float, default=1.0)

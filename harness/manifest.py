@@ -69,6 +69,18 @@ def run_settings(cfg) -> dict:
     return settings
 
 
+def _describe(method) -> dict:
+    """A method's paper, needs and config; a DECODER+POLICY composition: the decoder's, with the policy's
+    paper and config under "policy" (lossless only if both are)."""
+    policy = getattr(method, "policy", None)
+    if policy is None:
+        return {**method.describe(), "config": asdict(method.config)}
+    decoder = method.decoder
+    return {**decoder.describe(), "config": asdict(decoder.config), "decoder": decoder.name,
+            "lossless": method.lossless, "policy": {"name": policy.name, **policy.describe(),
+                                                    "config": asdict(policy.config)}}
+
+
 def write_manifest(out: Path, cfg, device: str, methods: dict, target, draft, roofline: dict | None = None,
                    identity: dict | None = None, data: dict | None = None) -> dict:
     """Write (or update, on resume) the manifest. The settings were checked against the folder's before
@@ -88,7 +100,7 @@ def write_manifest(out: Path, cfg, device: str, methods: dict, target, draft, ro
                                    f"{then[:12]}... then, {now[:12]}... now); use another --out or --force-new")
     described = dict(previous["methods"]) if previous else {}
     for name, method in methods.items():
-        described[name] = {**method.describe(), "config": asdict(method.config)}
+        described[name] = _describe(method)
     manifest = {
         "schema_version": SCHEMA_VERSION,  # of the records in results.jsonl (harness/record.py)
         "name": Path(out).name,

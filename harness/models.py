@@ -297,6 +297,19 @@ def load(spec: str, device: str = "cpu", dtype: str = "auto", trust_remote_code:
     return LoadedModel(spec, model, tokenizer, info)
 
 
+def load_tokenizer(spec: str, trust_remote_code: bool = False):
+    """Only the tokenizer of a model spec (a suite sized in tokens needs it before any weights load)."""
+    from transformers import AutoTokenizer
+
+    kind, where = resolve(spec)
+    if kind == "gguf":
+        where, _ = _gguf_marker(Path(where))
+    try:
+        return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except Exception as err:  # any failure is a ModelError naming the fix
+        raise _load_error(spec, kind, where, err, trust_remote_code) from err
+
+
 def _load_error(spec: str, kind: str, where, err: Exception, trust_remote_code: bool) -> ModelError:
     if "trust_remote_code" in str(err) and not trust_remote_code:
         return ModelError(f"model {spec!r} ships its own Python code (auto_map in its config), which is not run "

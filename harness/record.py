@@ -13,11 +13,13 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Records and manifests written before the schema existed carry no version: they are read as version 0,
 # whose fields are a subset of version 1's (the missing ones take their defaults, see `upgrade`).
+# Version 2 added fields only (decoder/policy, item_meta, the KV cache's bytes, the likelihood group):
+# a version 1 record reads with them at their defaults.
 LEGACY_VERSION = 0
-KNOWN_VERSIONS = (LEGACY_VERSION, SCHEMA_VERSION)
+KNOWN_VERSIONS = (LEGACY_VERSION, 1, SCHEMA_VERSION)
 
 
 class SchemaError(ValueError):
@@ -55,6 +57,9 @@ class Identity:
     method_state: Literal["carry", "fresh"] | None = None  # cross-prompt state carried over items, or reset
     state_items_seen: int | None = None  # earlier distinct items the method's cross-prompt state had seen
     state_note: str | None = None  # why the state is not what a straight run would have had (a resume, a failure)
+    decoder: str | None = None  # `method` is DECODER[+POLICY]: the decoder that ran ...
+    policy: str | None = None  # ... and the cache/attention policy attached to the target (None: full cache)
+    item_meta: dict[str, Any] | None = None  # what a generated suite knows of the item (task, length, depth)
 
 
 @dataclass(kw_only=True)
@@ -120,6 +125,8 @@ class MethodReport:
 class MemoryEnergy:
     peak_mem_bytes: int | None = None  # CUDA allocator peak on a GPU, process RSS on a CPU
     method_state_bytes: int | None = None  # bytes of the structures in ctx.state, measured by the harness
+    kv_cache_peak_bytes: int | None = None  # keys + values held by the target's cache after a pass: the peak ...
+    kv_cache_final_bytes: int | None = None  # ... and after the last pass (measured by the harness's hooks)
     energy_j: float | None = None
     energy_per_token_j: float | None = None
     energy_source: str | None = None
@@ -138,6 +145,20 @@ class Quality:
     output_perplexity: float | None = None
     task_score: float | None = None
     task_metric: str | None = None
+
+
+@dataclass(kw_only=True)
+class Likelihood:
+    """A loglikelihood suite's record: the document scored by the target (through the method's policy)."""
+
+    token_nll: list[float] | None = _list()  # negative log-likelihood of each scored token, in order (nats)
+    scored_tokens: int | None = None
+    words: int | None = None  # whitespace-split words of the original text (lm-eval's wikitext definition)
+    bytes: int | None = None  # its UTF-8 bytes
+    token_perplexity: float | None = None  # exp(sum NLL / scored tokens)
+    word_perplexity: float | None = None  # exp(sum NLL / words)
+    byte_perplexity: float | None = None  # exp(sum NLL / bytes)
+    bits_per_byte: float | None = None  # sum NLL / (bytes ln 2)
 
 
 @dataclass(kw_only=True)
@@ -164,7 +185,7 @@ class Errors:
 
 
 # The groups in the order their fields appear in a record (a dataclass lays out base fields last base first).
-GROUPS = (Identity, Prompt, Output, Timing, Counts, MethodReport, MemoryEnergy, Quality, Lossless, Errors)
+GROUPS = (Identity, Prompt, Output, Timing, Counts, MethodReport, MemoryEnergy, Quality, Likelihood, Lossless, Errors)
 
 
 @dataclass(kw_only=True)

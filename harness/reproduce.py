@@ -57,7 +57,12 @@ def config_from_manifest(manifest: dict, out: str) -> RunConfig:
     settings["budgets"] = [Budget(**b) for b in settings["budgets"]]
     methods = list(manifest["methods"])
     # the manifest holds each method's full config; pass it as overrides so defaults changed since cannot drift in
-    settings["settings"] = {name: described.get("config", {}) for name, described in manifest["methods"].items()}
+    overrides: dict[str, dict] = {}
+    for name, described in manifest["methods"].items():  # a composition: decoder and policy, each by its name
+        overrides[described.get("decoder", name)] = described.get("config", {})
+        if described.get("policy"):
+            overrides[described["policy"]["name"]] = described["policy"].get("config", {})
+    settings["settings"] = overrides
     return RunConfig(**settings, methods=methods, out=out)
 
 

@@ -130,8 +130,10 @@ def identity(cfg, methods: dict, data_sha256: str | None) -> dict:
             flat.update(value)
         else:
             flat[key] = value
-    for name, method in methods.items():
-        for knob, value in asdict(method.config).items():
-            flat[f"{name}.{knob}"] = value
+    for method in methods.values():
+        parts = [method.decoder, method.policy] if hasattr(method, "policy") else [method]
+        for part in parts:  # a composition's decoder and policy knobs, each under its own name
+            for knob, value in asdict(part.config).items():
+                flat[f"{part.name}.{knob}"] = value
     flat["data_sha256"] = data_sha256
     return json.loads(json.dumps(flat, default=str))  # as the manifest stores it (tuples as lists)

@@ -39,7 +39,8 @@ from harness.record import LosslessCheck, Record
 from harness.results import ResultStore, first_difference, record_key
 from harness.runfolder import RunFolder, identity
 from harness.trackers import EnergyTracker, PeakMemory
-from methods.base import BudgetExhausted, DecodeContext, Method, Sampling, get_method
+from methods.base import BudgetExhausted, DecodeContext, Method, Sampling
+from methods.common.cache_policy import compose, split
 from suites.base import Item, get_suite, items_sha256
 
 BASELINE = "ar"
@@ -71,6 +72,7 @@ class RunConfig:
     # run order) or "fresh" (emptied before every item); every repeat and budget point of an (item, turn)
     # starts from the same snapshot either way (harness/methodstate.py)
     method_state: str = "carry"
+    suite_options: dict[str, str] = field(default_factory=dict)  # the suite's own options (--option NAME=VALUE)
     # model work outside a counted pass (a method calling lm_head or a decoder layer itself), or a pass
     # marked as self-drafting that skipped nothing: counted in the record, or, when strict, an error
     strict_counting: bool = False
@@ -165,8 +167,16 @@ class Runner:
         self.out = Path(cfg.out)
         self.methods: dict[str, Method] = {}
         for name in ([BASELINE] if BASELINE in cfg.methods else []) + [m for m in cfg.methods if m != BASELINE]:
-            self.methods[name] = get_method(name)(**cfg.settings.get(name, {}))  # errors before any loading
-        self.items: list[Item] = get_suite(cfg.suite)(data=cfg.data).items(cfg.limit)
+            self.methods[name] = compose(name, cfg.settings)  # DECODER[+POLICY]; errors before any loading
+        suite_cls = get_suite(cfg.suite)
+        # a suite sized in tokens gets the target's tokenizer now: only the tokenizer, no weights, loads
+        tokenizer = (model_specs.load_tokenizer(cfg.target, cfg.trust_remote_code)
+                     if suite_cls.needs_tokenizer else None)
+        self.suite = suite_cls(data=cfg.data, tokenizer=tokenizer, **cfg.suite_options)
+        if self.suite.needs != "generation":
+            raise RunConfigError(f"suite {cfg.suite} scores log-likelihoods: run it with `decodebench run` "
+                                 "on a loglikelihood-capable path (not built yet)")
+        self.items: list[Item] = self.suite.items(cfg.limit)
         if not self.items:
             raise RunConfigError(f"suite {cfg.suite} has no items" + (f" in {cfg.data}" if cfg.data else ""))
         self.data = {"path": cfg.data, "sha256": items_sha256(self.items)}  # what the run reads, hashed
@@ -305,9 +315,24 @@ class Runner:
             problems.append(f"trace has {len(accepted)} steps, harness counted {target_calls} target passes")
         return "; ".join(problems) or None
 
+    def _prompt_ids(self, item: Item, turn: int, answers: list[str]) -> list[int]:
+        """The suite's own prompt ids (a prompt sized in tokens) or the chat template over the turns."""
+        ids = self.suite.prompt_ids(item) if turn == 0 else None
+        return ids if ids is not None else encode_chat(self.target.tokenizer, item.messages(turn, answers))
+
+    def _max_new_tokens(self, item: Item) -> int:
+        """--max-new-tokens, or less where the suite's item asks for less (RULER's per-task budgets)."""
+        asked = (item.meta or {}).get("max_new_tokens")
+        return min(self.cfg.max_new_tokens, int(asked)) if asked else self.cfg.max_new_tokens
+
     def _quality(self, item: Item, turn: int, prompt_ids: list[int], record: Record) -> dict:
-        """Output perplexity under the target and the category's task score. The perplexity pass runs after
-        the record's counts and timings were taken, with the counter reset, so no budget or count sees it."""
+        """The suite's own score (RULER's match on a long-context item), else output perplexity under the
+        target and the category's task score. The perplexity pass runs after the record's counts and timings
+        were taken, with the counter reset, so no budget or count sees it; a suite that scores its items
+        itself (long prompts) gets no perplexity pass, which would re-read the whole prompt."""
+        score, metric = self.suite.score(item, record.output_text)
+        if metric is not None:
+            return {"task_score": score, "task_metric": metric}
         self.target_counter.reset()
         perplexity = quality.output_perplexity(self.target.model, prompt_ids, record.output_ids)
         references = quality.references_for_turn(item.reference, len(item.turns), turn)
@@ -401,7 +426,7 @@ class Runner:
     def _warm_up(self, method: Method) -> None:
         """One short untimed generation per method, so lazy initialisation is not timed. Its method state
         is a throwaway empty dict: nothing it stores reaches a record."""
-        ids = encode_chat(self.target.tokenizer, self.items[0].messages(0, []))
+        ids = self._prompt_ids(self.items[0], 0, [])
         try:
             self._generate(method, ids, seed=0, max_new_tokens=min(4, self.cfg.max_new_tokens), state={})
         except Exception:  # noqa: BLE001 - a failing method fails again, recorded, in the timed run
@@ -416,7 +441,9 @@ class Runner:
                         item_id=item.item_id, item_turns=len(item.turns), turn=turn, repeat=repeat,
                         budget=budget.label, **asdict(budget), temperature=self.cfg.sampling.temperature,
                         seed=item_seed(self.cfg.sampling.seed, item.item_id, turn, repeat),
-                        method_state=self.cfg.method_state)
+                        method_state=self.cfg.method_state, item_meta=item.meta)
+        record.decoder, policies = split(name)
+        record.policy = "+".join(policies) or None
         method = self.methods[name]
         # the canonical attempt (repeat 0, first budget point) is the one whose state goes on to the next item
         carries = method.stateful and repeat == 0 and budget == self.cfg.budgets[0]
@@ -427,10 +454,10 @@ class Runner:
             answers = [self.store.get(self._key(name, item, t, repeat, budget)) for t in range(turn)]
             if any(a is None for a in answers):
                 raise RuntimeError("an earlier turn of this item failed; the conversation cannot go on")
-            prompt_ids = encode_chat(self.target.tokenizer, item.messages(turn, [a["output_text"] for a in answers]))
+            prompt_ids = self._prompt_ids(item, turn, [a["output_text"] for a in answers])
             record.prompt_tokens = len(prompt_ids)
             record.prompt_sha = hashlib.sha1(str(prompt_ids).encode()).hexdigest()[:16]
-            record.update(self._generate(method, prompt_ids, record.seed, self.cfg.max_new_tokens, budget, state))
+            record.update(self._generate(method, prompt_ids, record.seed, self._max_new_tokens(item), budget, state))
             if carries:
                 self.states.carry(name, (item.item_id, turn), self.state_left)
                 carries = False

@@ -30,6 +30,20 @@ FIELDS_BY_VERSION = {
         "process_gpu_mem_peak_bytes", "samples", "output_perplexity", "task_score", "task_metric",
         "lossless_check", "error", "traceback"],
 }
+_V1 = FIELDS_BY_VERSION[1]
+
+
+def _with(fields: list[str], after: str, new: list[str]) -> list[str]:
+    i = fields.index(after) + 1
+    return fields[:i] + new + fields[i:]
+
+
+# version 2 added fields only: who ran (decoder, policy), the item's metadata, the KV cache's bytes, and the
+# likelihood group of loglikelihood suites
+FIELDS_BY_VERSION[2] = _with(_with(_with(_V1, "state_note", ["decoder", "policy", "item_meta"]),
+                                   "method_state_bytes", ["kv_cache_peak_bytes", "kv_cache_final_bytes"]),
+                             "task_metric", ["token_nll", "scored_tokens", "words", "bytes", "token_perplexity",
+                                             "word_perplexity", "byte_perplexity", "bits_per_byte"])
 
 
 def test_a_renamed_field_is_a_schema_change():
@@ -88,8 +102,12 @@ def test_legacy_records_read_with_defaults_and_unknown_versions_fail(tmp_path):
     assert set(schema.FIELDS) <= set(table) and table["max_wall_s"].dtype.kind == "f"
 
     path.write_text(json.dumps({**legacy, "schema_version": SCHEMA_VERSION}) + "\n")
-    with pytest.raises(SchemaError, match="verify_widths are not in record schema version 1"):
+    with pytest.raises(SchemaError, match=f"verify_widths are not in record schema version {SCHEMA_VERSION}"):
         read_records(path)
+    v1 = {k: v for k, v in legacy.items() if k != "verify_widths"}
+    path.write_text(json.dumps({**v1, "schema_version": 1}) + "\n")  # version 1: the added fields at defaults
+    (record,) = read_records(path)
+    assert record["schema_version"] == 1 and record["policy"] is None and record["token_nll"] is None
     path.write_text(json.dumps({**legacy, "schema_version": 99}) + "\n")
     with pytest.raises(SchemaError, match=r"results.jsonl:1: written with record schema version 99"):
         read_records(path)
