@@ -219,7 +219,7 @@ class Runner:
     # ------------------------------------------------------------ one generation
 
     def _generate(self, method: Method, prompt_ids: list[int], seed: int, max_new_tokens: int,
-                  budget: Budget = Budget(), state: dict | None = None) -> dict:
+                  budget: Budget = Budget(), state: dict | None = None, item_meta: dict | None = None) -> dict:
         """Run the method once under the hooks; figures come from the harness's own counters. `state` is
         the method's ctx.state (the dict it leaves is `self.state_left` afterwards)."""
         self.target_counter.reset(budget)
@@ -230,7 +230,7 @@ class Runner:
             prompt_ids=list(prompt_ids), target=self.target.model, draft=self.draft.model if self.draft else None,
             sampling=Sampling(**{**asdict(self.cfg.sampling), "seed": seed}), max_new_tokens=max_new_tokens,
             eos_token_ids=self.eos, tokenizer=self.target.tokenizer,
-            state=state if state is not None else {}, corpus=self.corpus,
+            state=state if state is not None else {}, corpus=self.corpus, item_meta=item_meta,
         )
         stop_note = None
         synchronize(self.target.model)
@@ -428,7 +428,8 @@ class Runner:
         is a throwaway empty dict: nothing it stores reaches a record."""
         ids = self._prompt_ids(self.items[0], 0, [])
         try:
-            self._generate(method, ids, seed=0, max_new_tokens=min(4, self.cfg.max_new_tokens), state={})
+            self._generate(method, ids, seed=0, max_new_tokens=min(4, self.cfg.max_new_tokens), state={},
+                           item_meta=self.items[0].meta)
         except Exception:  # noqa: BLE001 - a failing method fails again, recorded, in the timed run
             pass
 
@@ -457,7 +458,8 @@ class Runner:
             prompt_ids = self._prompt_ids(item, turn, [a["output_text"] for a in answers])
             record.prompt_tokens = len(prompt_ids)
             record.prompt_sha = hashlib.sha1(str(prompt_ids).encode()).hexdigest()[:16]
-            record.update(self._generate(method, prompt_ids, record.seed, self._max_new_tokens(item), budget, state))
+            record.update(self._generate(method, prompt_ids, record.seed, self._max_new_tokens(item), budget, state,
+                                         item.meta if turn == 0 else None))
             if carries:
                 self.states.carry(name, (item.item_id, turn), self.state_left)
                 carries = False

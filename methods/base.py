@@ -88,6 +88,9 @@ class DecodeContext:
     # texts a corpus-based method may build its stores from when its settings name no corpus file: the
     # suite's prompts (no references), given by the harness; a method never reads a suite's data itself
     corpus: list[str] = field(default_factory=list)
+    # what the suite knows of the item (suites.base.Item.meta: task, spans of the context and of each
+    # demonstration ...), for methods that restructure a prompt (JRT, RDSCA); None for plain chat items
+    item_meta: dict[str, Any] | None = None
     # other outputs a multi-draft method produced besides `output` (kept in the record, decoded)
     alternatives: list[list[int]] = field(default_factory=list)
 
