@@ -46,7 +46,16 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from methods.base import DecodeContext, Method, Needs, Paper, SettingError, Settings, register, setting
+from methods.base import (
+    DecodeContext,
+    Method,
+    Needs,
+    Paper,
+    SettingError,
+    Settings,
+    register,
+    setting,
+)
 from methods.common.cache_policy import grouped, scores
 from methods.common.kv import crop, extend, forward, new_cache
 from methods.common.layerskip import SkipSet, decoder_layers, skipping

@@ -17,13 +17,22 @@ from methods.base import DecodeContext, Sampling, SettingError, get_method
 from methods.common.kv import extend, forward, new_cache
 from methods.common.rope import Rotation
 from methods.common.verify import residual, verify_speculative
-from methods.triforce import Levels, RetrievalCache, TriForce, chunk_order, last_queries, retrieval_sample
+from methods.triforce import (
+    Levels,
+    RetrievalCache,
+    TriForce,
+    chunk_order,
+    last_queries,
+    retrieval_sample,
+)
 from tests.conftest import perturbed, tiny_llama
 from tests.test_verification_rule import V, assert_matches
 
 DRAWS = 6000
-SMALL = dict(budget=48, chunk=4, sinks=4, window=40)  # retrieval keeps 48 of 200-300 prompt tokens
-SETTINGS = [SMALL, dict(SMALL, gamma1=1, gamma2=3), dict(budget=40, chunk=8, sinks=2, window=20, gamma1=3, gamma2=8)]
+SMALL = {"budget": 48, "chunk": 4, "sinks": 4, "window": 40}  # retrieval keeps 48 of 200-300 prompt tokens
+SETTINGS = [SMALL, {**SMALL, "gamma1": 1, "gamma2": 3},
+            {"budget": 40, "chunk": 8, "sinks": 2, "window": 20, "gamma1": 3, "gamma2": 8}]
+GREEDY = Sampling()
 
 
 def prompts(n: int = 3) -> list[list[int]]:
@@ -44,7 +53,7 @@ def close_pair():
     return target, perturbed(target, 0.05, seed=1)
 
 
-def decode(name, pair, prompt, max_new_tokens=24, sampling=Sampling(), eos=frozenset({1}), **settings):
+def decode(name, pair, prompt, max_new_tokens=24, sampling=GREEDY, eos=frozenset({1}), **settings):
     target, draft = pair
     ctx = DecodeContext(prompt_ids=list(prompt), target=target, draft=draft, sampling=sampling,
                         max_new_tokens=max_new_tokens, eos_token_ids=eos)
@@ -271,7 +280,7 @@ def test_a_retrieval_pass_equals_full_attention_masked_to_the_kept_positions():
 
 @pytest.mark.parametrize("settings", SETTINGS)
 def test_the_drafts_cache_never_exceeds_sinks_plus_window(close_pair, settings):
-    target, draft = close_pair
+    _, draft = close_pair
     held = []
     hook = draft.register_forward_pre_hook(lambda m, args, kwargs: held.append(
         (kwargs.get("cache") or kwargs.get("past_key_values")).get_seq_length()), with_kwargs=True)
@@ -319,7 +328,7 @@ def test_levels_keep_the_full_cache_one_behind_the_output(close_pair):
             assert levels.pending == ctx.output[-1]
 
 
-@pytest.mark.parametrize("bad", [dict(budget=8, chunk=8), dict(window=8, gamma1=2, gamma2=6), dict(gamma1=0)])
+@pytest.mark.parametrize("bad", [{"budget": 8, "chunk": 8}, {"window": 8, "gamma1": 2, "gamma2": 6}, {"gamma1": 0}])
 def test_inconsistent_settings_are_refused(bad):
     with pytest.raises(SettingError):
         TriForce(**bad)
