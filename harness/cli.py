@@ -342,7 +342,7 @@ def cmd_methods(args) -> int:
         return 0
     if args.json:
         print(json.dumps([{"name": name, **cls.describe(), "settings": describe_settings(cls.Config)}
-                          for name, cls in registry().items()], indent=1, default=str))
+                          for name, cls in {**registry(), **policies()}.items()], indent=1, default=str))
         return 0
     rows = []
     for name, cls in registry().items():
