@@ -81,8 +81,10 @@ class CachePolicy:
     def begin_pass(self, run: PolicyRun) -> None:
         """Before each forward pass: run.start, run.new and run.prefill describe it."""
 
-    def keep(self, run: PolicyRun, layer: int, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
-        """Slots of `layer` that stay after the pass (LongTensor [n] or [kv_heads, n], ascending); None keeps all."""
+    def keep(self, run: PolicyRun, layer: int, keys: torch.Tensor,
+             values: torch.Tensor) -> torch.Tensor | tuple[slice, ...] | None:
+        """Slots of `layer` that stay after the pass: a LongTensor [n] or [kv_heads, n] (ascending), or a tuple of
+        ascending slices (contiguous runs move as one: cheaper); None keeps all."""
         return None
 
     def attend(self, run: PolicyRun, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -191,6 +193,7 @@ class PolicyRun:
             self._evict(kv.cache_in(kwargs))
 
     def _evict(self, cache) -> None:
+        tables: dict[int, tuple] = {}  # id(index) -> (index, cos/sin): a policy returning one index for every layer
         for idx, layer in enumerate(cache.layers):
             keys = getattr(layer, "keys", None)
             if keys is None or keys.numel() == 0:
@@ -200,7 +203,14 @@ class PolicyRun:
             index = self.policy.keep(self, idx, keys, layer.values)
             if index is None:
                 continue
-            layer.keys, layer.values = moved(keys, layer.values, index.to(keys.device), self.rotation)
+            if isinstance(index, tuple):
+                layer.keys, layer.values = moved_runs(keys, layer.values, index, self.rotation)
+                continue
+            if id(index) not in tables:  # the cos/sin of one move, computed once per pass (30 layers share it)
+                shift = torch.arange(index.shape[-1], device=keys.device) - index.to(keys.device)
+                tables[id(index)] = (index, self.rotation.table(shift, keys))
+            layer.keys, layer.values = moved(keys, layer.values, index.to(keys.device), self.rotation,
+                                             tables[id(index)][1])
 
     # --- chunked prefill, called by kv.extend ---
     def extend(self, tokens: list[int], cache, keep: int | None) -> torch.Tensor:
@@ -221,17 +231,29 @@ class PolicyRun:
             self._prefilling = False
 
 
-def moved(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor,
-          rotation: Rotation) -> tuple[torch.Tensor, torch.Tensor]:
+def moved(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, rotation: Rotation,
+          table: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of slots `index` ([n] or [kv_heads, n]) packed to slots 0..n-1, keys re-rotated by
-    their move (new slot - old slot)."""
-    slots = torch.arange(index.shape[-1], device=index.device)
+    their move (new slot - old slot); `table`: that move's cos/sin if already computed."""
     if index.dim() == 1:
         kept_k, kept_v = keys.index_select(-2, index), values.index_select(-2, index)
     else:
         expand = index[None, :, :, None].expand(keys.shape[0], -1, -1, keys.shape[-1])
         kept_k, kept_v = keys.gather(-2, expand), values.gather(-2, expand)
-    return rotation.rotate(kept_k, slots - index), kept_v
+    return rotation.rotate(kept_k, torch.arange(index.shape[-1], device=index.device) - index, table), kept_v
+
+
+def moved_runs(keys: torch.Tensor, values: torch.Tensor, runs: tuple[slice, ...],
+               rotation: Rotation) -> tuple[torch.Tensor, torch.Tensor]:
+    """`moved` for slots given as ascending runs: each run shifts by one delta (no index tensors, one cat)."""
+    kept_k, kept_v, slot = [], [], 0
+    for run in runs:
+        part = keys[..., run, :]
+        shift = slot - run.start
+        kept_k.append(rotation.rotate(part, torch.tensor(shift, device=keys.device)) if shift else part)
+        kept_v.append(values[..., run, :])
+        slot += part.shape[-2]
+    return torch.cat(kept_k, dim=-2), torch.cat(kept_v, dim=-2)
 
 
 # --- attention helpers for `attend` ---
@@ -248,9 +270,10 @@ def scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tens
 
 def softmax_attend(logits: torch.Tensor, allowed: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over allowed keys (float32, as transformers' eager path), then the values: output
-    [b, q, heads, d] as attention functions return it, and the probabilities [b, kv_heads, group, q, m]."""
-    logits = logits.float().masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a query with no allowed key gets zeros
+    [b, q, heads, d] as attention functions return it, and the probabilities [b, kv_heads, group, q, m].
+    `logits` may be overwritten; every query needs one allowed key (its own, under causal attention)."""
+    logits = logits.float().masked_fill_(~allowed, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
     out = torch.einsum("bkgqm,bkmd->bkgqd", probs.to(value.dtype), value)
     b, k, g, q, d = out.shape
     return out.reshape(b, k * g, q, d).transpose(1, 2), probs
