@@ -11,12 +11,15 @@ A policy subclasses `CachePolicy` and fills one or both narrow hooks:
 - attention selection (`selects = True`): the full cache is kept, and `attend(run, layer, query, key,
   value, scaling)` computes the layer's attention itself (over a subset of keys, at other positions...),
   or returns None for plain causal attention. It runs as an attention function registered with
-  transformers' `AttentionInterface`; `attach` switches the model to it and restores the model's own
-  implementation on exit, exception or not. No model class is patched.
+  transformers' `AttentionInterface` (with a mask function that returns None: it builds its own causal
+  masks, for one sequence); `attach` switches the model to it and restores the model's own implementation
+  on exit, exception or not. No model class is patched.
 
 `policy.attach(model)` hooks the model for one generation and yields the `PolicyRun`, which holds the
 per-generation state (`run.state`; nothing is kept on the policy). While attached, `kv.extend` feeds an
-input longer than the policy's `prefill_chunk` in chunks, so that the policy acts between them.
+input longer than the policy's `prefill_chunk` in chunks, so that the policy acts between them. One policy
+per model at a time, acting on one cache: a second cache on the same model (a self-drafting decoder, beams)
+is refused; passes without a cache run plain.
 
 Composition: `compose("sps+streaming_llm")` runs a registered decoder with a registered policy attached
 to the target model (a policy alone means `ar+policy`). An evicting policy changes cache lengths: a decoder
@@ -34,6 +37,7 @@ from typing import Any, ClassVar
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface
 
 from methods.base import (
     DecodeContext,
@@ -140,6 +144,7 @@ class PolicyRun:
                 self.rotation  # noqa: B018 -- a RoPE this mechanism cannot move fails here, before any pass
             if self.policy.selects:
                 AttentionInterface.register(ATTENTION_NAME, _attention)
+                AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
                 model.set_attn_implementation(ATTENTION_NAME)
                 if model.config._attn_implementation != ATTENTION_NAME:
                     raise NotImplementedError(f"{type(model).__name__} cannot switch its attention function")
@@ -286,6 +291,11 @@ def causal_mask(q: int, s: int, device) -> torch.Tensor | None:
         return None
     rows = torch.arange(s - q, s, device=device)[:, None]
     return (torch.arange(s, device=device)[None, :] <= rows)[None, None]
+
+
+def _no_mask(*args, **kwargs) -> None:
+    """The mask function registered beside `_attention`: it builds its own masks (one sequence, causal)."""
+    return
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
