@@ -32,10 +32,11 @@ class Rotation:
         raise NotImplementedError(f"{type(model).__name__} has no rotary embedding (no inv_freq buffer)")
 
     def table(self, delta: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of `delta` (positions to add) times each frequency, in `like`'s dtype: [..., half].
+        """cos and sin of `delta` (positions to add) times each frequency: [..., half], float32 at least.
         Angles in float64, since positions times frequency reach 1e4 radians and more."""
         angles = delta.to(torch.float64).unsqueeze(-1) * self.inv_freq.to(like.device)
-        return angles.cos().to(like.dtype), angles.sin().to(like.dtype)
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def rotate(self, x: torch.Tensor, delta: torch.Tensor,
                table: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -46,15 +47,18 @@ class Rotation:
             raise NotImplementedError(f"partial rotary embeddings are not handled ({2 * self.inv_freq.numel()} of "
                                       f"{x.shape[-1]} dims rotated)")
         cos, sin = table if table is not None else self.table(delta, x)
-        x1, x2 = x[..., :half], x[..., half:]
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        # in float32 at least: a bf16 key moved by -1 at every decoding step would drift (a bf16 cos/sin table
+        # turns it by the wrong angle each time: 95% error after 1000 moves; float32 math: one rounding per move)
+        y = x.to(cos.dtype)
+        y1, y2 = y[..., :half], y[..., half:]
+        return torch.cat((y1 * cos - y2 * sin, y2 * cos + y1 * sin), dim=-1).to(x.dtype)
 
     def to_zero(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x [..., n, head_dim] rotated at `positions` [n], moved to position 0 (cos/sin tables kept and grown:
         a policy moving the whole cache every step would otherwise recompute them)."""
         need = int(positions.max()) + 1 if positions.numel() else 0
         back = self._back
-        if back is None or back[0].shape[0] < need or back[0].dtype != x.dtype or back[0].device != x.device:
+        if back is None or back[0].shape[0] < need or back[0].device != x.device:
             size = max(need, 2 * (back[0].shape[0] if back is not None else 0), 1024)
             back = self._back = self.table(-torch.arange(size, device=x.device), x)
         return self.rotate(x, positions, (back[0][positions], back[1][positions]))
