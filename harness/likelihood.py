@@ -21,10 +21,14 @@ import torch
 from methods.common import kv
 
 
-def _nll(logits: torch.Tensor, targets: torch.Tensor) -> list[float]:
-    """-log p(target) for each row, in float32 (one row of logits per target)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return (-logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)).tolist()
+def _nll(logits: torch.Tensor, targets: torch.Tensor, block: int = 512) -> list[float]:
+    """-log p(target) for each row, in float32 (one row of logits per target), a block of rows at a time
+    (an 8k-token window's full-vocabulary float32 log-softmax would be gigabytes)."""
+    out: list[float] = []
+    for i in range(0, len(targets), block):
+        logp = torch.log_softmax(logits[i:i + block].float(), dim=-1)
+        out += (-logp.gather(-1, targets[i:i + block].unsqueeze(-1)).squeeze(-1)).tolist()
+    return out
 
 
 def cached_nll(model: torch.nn.Module, ids: list[int], chunk: int,
@@ -61,8 +65,10 @@ def sliding_nll(model: torch.nn.Module, ids: list[int], window: int, stride: int
     with torch.inference_mode():
         while scored_to < len(ids):
             start = max(0, end - window)
-            logits = model(input_ids=torch.tensor([ids[start:end]], device=device), use_cache=False).logits[0]
-            rows = logits[scored_to - start - 1:end - start - 1]  # the logits of token i come from row i - 1
+            keep = end - scored_to + 1  # only the rows that score: the LM head skips the context's
+            logits = model(input_ids=torch.tensor([ids[start:end]], device=device), use_cache=False,
+                           logits_to_keep=keep).logits[0]
+            rows = logits[:-1]  # the logits of token i come from the row of token i - 1
             out += _nll(rows, torch.tensor(ids[scored_to:end], device=device))
             if progress:
                 progress(end - scored_to)
