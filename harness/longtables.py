@@ -113,33 +113,51 @@ def kv_cache_table(ok: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
 # ---------------------------------------------------------------- latency against context length
 
 
-def decode_step_s(record) -> float:
-    """Seconds per generated token after the first: decode_s / (new_tokens - 1), the first token coming from
-    the prefill pass; without decode_s, the target passes after the first. NaN with fewer than two tokens."""
+def prefill_passes(record) -> int:
+    """Target passes that read the prompt: the first passes whose widths add up to it (a policy may prefill
+    in chunks); 1 when the widths are unknown or never add up to the prompt."""
+    widths, prompt = record["target_widths"], record["prompt_tokens"]
+    if isinstance(widths, list) and not pd.isna(prompt):
+        total = 0
+        for passes, width in enumerate(widths, start=1):
+            total += width
+            if total >= prompt:
+                return passes
+    return 1
+
+
+def split_latency(record) -> tuple[float, float]:
+    """(prefill seconds, seconds per generated token after the first). The record's prefill_s ends with the
+    first target pass; when the prompt took several passes (chunked prefill) the later ones' times move
+    from decoding to prefill. Decoding is decode_s / (new_tokens - 1), the first token coming from the
+    prefill; without decode_s, the target passes after the prefill. NaN where the record lacks the figures."""
+    passes = record["target_pass_s"] if isinstance(record["target_pass_s"], list) else []
+    chunks = prefill_passes(record)
+    later_chunks = sum(passes[1:chunks]) if len(passes) >= chunks else math.nan
+    prefill = record["prefill_s"] + later_chunks if chunks > 1 else record["prefill_s"]
     steps = (record["new_tokens"] or 0) - 1
     if not steps > 0:
-        return math.nan
-    decode = record["decode_s"]
-    if pd.isna(decode):
-        passes = record["target_pass_s"]
-        if not isinstance(passes, list) or len(passes) < 2:
-            return math.nan
-        decode = sum(passes[1:])
-    return decode / steps
+        return prefill, math.nan
+    if not pd.isna(record["decode_s"]):
+        decode = record["decode_s"] - (later_chunks if chunks > 1 else 0.0)
+    else:
+        decode = sum(passes[chunks:]) if len(passes) > chunks else math.nan
+    return prefill, decode / steps
 
 
 def latency_by_length(ok: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
-    """Per method and longctx length: records, mean prompt tokens, mean prefill seconds and mean seconds per
-    decode step. Empty when no record carries a length (e.g. a Spec-Bench run)."""
+    """Per method and longctx length: records, mean prompt tokens, and the means of split_latency's prefill
+    seconds and seconds per decode step. Empty when no record carries a length (e.g. a Spec-Bench run)."""
     lengths = ok["item_meta"].map(lambda meta: meta.get("length") if isinstance(meta, dict) else None)
-    timed = ok.assign(length=pd.to_numeric(lengths, errors="coerce"),
-                      step_s=[decode_step_s(r) for _, r in ok.iterrows()] if len(ok) else [])
+    timed = ok.assign(length=pd.to_numeric(lengths, errors="coerce"))
     timed = timed[timed["length"].notna() & timed["method"].isin(methods)]
     if timed.empty:
         return pd.DataFrame()
+    split = [split_latency(r) for _, r in timed.iterrows()]
+    timed = timed.assign(prefill=[p for p, _ in split], step=[d for _, d in split])
     grouped = timed.groupby(["method", "length"], sort=False)
     table = pd.DataFrame({"records": grouped.size(), "prompt tokens": grouped["prompt_tokens"].mean(),
-                          "prefill s": grouped["prefill_s"].mean(), "decode step s": grouped["step_s"].mean()})
+                          "prefill s": grouped["prefill"].mean(), "decode step s": grouped["step"].mean()})
     order = {m: i for i, m in enumerate(methods)}
     return table.reset_index().sort_values(["method", "length"], key=lambda c: c.map(order) if c.name == "method"
                                            else c).reset_index(drop=True)

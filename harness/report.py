@@ -539,10 +539,11 @@ def _kv_display(ok: pd.DataFrame, methods: list[str]) -> dict | None:
 
 LATENCY_NOTE = (
     "Per method and target context length (longctx lengths), means over records: prompt tokens; prefill, the "
-    "time to the first token (the first target pass); and the decode time per token after the first, "
-    "decode_s / (new tokens - 1): every pass, draft and host step of the decoding loop, so a speculative "
-    "decoder's tokens per pass count. Records that generated fewer than two tokens are left out of the decode "
-    "column. CPU timings are noisy when the machine is shared."
+    "time to the first token (to the end of the target passes that read the prompt, several where a policy "
+    "reads it in chunks); and the decode time per token after the first: the rest of the generate call over "
+    "new tokens - 1, so every pass, draft and host step of the decoding loop counts, and a speculative "
+    "decoder's tokens per pass. Records that generated fewer than two tokens are left out of the decode column. "
+    "CPU timings are noisy when the machine is shared."
 )
 
 

@@ -25,7 +25,7 @@ def _longctx(method, task, length, depth, score, sample=0, **extra):
         "policy": None if method == "ar" else method, "temperature": 0.0, "prompt_tokens": length + 2,
         "item_meta": {"task": task, "length": length, "depth": depth, "tokens": length + 2, "sample": sample},
         "new_tokens": 5, "wall_s": 1.0, "prefill_s": 0.6, "decode_s": 0.4, "tokens_per_s": 5.0,
-        "target_pass_s": [0.6, 0.1, 0.1, 0.1, 0.1], "target_calls": 5, "target_tokens": length + 6,
+        "target_pass_s": [0.6, 0.1, 0.1, 0.1, 0.1], "target_widths": [length + 2, 1, 1, 1, 1], "target_calls": 5, "target_tokens": length + 6,
         "draft_calls": 0, "accept_lengths": [1] * 5, "proposed_lengths": [0] * 5, "peak_mem_bytes": 100 * MIB,
         "kv_cache_peak_bytes": MIB, "kv_cache_final_bytes": MIB, "task_score": score,
         "task_metric": "string_match_all", "output_text": "x", "output_ids": [1] * 5, "stop_reason": "max_new_tokens",
@@ -42,11 +42,14 @@ LONGCTX = [
     _longctx("ar", "niah_single", 200, 0.0, 1.0, sample=1),
     _longctx("ar", "vt", 100, None, 1.0, kv_cache_peak_bytes=3 * MIB, kv_cache_final_bytes=3 * MIB),
     # decode_s missing: the passes after the first give the step time, (0.2 + 0.4) / (3 - 1)
-    _longctx("ar", "vt", 200, None, 0.0, decode_s=None, new_tokens=3, target_pass_s=[0.5, 0.2, 0.4]),
+    _longctx("ar", "vt", 200, None, 0.0, decode_s=None, new_tokens=3, target_pass_s=[0.5, 0.2, 0.4],
+             target_widths=[202, 1, 1]),
     _longctx("streaming_llm", "niah_single", 100, 0.0, 0.0, kv_cache_peak_bytes=MIB // 2,
              kv_cache_final_bytes=MIB // 4),
+    # the prompt read in two chunks: prefill 1.0 + 0.4 s; decoding (0.8 - 0.4) s over 4 - 1 tokens
     _longctx("streaming_llm", "niah_single", 200, 0.0, 0.0, kv_cache_peak_bytes=MIB // 2,
-             kv_cache_final_bytes=MIB // 4, decode_s=0.8, prefill_s=1.0),
+             kv_cache_final_bytes=MIB // 4, decode_s=0.8, prefill_s=1.0, new_tokens=4,
+             target_widths=[128, 74, 1, 1, 1], target_pass_s=[1.0, 0.4, 0.1, 0.1, 0.1]),
     _longctx("streaming_llm", "vt", 100, None, 1.0, error="boom", task_score=None),
 ]
 
@@ -118,8 +121,12 @@ def test_kv_and_latency_tables():
     rows = latency.set_index(["method", "length"])
     assert rows.loc[("ar", 100), "records"] == 3 and rows.loc[("ar", 100), "decode step s"] == pytest.approx(0.1)
     assert rows.loc[("ar", 200), "decode step s"] == pytest.approx((0.1 + 0.1 + 0.3) / 3)  # vt: 0.6 / 2 steps
-    assert rows.loc[("streaming_llm", 200), ["prefill s", "decode step s"]].tolist() == pytest.approx([1.0, 0.2])
+    assert rows.loc[("streaming_llm", 200), ["prefill s", "decode step s"]].tolist() == pytest.approx([1.4, 0.4 / 3])
     assert rows.loc[("ar", 200), "prompt tokens"] == 202
+    record = {"prompt_tokens": 10, "target_widths": [6, 4, 1]}
+    assert longtables.prefill_passes(record) == 2
+    assert longtables.prefill_passes({**record, "target_widths": [3, 1]}) == 1  # never adds up: the first only
+    assert longtables.prefill_passes({**record, "target_widths": None}) == 1
 
 
 def test_longctx_report_shows_accuracy_kv_and_latency(tmp_path):
@@ -135,7 +142,7 @@ def test_longctx_report_shows_accuracy_kv_and_latency(tmp_path):
     latency = _section(markdown, "Latency against context length")
     assert "| ar | 100 | 3 | 102 | 0.600 | 100.00 |" in latency
     assert "| ar | 200 | 3 | 202 | 0.600 | 166.67 |" in latency
-    assert "| streaming_llm | 200 | 1 | 202 | 1.000 | 200.00 |" in latency
+    assert "| streaming_llm | 200 | 1 | 202 | 1.400 | 133.33 |" in latency
     assert "## Spec-Bench table" in markdown and "niah_single" in _section(markdown, "Spec-Bench table")
     assert "## Perplexity against position" not in markdown
     assert "Attention Sinks (policy), under ar" in _section(markdown, "Methods")
