@@ -234,10 +234,14 @@ def plot_perplexity_by_position(curves: dict[str, tuple[np.ndarray, np.ndarray]]
     fig, ax = plt.subplots(figsize=(9.0, 4.6))
     for method, (positions, ppl) in curves.items():
         ax.plot(positions, ppl, label=method, linewidth=1.2)
-    if window:
+    last = max(positions[-1] for positions, _ in curves.values())
+    if window and window <= last:
         ax.axvline(window, color="gray", linestyle="--", linewidth=1)
         ax.annotate(f"model window ({window})", (window, 1), xycoords=("data", "axes fraction"),
                     xytext=(4, -12), textcoords="offset points", fontsize=8, color="gray")
+    elif window:  # a line far right of the data would squash the curves
+        ax.annotate(f"model window ({window}) lies past the document", (1, 1), xycoords="axes fraction",
+                    xytext=(-4, -12), textcoords="offset points", ha="right", fontsize=8, color="gray")
     ax.set_yscale("log")
     ax.set_xlabel("token position in the document")
     ax.set_ylabel(f"perplexity (last {smoothing} tokens)")

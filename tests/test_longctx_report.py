@@ -215,3 +215,13 @@ def test_spec_bench_run_shows_no_long_context_sections(tmp_path):
                    "KV-cache memory"):
         assert f"## {absent}\n" not in markdown, absent
     assert "## Spec-Bench table" in markdown and "## Cost per method" in markdown
+
+
+def test_perplexity_plot_with_the_window_inside_or_past_the_document(tmp_path):
+    from harness.plots import plot_perplexity_by_position
+
+    curve = longtables.running_perplexity(np.linspace(1.0, 3.0, 50), 5)
+    for window in (20, 10_000, None):
+        path = tmp_path / f"ppl-{window}.png"
+        assert plot_perplexity_by_position({"ar": curve}, window, 5, path) == path and path.stat().st_size > 0
+    assert plot_perplexity_by_position({"ar": (np.array([]), np.array([]))}, 20, 5, tmp_path / "none.png") is None
