@@ -384,12 +384,15 @@ def _model_text(model) -> str:
     return str(model)
 
 
-def _run_items(manifest: dict) -> list[tuple[str, str]]:
+def _run_items(manifest: dict, generates: bool = True) -> list[tuple[str, str]]:
+    """The run's facts; sampling and max new tokens only where text was generated (not a document read)."""
     sampling = manifest.get("sampling") or {}
     versions = manifest.get("versions") or {}
     shown_versions = {name: versions[name] for name in KEY_PACKAGES if name in versions} or versions
-    return [
+    options = ((manifest.get("settings") or {}).get("suite_options")) or {}
+    items = [
         ("Suite", str(manifest.get("suite", "?"))),
+        ("Suite options", ", ".join(f"{key}={value}" for key, value in options.items())),
         ("Target", _model_text(manifest.get("target"))),
         ("Draft", _model_text(manifest.get("draft"))),
         ("Device", str(manifest.get("device", "?"))),
@@ -398,6 +401,9 @@ def _run_items(manifest: dict) -> list[tuple[str, str]]:
         ("Created", str(manifest.get("created", "?"))),
         ("Versions", ", ".join(f"{name} {version}" for name, version in shown_versions.items()) or "?"),
     ]
+    return [(label, value) for label, value in items
+            if (generates or label not in ("Draft", "Sampling", "Max new tokens"))
+            and (value or label != "Suite options")]
 
 
 def _sweep_display(sweep: pd.DataFrame) -> dict | None:
@@ -642,7 +648,7 @@ def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path 
     table = speed_table(generated, baseline)
     context = {
         "title": f"decodebench report: {manifest.get('name', run_dir.name)}",
-        "run_items": _run_items(manifest),
+        "run_items": _run_items(manifest, generates=not generated.empty or reading.empty),
         "baseline": baseline,
         "baseline_present": baseline in methods,
         "record_count": len(records),

@@ -201,6 +201,7 @@ def test_likelihood_report_has_its_own_sections_and_no_spec_bench(tmp_path):
     kv = _section(markdown, "KV-cache memory")
     assert "| ar | 0/1 | n/a |" in kv and "| streaming_llm | 2/2 | 1.00 | 1.00 |" in kv
     assert "boom" in _section(markdown, "Errors")
+    assert "Max new tokens" not in _section(markdown, "Run") and "Sampling" not in _section(markdown, "Run")
     assert (folder / "perplexity_by_position.png").stat().st_size > 0
     assert not (folder / "tokens_per_s.png").exists() and "<h2>Spec-Bench table</h2>" not in html
     table = speed_table(load_records(run / "results.jsonl"))
