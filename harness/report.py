@@ -575,7 +575,8 @@ PERPLEXITY_NOTE = (
     "the model's trained window ({window}) and from it on. Reading time is the method's wall time over the "
     "document's tokens; Spec-Bench's speed-up and #MAT do not apply to a document that is read, not generated. "
     "The plot shows exp of the mean NLL over the last {smoothing} tokens at each position (NLLs averaged over "
-    "documents first); the dashed line is the model's window, found from {window_source}."
+    "documents first); a dashed line marks the model's window where the document reaches it. The window was "
+    "found from {window_source}."
 )
 
 
