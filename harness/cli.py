@@ -310,11 +310,12 @@ def _show(title: str, columns: list[str], rows: list[dict], as_json: bool) -> No
 
 
 def cmd_methods(args) -> int:
-    from methods.base import describe_settings, get_method, registry
+    from methods.base import describe_settings, get_method, get_policy, policies, registry
 
     if args.name:
+        is_policy = args.name in policies()
         try:
-            cls = get_method(args.name)
+            cls = get_policy(args.name) if is_policy else get_method(args.name)
         except KeyError as err:
             console.print(f"[red]error:[/] {err.args[0]}")
             return 2
@@ -323,9 +324,14 @@ def cmd_methods(args) -> int:
         if args.json:
             print(json.dumps({"name": args.name, **d, "settings": settings}, indent=1, default=str))
             return 0
-        print(f"{args.name}: {d['paper']}" + (f" (arXiv:{d['arxiv']})" if d["arxiv"] else "")
-              + f"\nneeds: {d['needs']}; lossless: {'yes' if d['lossless'] else 'no'}; "
-              f"keeps state across prompts: {'yes' if d['stateful'] else 'no'}")
+        print(f"{args.name}: {d['paper']}" + (f" (arXiv:{d['arxiv']})" if d["arxiv"] else ""))
+        if is_policy:
+            print(f"a cache/attention policy: runs under ar (`{args.name}`) or another decoder "
+                  f"(`sps+{args.name}`); evicts: {'yes' if d['evicts'] else 'no'}; "
+                  f"selects keys: {'yes' if d['selects'] else 'no'}; lossless: {'yes' if d['lossless'] else 'no'}")
+        else:
+            print(f"needs: {d['needs']}; lossless: {'yes' if d['lossless'] else 'no'}; "
+                  f"keeps state across prompts: {'yes' if d['stateful'] else 'no'}")
         if settings:
             for row in settings:
                 row["default"] = _setting_text(row["default"])
@@ -336,7 +342,7 @@ def cmd_methods(args) -> int:
         return 0
     if args.json:
         print(json.dumps([{"name": name, **cls.describe(), "settings": describe_settings(cls.Config)}
-                          for name, cls in registry().items()], indent=1, default=str))
+                          for name, cls in {**registry(), **policies()}.items()], indent=1, default=str))
         return 0
     rows = []
     for name, cls in registry().items():
@@ -344,6 +350,12 @@ def cmd_methods(args) -> int:
         defaults = ", ".join(f"{s['name']}={_setting_text(s['default'])}" for s in describe_settings(cls.Config))
         rows.append({"name": name, "paper": d["paper"] + (" (reference)" if d["reference"] else ""),
                      "arXiv": d["arxiv"] or "", "needs": d["needs"], "lossless": "yes" if d["lossless"] else "no",
+                     "defaults": defaults})
+    for name, cls in policies().items():
+        d = cls.describe()
+        defaults = ", ".join(f"{s['name']}={_setting_text(s['default'])}" for s in describe_settings(cls.Config))
+        rows.append({"name": name, "paper": d["paper"] + " (cache policy: ar+NAME, DECODER+NAME)",
+                     "arXiv": d["arxiv"] or "", "needs": "nothing", "lossless": "yes" if d["lossless"] else "no",
                      "defaults": defaults})
     _show("methods (decodebench methods NAME: settings with types and help)",
           ["name", "paper", "arXiv", "needs", "lossless", "defaults"], rows, False)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from methods.base import BudgetExhausted
+from methods.common.kv import kv_bytes
 from methods.common.layerskip import is_self_drafting, is_skipped
 
 
@@ -325,3 +326,48 @@ def state_bytes(obj, _seen: set | None = None) -> int:
     if hasattr(obj, "__slots__"):
         return size + sum(state_bytes(getattr(obj, name), seen) for name in obj.__slots__ if hasattr(obj, name))
     return size
+
+
+class KVWatch:
+    """Bytes of keys and values the model's cache holds after each top-level pass: the peak and the last.
+    The harness measures them, for every method, from the cache each pass was given (a decoder's own cache,
+    or a policy's pruned one); a pass without a cache (a sliding window) holds none."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.depth = 0
+        self._handles = [model.register_forward_pre_hook(self._enter),
+                         model.register_forward_hook(self._leave, with_kwargs=True, always_call=True)]
+        self.reset()
+
+    def reset(self) -> None:
+        self.peak: int | None = None
+        self.last: int | None = None
+        self.depth = 0
+        self._cache = None
+
+    def _enter(self, module, args) -> None:
+        self.depth += 1
+
+    def _leave(self, module, args, kwargs, output) -> None:
+        self.depth = max(0, self.depth - 1)
+        if self.depth:  # a nested call (a model called inside its own forward) is part of the outer pass
+            return
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is None:
+            cache = getattr(output, "past_key_values", None)
+        if cache is None:
+            return
+        held = kv_bytes(cache)  # before a policy's eviction hook (attached later) prunes it: the true peak
+        self.peak = held if self.peak is None else max(self.peak, held)
+        self._cache = cache
+
+    def finish(self) -> None:
+        """After the generation: `last` = what the last pass's cache holds now (after any eviction)."""
+        if self._cache is not None:
+            self.last = kv_bytes(self._cache)
+            self.peak = max(self.peak or 0, self.last)
+        self._cache = None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()

@@ -173,3 +173,78 @@ def plot_quality_vs_speed(quality: pd.DataFrame, speed: pd.DataFrame, path: Path
         ax.set_ylabel(label)
     fig.suptitle("Quality against speed (one point per method)")
     return _save(fig, path)
+
+
+def plot_needle_heatmaps(grids: dict[str, pd.DataFrame], path: Path) -> Path | None:
+    """One panel per method: mean needle-task score by context length (rows) and needle depth (columns),
+    on one colour scale (0 to 1), each cell's value written in it."""
+    if not grids:
+        return None
+    columns = min(len(grids), 3)
+    rows = -(-len(grids) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.0 * columns + 1.2, 3.2 * rows + 0.6), squeeze=False,
+                             layout="constrained")  # fits the colorbar shared by the panels, as tight_layout cannot
+    image = None
+    for ax, (method, grid) in zip(axes.flat, grids.items()):
+        image = ax.imshow(grid.to_numpy(float), cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto", origin="lower")
+        ax.set_xticks(range(len(grid.columns)), [f"{d:g}" for d in grid.columns])
+        ax.set_yticks(range(len(grid.index)), [str(n) for n in grid.index])
+        for (row, column), value in np.ndenumerate(grid.to_numpy(float)):
+            if not np.isnan(value):
+                ax.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if value < 0.2 or value > 0.85 else "black")  # readable on dark ends
+        ax.set_title(method, fontsize=10)
+        ax.set_xlabel("needle depth (% of context)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("context length (tokens)")
+    for ax in list(axes.flat)[len(grids):]:
+        ax.axis("off")
+    fig.colorbar(image, ax=axes, shrink=0.8, label="mean score")
+    fig.suptitle("Needle retrieval: mean score by length and depth")
+    fig.savefig(path, dpi=PLOT_DPI)
+    plt.close(fig)
+    return path
+
+
+def plot_latency_by_length(latency: pd.DataFrame, path: Path) -> Path | None:
+    """Prefill seconds and milliseconds per decode step against prompt tokens, one line per method."""
+    if latency.empty:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.2))
+    for method, rows in latency.groupby("method", sort=False):
+        axes[0].plot(rows["prompt tokens"], rows["prefill s"], marker="o", label=method)
+        axes[1].plot(rows["prompt tokens"], 1000 * rows["decode step s"], marker="o", label=method)
+    axes[0].set_ylabel("prefill (s, to the first token)")
+    axes[1].set_ylabel("decode (ms per token after the first)")
+    for ax in axes:
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylim(bottom=0)
+    axes[1].legend(fontsize=8)
+    fig.suptitle("Latency against context length")
+    return _save(fig, path)
+
+
+def plot_perplexity_by_position(curves: dict[str, tuple[np.ndarray, np.ndarray]], window: int | None,
+                                smoothing: int, path: Path) -> Path | None:
+    """Running perplexity (trailing window of `smoothing` tokens) against position, one line per method,
+    log scale; the model's trained window marked where known."""
+    curves = {method: curve for method, curve in curves.items() if len(curve[0])}
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(9.0, 4.6))
+    for method, (positions, ppl) in curves.items():
+        ax.plot(positions, ppl, label=method, linewidth=1.2)
+    last = max(positions[-1] for positions, _ in curves.values())
+    if window and window <= last:
+        ax.axvline(window, color="gray", linestyle="--", linewidth=1)
+        ax.annotate(f"model window ({window})", (window, 1), xycoords=("data", "axes fraction"),
+                    xytext=(4, -12), textcoords="offset points", fontsize=8, color="gray")
+    elif window:  # a line far right of the data would squash the curves
+        ax.annotate(f"model window ({window}) lies past the document", (1, 1), xycoords="axes fraction",
+                    xytext=(-4, -12), textcoords="offset points", ha="right", fontsize=8, color="gray")
+    ax.set_yscale("log")
+    ax.set_xlabel("token position in the document")
+    ax.set_ylabel(f"perplexity (last {smoothing} tokens)")
+    ax.legend(fontsize=8)
+    ax.set_title("Perplexity against position")
+    return _save(fig, path)

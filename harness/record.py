@@ -257,6 +257,8 @@ def numeric_fields() -> list[str]:
 
 def _conforms(value: Any, hint: Any) -> bool:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:  # a suite's item metadata: any JSON value
+        return True
     if origin in (typing.Union, types.UnionType):
         return any(_conforms(value, arg) for arg in args)
     if hint is type(None):

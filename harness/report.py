@@ -14,7 +14,15 @@ from pathlib import Path
 import jinja2
 import pandas as pd
 
-from harness.plots import draw_plots, plot_entry, plot_quality_vs_speed
+from harness import longtables
+from harness.plots import (
+    draw_plots,
+    plot_entry,
+    plot_latency_by_length,
+    plot_needle_heatmaps,
+    plot_perplexity_by_position,
+    plot_quality_vs_speed,
+)
 from harness.record import check_manifest
 from harness.results import read_records, record_key
 from harness.tables import (
@@ -269,6 +277,8 @@ def format_table_markdown(table: pd.DataFrame, methods: dict | None = None) -> s
 
     methods: the manifest's "methods" dict, to label transformers' reference implementations.
     """
+    if TOKENS_PER_S in table.columns and table.empty:
+        return "(no generated text in this run, so no Spec-Bench table: see the report's own sections)"
     shown = _speed_display(table) if TOKENS_PER_S in table.columns else table
     return _frame_table(shown, methods)["markdown"]
 
@@ -349,12 +359,18 @@ def _methods_table(manifest: dict, records: pd.DataFrame) -> dict:
     for name in names:
         info = methods_manifest.get(name, {})
         lossless = info.get("lossless")
+        paper, arxiv, config = info.get("paper"), info.get("arxiv"), info.get("config")
+        policy = info.get("policy")
+        if isinstance(policy, dict):  # DECODER+POLICY: the policy's paper, under the decoder
+            paper = f"{policy.get('paper') or policy.get('name')} (policy), under {info.get('decoder', '?')}"
+            arxiv = policy.get("arxiv") or arxiv
+            config = {key: value for key, value in (("decoder", config), ("policy", policy.get("config"))) if value}
         rows.append([
             _method_label(name, methods_manifest),
-            info.get("paper") or "—",
-            info.get("arxiv") or "—",
+            paper or "—",
+            arxiv or "—",
             "—" if lossless is None else ("yes" if lossless else "no"),
-            json.dumps(info.get("config"), sort_keys=True) if info.get("config") else "—",
+            json.dumps(config, sort_keys=True) if config else "—",
         ])
     return _table(["Method", "Paper", "arXiv", "Lossless", "Config"], rows)
 
@@ -368,12 +384,15 @@ def _model_text(model) -> str:
     return str(model)
 
 
-def _run_items(manifest: dict) -> list[tuple[str, str]]:
+def _run_items(manifest: dict, generates: bool = True) -> list[tuple[str, str]]:
+    """The run's facts; sampling and max new tokens only where text was generated (not a document read)."""
     sampling = manifest.get("sampling") or {}
     versions = manifest.get("versions") or {}
     shown_versions = {name: versions[name] for name in KEY_PACKAGES if name in versions} or versions
-    return [
+    options = ((manifest.get("settings") or {}).get("suite_options")) or {}
+    items = [
         ("Suite", str(manifest.get("suite", "?"))),
+        ("Suite options", ", ".join(f"{key}={value}" for key, value in options.items())),
         ("Target", _model_text(manifest.get("target"))),
         ("Draft", _model_text(manifest.get("draft"))),
         ("Device", str(manifest.get("device", "?"))),
@@ -382,6 +401,9 @@ def _run_items(manifest: dict) -> list[tuple[str, str]]:
         ("Created", str(manifest.get("created", "?"))),
         ("Versions", ", ".join(f"{name} {version}" for name, version in shown_versions.items()) or "?"),
     ]
+    return [(label, value) for label, value in items
+            if (generates or label not in ("Draft", "Sampling", "Max new tokens"))
+            and (value or label != "Suite options")]
 
 
 def _sweep_display(sweep: pd.DataFrame) -> dict | None:
@@ -462,6 +484,128 @@ def _roofline_display(manifest: dict, ok: pd.DataFrame, baseline: str) -> dict |
     return {"how": device.get("method", ""), **_table(["Figure", "Value"], rows)}
 
 
+ACCURACY_NOTE = (
+    "Scores are RULER's: a record scores the fraction of its reference answers found in the output "
+    "(case-insensitive substring match; {metrics}). The heatmap pools the needle tasks (every record with a "
+    "needle depth) per method; each cell is the mean score of the records of that length and depth. Each task's "
+    "table gives the mean score and, in brackets, the number of records, per target context length."
+)
+
+
+def _plot_into(folder: Path, name: str, title: str, draw) -> dict | None:
+    """Draw one plot into folder/name (an earlier build's copy removed first) and return its entry."""
+    path = folder / name
+    path.unlink(missing_ok=True)
+    return plot_entry(path, title) if draw(path) else None
+
+
+def _accuracy_section(ok: pd.DataFrame, methods: list[str], folder: Path) -> dict | None:
+    tables = longtables.accuracy_by_task(ok, methods)
+    heatmap = _plot_into(folder, "needle_heatmap.png", "Needle retrieval by length and depth",
+                         lambda path: plot_needle_heatmaps(longtables.needle_grid(ok, methods), path))
+    if not tables:
+        return None
+    shown = []
+    for task, table in tables.items():
+        rows = [[method, *(_formatted(mean, "{:.2f}", MISSING_IN_SPEED_TABLE) + f" ({n})" for mean, n in cells)]
+                for method, cells in zip(table.index, table.itertuples(index=False))]
+        shown.append({"task": task, **_table(["Method", *(f"{c} tokens" if c != "all" else "all lengths"
+                                                          for c in table.columns)], rows)})
+    metrics = ", ".join(sorted(set(ok.loc[ok["item_meta"].map(lambda m: isinstance(m, dict)), "task_metric"]
+                                   .dropna())))
+    return {"note": ACCURACY_NOTE.format(metrics=metrics or "no metric recorded"), "tasks": shown,
+            "heatmap": heatmap}
+
+
+KV_NOTE = (
+    "The bytes of keys and values the target's cache holds, measured by the harness after every target pass "
+    "(draft caches not counted): the peak over the record's passes (a policy's peak comes before it evicts) "
+    "and at its end; mean and max over the records that kept a cache. Process peak is the peak memory of the "
+    "cost table (CUDA allocator peak on a GPU, process resident set on a CPU), max over records."
+)
+
+
+def _mib(value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING_IN_COST_TABLE
+    mib = value / 2**20
+    return f"{mib:.3f}" if mib < 1 else f"{mib:.2f}" if mib < 100 else f"{mib:.0f}"
+
+
+def _kv_display(ok: pd.DataFrame, methods: list[str]) -> dict | None:
+    table = longtables.kv_cache_table(ok, methods)
+    if table.empty:
+        return None
+    rows = [[method, f"{int(r['measured'])}/{int(r['records'])}", _mib(r["peak mean"]), _mib(r["peak max"]),
+             _mib(r["final mean"]), _mib(r["final max"]), _mib(r["process peak"])] for method, r in table.iterrows()]
+    columns = ["Method", "Records with a cache", "KV peak mean (MiB)", "KV peak max (MiB)", "KV final mean (MiB)",
+               "KV final max (MiB)", "Process peak (MiB)"]
+    return {"note": KV_NOTE, **_table(columns, rows)}
+
+
+LATENCY_NOTE = (
+    "Per method and target context length (longctx lengths), means over records: prompt tokens; prefill, the "
+    "time to the first token (to the end of the target passes that read the prompt, several where a policy "
+    "reads it in chunks); and the decode time per token after the first: the rest of the generate call over "
+    "new tokens - 1, so every pass, draft and host step of the decoding loop counts, and a speculative "
+    "decoder's tokens per pass. Records that generated fewer than two tokens are left out of the decode column. "
+    "CPU timings are noisy when the machine is shared."
+)
+
+
+def _latency_section(ok: pd.DataFrame, methods: list[str], folder: Path) -> dict | None:
+    latency = longtables.latency_by_length(ok, methods)
+    plot = _plot_into(folder, "latency_by_length.png", "Latency against context length",
+                      lambda path: plot_latency_by_length(latency, path))
+    if latency.empty:
+        return None
+    rows = [[r["method"], int(r["length"]), int(r["records"]), f"{r['prompt tokens']:.0f}",
+             _formatted(r["prefill s"], "{:.3f}", MISSING_IN_COST_TABLE),
+             _formatted(1000 * r["decode step s"], "{:.2f}", MISSING_IN_COST_TABLE)] for _, r in latency.iterrows()]
+    columns = ["Method", "Length", "Records", "Prompt tokens", "Prefill (s)", "Decode (ms/token)"]
+    return {"note": LATENCY_NOTE, "plot": plot, **_table(columns, rows)}
+
+
+PERPLEXITY_NOTE = (
+    "Each document is scored by the target under each method (a cache policy attached, or the model alone); "
+    "`read as` says how (harness/likelihood.py: on the cache in chunks, or in strided sliding windows). "
+    "Figures are pooled over a method's documents as lm-evaluation-harness pools a corpus: token perplexity "
+    "exp(sum NLL / scored tokens), word perplexity exp(sum NLL / words), byte perplexity exp(sum NLL / bytes), "
+    "bits per byte sum NLL / (bytes ln 2). Inside and past the window: token perplexity of the positions before "
+    "the model's trained window ({window}) and from it on. Reading time is the method's wall time over the "
+    "document's tokens; Spec-Bench's speed-up and #MAT do not apply to a document that is read, not generated. "
+    "The plot shows exp of the mean NLL over the last {smoothing} tokens at each position (NLLs averaged over "
+    "documents first); a dashed line marks the model's window where the document reaches it. The window was "
+    "found from {window_source}."
+)
+
+
+def _perplexity_section(reading: pd.DataFrame, methods: list[str], manifest: dict, folder: Path) -> dict | None:
+    window, source = longtables.model_window(manifest, reading)
+    curves, smoothing = {}, longtables.PPL_WINDOW
+    if not reading.empty:
+        smoothing = longtables.running_window(int(reading["token_nll"].map(len).max()))
+        for method in methods:
+            nlls = list(reading.loc[reading["method"] == method, "token_nll"])
+            if nlls:
+                curves[method] = longtables.running_perplexity(longtables.mean_nll_by_position(nlls), smoothing)
+    plot = _plot_into(folder, "perplexity_by_position.png", "Perplexity against position",
+                      lambda path: plot_perplexity_by_position(curves, window, smoothing, path))
+    table = longtables.perplexity_table(reading, methods, window)
+    if table.empty:
+        return None
+    ppl = lambda value: _formatted(value, "{:.2f}", MISSING_IN_COST_TABLE)
+    rows = [[method, int(r["documents"]), int(r["scored tokens"]), ppl(r["token ppl"]), ppl(r["word ppl"]),
+             _formatted(r["byte ppl"], "{:.4f}", MISSING_IN_COST_TABLE),
+             _formatted(r["bits per byte"], "{:.4f}", MISSING_IN_COST_TABLE), ppl(r["ppl inside window"]),
+             ppl(r["ppl past window"]), r["read as"], _formatted(r["ms per token"], "{:.3f}", MISSING_IN_COST_TABLE)]
+            for method, r in table.iterrows()]
+    columns = ["Method", "Documents", "Scored tokens", "Token PPL", "Word PPL", "Byte PPL", "Bits/byte",
+               "Token PPL inside window", "Token PPL past window", "Read as", "Reading ms/token"]
+    note = PERPLEXITY_NOTE.format(window=window or "unknown", smoothing=smoothing, window_source=source)
+    return {"note": note, "plot": plot, **_table(columns, rows)}
+
+
 def _without_duplicates(records: list[dict]) -> tuple[list[dict], str | None]:
     """The first record of every key. Two records with one key (two writers on one folder, before the
     folder lock) are not repeats: the report keeps one and says so instead of inventing a spread."""
@@ -494,15 +638,26 @@ def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path 
     label = main_budget(records)
     records = main_records(records)
     raw = [r for r in raw if r.get("budget", "") == label]
-    ok = successful(records)
+    every_method = method_order(successful(records), baseline)
+    reading = longtables.likelihood_records(successful(records))
+    # Spec-Bench's figures are of generated text: a likelihood suite's records (a document read) stay out
+    generated = longtables.generation_records(records)
+    likelihood_suites = longtables.likelihood_suites()
+    raw = [r for r in raw if not isinstance(r.get("token_nll"), list) and r.get("suite") not in likelihood_suites]
+    ok = successful(generated)
     methods = method_order(ok, baseline)
-    table = speed_table(records, baseline)
+    table = speed_table(generated, baseline)
     context = {
         "title": f"decodebench report: {manifest.get('name', run_dir.name)}",
-        "run_items": _run_items(manifest),
+        "run_items": _run_items(manifest, generates=not generated.empty or reading.empty),
         "baseline": baseline,
         "baseline_present": baseline in methods,
         "record_count": len(records),
+        "spec_bench": not generated.empty or reading.empty,  # a likelihood run: its own sections instead
+        "accuracy": _accuracy_section(ok, methods, folder),
+        "kv": _kv_display(successful(records), every_method),
+        "latency": _latency_section(ok, methods, folder),
+        "perplexity": _perplexity_section(reading, every_method, manifest, folder),
         "speed": _frame_table(_speed_display(table), methods_manifest),
         "definitions": DEFINITIONS.format(baseline=baseline, resamples=BOOTSTRAP_RESAMPLES),
         "spec_bench_relation": SPEC_BENCH_RELATION,
@@ -510,8 +665,8 @@ def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path 
         "host": _host_display(ok, methods),
         "drafting": drafting_table(ok, methods),
         "alternatives": alternatives_table(ok, methods),
-        "peers": _peer_display(peer_table(records, methods_manifest)),
-        "spread": _spread_display(repeat_spread(records)),
+        "peers": _peer_display(peer_table(generated, methods_manifest)),
+        "spread": _spread_display(repeat_spread(generated)),
         "lossless": _lossless_section(ok, manifest, baseline),
         "plots": draw_plots(table, ok, methods, baseline, folder, sweep),
         "sweep": _sweep_display(sweep),
@@ -522,7 +677,7 @@ def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path 
         "warnings": _warnings_table(records),
         "duplicates": duplicates,
         "methods": _methods_table(manifest, records),
-        "quality": _quality_section(records, table, baseline, folder, methods_manifest),
+        "quality": _quality_section(generated, table, baseline, folder, methods_manifest),
     }
     (folder / "report.md").write_text(markdown_template.render(context), encoding="utf-8")
     (folder / "report.html").write_text(html_template.render(context), encoding="utf-8")

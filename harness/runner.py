@@ -2,6 +2,7 @@
 harness (not the method) counting cost and checking lossless claims against `ar`."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import math
@@ -24,10 +25,11 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from harness import likelihood, quality, roofline
 from harness import models as model_specs
-from harness import quality, roofline
 from harness.instrument import (
     Budget,
+    KVWatch,
     PassCounter,
     UncountedWork,
     registered_state_bytes,
@@ -171,11 +173,10 @@ class Runner:
         suite_cls = get_suite(cfg.suite)
         # a suite sized in tokens gets the target's tokenizer now: only the tokenizer, no weights, loads
         tokenizer = (model_specs.load_tokenizer(cfg.target, cfg.trust_remote_code)
-                     if suite_cls.needs_tokenizer else None)
+                     if suite_cls.needs_tokenizer or suite_cls.needs == "loglikelihood" else None)
         self.suite = suite_cls(data=cfg.data, tokenizer=tokenizer, **cfg.suite_options)
-        if self.suite.needs != "generation":
-            raise RunConfigError(f"suite {cfg.suite} scores log-likelihoods: run it with `decodebench run` "
-                                 "on a loglikelihood-capable path (not built yet)")
+        if self.suite.needs == "loglikelihood":
+            self._check_likelihood_methods()
         self.items: list[Item] = self.suite.items(cfg.limit)
         if not self.items:
             raise RunConfigError(f"suite {cfg.suite} has no items" + (f" in {cfg.data}" if cfg.data else ""))
@@ -207,6 +208,7 @@ class Runner:
         self.draft_counter = PassCounter(self.draft.model, "draft", strict=strict) if self.draft else None
         # passes a self-drafting method runs through the target (layers skipped) are draft passes
         self.self_draft_counter = PassCounter(self.target.model, "self-draft", self_draft=True, strict=strict)
+        self.kv_watch = KVWatch(self.target.model)
 
     def _roofline(self) -> dict:
         """The device's bandwidth and matmul throughput (measured once per process) and the weight
@@ -226,6 +228,7 @@ class Runner:
         drafters = [c for c in (self.draft_counter, self.self_draft_counter) if c]
         for counter in drafters:
             counter.reset()
+        self.kv_watch.reset()
         ctx = DecodeContext(
             prompt_ids=list(prompt_ids), target=self.target.model, draft=self.draft.model if self.draft else None,
             sampling=Sampling(**{**asdict(self.cfg.sampling), "seed": seed}), max_new_tokens=max_new_tokens,
@@ -248,6 +251,7 @@ class Runner:
             synchronize(self.target.model)
             wall = time.perf_counter() - start
             stop_trackers = time.perf_counter()
+        self.kv_watch.finish()
         # Their own cost, outside `wall`: entering and leaving, plus their sampler threads' CPU time
         tracker_s = (start - entering) + (time.perf_counter() - stop_trackers) + memory.thread_cpu_s + energy.thread_cpu_s
         self.state_left = ctx.state
@@ -282,6 +286,7 @@ class Runner:
             "self_draft_unskipped": unskipped,  # passes marked as self-drafting that skipped no sublayer
             "uncounted_calls": uncounted, "uncounted_note": uncounted_note,
             "method_state_bytes": registered_state_bytes(ctx.state),  # measured here, not reported by the method
+            "kv_cache_peak_bytes": self.kv_watch.peak, "kv_cache_final_bytes": self.kv_watch.last,
             "extras": _extras(ctx), "alternatives": [list(a) for a in ctx.alternatives],
             "mean_accepted": len(out) / tc.calls if tc.calls else None,
             "target_widths": tc.widths,  # tokens fed to each target pass: prefill, then verification widths
@@ -314,6 +319,45 @@ class Runner:
         if len(accepted) != target_calls:
             problems.append(f"trace has {len(accepted)} steps, harness counted {target_calls} target passes")
         return "; ".join(problems) or None
+
+    def _check_likelihood_methods(self) -> None:
+        """A likelihood suite runs what changes likelihoods: `ar` (the model itself) and cache policies under
+        it. Another decoder reads the document as `ar` does, so it is refused rather than recomputed."""
+        others = [name for name in self.methods if split(name)[0] != BASELINE]
+        if others:
+            raise RunConfigError(f"suite {self.cfg.suite} scores log-likelihoods, which a decoder does not change: "
+                                 f"{', '.join(others)} would give ar's figures; run ar and cache policies "
+                                 "(e.g. --methods ar,streaming_llm)")
+        if self.cfg.budgets != [Budget()]:
+            raise RunConfigError(f"--budget does not apply to suite {self.cfg.suite}: a document is read whole")
+
+    def _likelihood(self, method: Method, item: Item) -> dict:
+        """Read the document under the method (a policy attached, or the model itself), timed and counted as
+        a generation is; the NLL of every token after the first, and the perplexities lm-eval defines."""
+        opts, model, text = self.suite.options, self.target.model, item.turns[0]
+        ids = self.target.tokenizer(text, add_special_tokens=False)["input_ids"]
+        policy = getattr(method, "policy", None)
+        if policy is not None or opts.full_attention == "dense":
+            read, how = (lambda: likelihood.cached_nll(model, ids, opts.chunk)), f"cached, chunks of {opts.chunk}"
+        else:
+            window = opts.window or int(getattr(model.config, "max_position_embeddings", 0) or len(ids))
+            stride = opts.stride or max(1, window // 4)
+            read, how = (lambda: likelihood.sliding_nll(model, ids, window, stride)), f"sliding {window}/{stride}"
+        self.target_counter.reset()
+        self.kv_watch.reset()
+        synchronize(model)
+        start = time.perf_counter()
+        with policy.attach(model) if policy is not None else contextlib.nullcontext():
+            nll = read()
+        synchronize(model)
+        wall = time.perf_counter() - start
+        self.kv_watch.finish()
+        tc = self.target_counter
+        return {"prompt_tokens": len(ids), "token_nll": nll, "wall_s": wall, "target_calls": tc.calls,
+                "target_tokens": tc.tokens, "target_widths": tc.widths, "target_pass_s": tc.pass_seconds(),
+                "tokens_per_s": len(ids) / wall if wall > 0 else None, "extras": {},
+                "kv_cache_peak_bytes": self.kv_watch.peak, "kv_cache_final_bytes": self.kv_watch.last,
+                "task_metric": how, **likelihood.perplexities(nll, text)}
 
     def _prompt_ids(self, item: Item, turn: int, answers: list[str]) -> list[int]:
         """The suite's own prompt ids (a prompt sized in tokens) or the chat template over the turns."""
@@ -409,7 +453,7 @@ class Runner:
             warmed: set[str] = set()
             for name, item, turn, repeat, budget in todo:
                 progress.update(task, description=f"{name:>12} {item.item_id} turn {turn} {budget.label}")
-                if self.cfg.warmup and name not in warmed:
+                if self.cfg.warmup and name not in warmed and self.suite.needs == "generation":
                     self._warm_up(self.methods[name])
                     warmed.add(name)
                 record = self._record(name, item, turn, repeat, budget)
@@ -449,6 +493,9 @@ class Runner:
         # the canonical attempt (repeat 0, first budget point) is the one whose state goes on to the next item
         carries = method.stateful and repeat == 0 and budget == self.cfg.budgets[0]
         try:
+            if self.suite.needs == "loglikelihood":
+                record.update(self._likelihood(method, item))
+                return record
             state = None
             if method.stateful:
                 state, record.state_items_seen, record.state_note = self.states.attempt(name, (item.item_id, turn))

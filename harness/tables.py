@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from harness import record as schema
+from harness.longtables import generation_records
 from harness.results import read_records
 
 # Spec-Bench's column order; categories it does not know follow alphabetically.
@@ -172,9 +173,10 @@ def speed_table(records: pd.DataFrame, baseline: str = "ar") -> pd.DataFrame:
 
     Columns: one per category, "#MAT", "Overall speed-up", "Tokens/s", then the overall speed-up's
     bootstrap interval over questions ("Overall CI low", "Overall CI high"). Without the baseline only
-    "#MAT" and "Tokens/s" remain. Failed records (error set) are ignored; one budget point (the main one).
+    "#MAT" and "Tokens/s" remain. Failed records (error set) are ignored; one budget point (the main one);
+    records of a likelihood suite (a document read, nothing generated) have no place in it and are left out.
     """
-    records = main_records(normalized(records))
+    records = generation_records(main_records(normalized(records)))
     ok = successful(records)
     methods = method_order(ok, baseline)
     speeds = question_speeds(records)

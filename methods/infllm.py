@@ -79,11 +79,15 @@ class InfLLM(CachePolicy):
         rotation = run.rotation
         memory_query = rotation.rotate(query, cfg.n_local - at)  # every query at position n_local
         positions = self._retrieved(memory, memory_query, held, device)
-        k, v = key[:, :, positions], value[:, :, positions]
+        everything = positions.shape[0] == held  # no unit left out: the cache as it is, no copy
+        k, v = (key, value) if everything else (key[:, :, positions], value[:, :, positions])
         distance = at[:, None] - positions
         local, remote = (distance >= 0) & (distance < cfg.n_local), distance >= cfg.n_local
-        logits = torch.where(local, scores(grouped(query, kv_heads), k, scaling),
-                             scores(grouped(memory_query, kv_heads), rotation.rotate(k, -positions), scaling))
+        # memory scores (query at n_local, keys at 0) for every key; local ones only where some query is near
+        logits = scores(grouped(memory_query, kv_heads), rotation.to_zero(k, positions), scaling)
+        near = int(torch.searchsorted(positions, held - query.shape[2] - cfg.n_local + 1))
+        logits[..., near:] = torch.where(local[:, near:], scores(grouped(query, kv_heads), k[:, :, near:], scaling),
+                                         logits[..., near:])
         out, probs = softmax_attend(logits, local | remote, v)
         self._remember(run, memory, probs, local, positions, key)
         run.log(layer, positions)
@@ -108,7 +112,7 @@ class InfLLM(CachePolicy):
                   positions: torch.Tensor, key: torch.Tensor) -> None:
         """Add the attention each key received from local queries; turn tokens that left the window into units."""
         cfg, heads = self.config, probs.shape[1] * probs.shape[2]
-        received = (probs * local).sum(dim=3)[0].reshape(heads, -1)  # [heads, m]
+        received = probs.mul_(local.to(probs.dtype)).sum(dim=3)[0].reshape(heads, -1)  # [heads, m]; probs spent
         held, before = key.shape[-2], key.shape[-2] - probs.shape[3]
         acc = memory["received"][:, :before]  # scores of slots a decoder cropped since (rejected drafts) go
         acc = memory["received"] = torch.cat((acc, acc.new_zeros(heads, held - acc.shape[1])), dim=1)

@@ -39,9 +39,8 @@ class StreamingLLM(CachePolicy):
         prefill_chunk: int = setting(512, "tokens per prefill pass when the prompt is longer (1 = token by token, "
                                           "as the release's perplexity script; 0 = one pass)", low=0)
 
-    def keep(self, run: PolicyRun, layer: int, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
+    def keep(self, run: PolicyRun, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[slice, ...] | None:
         held, sinks, window = keys.shape[-2], self.config.sinks, self.config.window
         if held <= sinks + window:
             return None
-        device = keys.device
-        return torch.cat((torch.arange(sinks, device=device), torch.arange(held - window, held, device=device)))
+        return slice(0, sinks), slice(held - window, held)

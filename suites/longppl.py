@@ -12,7 +12,7 @@ import bisect
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from methods.base import Settings, setting
 from suites.base import Item, Suite, SuiteDataError, document, read_text_file, register
@@ -26,6 +26,14 @@ class LongPerplexityOptions(Settings):
     length: int = setting(16384, "tokens per document (about 2x SmolLM2's 8k window)", low=16, high=1 << 22)
     documents: int = setting(1, "documents (generated ones get seeds seed, seed+1, ...)", low=1, high=10_000)
     seed: int = setting(0, "seed of the generated documents")
+    # how a document is read (harness/likelihood.py)
+    chunk: int = setting(256, "tokens per pass when reading on the cache (1 = token by token, as StreamingLLM's "
+                              "script): a cache policy acts between passes", low=1)
+    full_attention: Literal["sliding", "dense"] = setting(
+        "sliding", "without a policy: a strided sliding window within the model's window, or one cache that keeps "
+                   "everything (positions run past the window)")
+    window: int = setting(0, "sliding: tokens per window (0 = the model's max_position_embeddings)", low=0)
+    stride: int = setting(0, "sliding: tokens each later window scores (0 = window / 4)", low=0)
 
 
 @register("longppl")

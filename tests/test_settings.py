@@ -11,7 +11,7 @@ import typing
 
 import pytest
 
-from methods.base import SettingError, Settings, describe_settings, get_method, parse_setting, registry, setting
+from methods.base import SettingError, Settings, describe_settings, get_method, parse_setting, policies, registry, setting
 
 
 @dataclasses.dataclass
@@ -108,9 +108,10 @@ def test_listings_are_not_truncated_when_piped_and_have_json():
     listing = _cli("methods")
     assert listing.returncode == 0
     names = {line.split("\t")[0] for line in listing.stdout.splitlines()[1:]}
-    assert names == set(METHODS)
+    everything = set(METHODS) | set(policies())  # decoders and the cache policies composed with them
+    assert names == everything
     described = json.loads(_cli("methods", "--json").stdout)
-    assert {d["name"] for d in described} == set(METHODS) and all("settings" in d for d in described)
+    assert {d["name"] for d in described} == everything and all("settings" in d for d in described)
     one = _cli("methods", "sps")
     assert "gamma" in one.stdout and "int" in one.stdout
     assert "specbench" in {s["name"] for s in json.loads(_cli("suites", "--json").stdout)}

@@ -11,12 +11,15 @@ A policy subclasses `CachePolicy` and fills one or both narrow hooks:
 - attention selection (`selects = True`): the full cache is kept, and `attend(run, layer, query, key,
   value, scaling)` computes the layer's attention itself (over a subset of keys, at other positions...),
   or returns None for plain causal attention. It runs as an attention function registered with
-  transformers' `AttentionInterface`; `attach` switches the model to it and restores the model's own
-  implementation on exit, exception or not. No model class is patched.
+  transformers' `AttentionInterface` (with a mask function that returns None: it builds its own causal
+  masks, for one sequence); `attach` switches the model to it and restores the model's own implementation
+  on exit, exception or not. No model class is patched.
 
 `policy.attach(model)` hooks the model for one generation and yields the `PolicyRun`, which holds the
 per-generation state (`run.state`; nothing is kept on the policy). While attached, `kv.extend` feeds an
-input longer than the policy's `prefill_chunk` in chunks, so that the policy acts between them.
+input longer than the policy's `prefill_chunk` in chunks, so that the policy acts between them. One policy
+per model at a time, acting on one cache: a second cache on the same model (a self-drafting decoder, beams)
+is refused; passes without a cache run plain.
 
 Composition: `compose("sps+streaming_llm")` runs a registered decoder with a registered policy attached
 to the target model (a policy alone means `ar+policy`). An evicting policy changes cache lengths: a decoder
@@ -34,6 +37,7 @@ from typing import Any, ClassVar
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface
 
 from methods.base import (
     DecodeContext,
@@ -80,8 +84,10 @@ class CachePolicy:
     def begin_pass(self, run: PolicyRun) -> None:
         """Before each forward pass: run.start, run.new and run.prefill describe it."""
 
-    def keep(self, run: PolicyRun, layer: int, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
-        """Slots of `layer` that stay after the pass (LongTensor [n] or [kv_heads, n], ascending); None keeps all."""
+    def keep(self, run: PolicyRun, layer: int, keys: torch.Tensor,
+             values: torch.Tensor) -> torch.Tensor | tuple[slice, ...] | None:
+        """Slots of `layer` that stay after the pass: a LongTensor [n] or [kv_heads, n] (ascending), or a tuple of
+        ascending slices (contiguous runs move as one: cheaper); None keeps all."""
         return None
 
     def attend(self, run: PolicyRun, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -121,6 +127,7 @@ class PolicyRun:
         self.attended: dict[int, torch.Tensor] = {}  # layer -> key positions its last pass attended (if recorded)
         self._prefilling = False
         self._cache: weakref.ref | None = None
+        self.originals: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> 16-bit keys unmoved, positions
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[PolicyRun]:
@@ -137,6 +144,7 @@ class PolicyRun:
                 self.rotation  # noqa: B018 -- a RoPE this mechanism cannot move fails here, before any pass
             if self.policy.selects:
                 AttentionInterface.register(ATTENTION_NAME, _attention)
+                AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
                 model.set_attn_implementation(ATTENTION_NAME)
                 if model.config._attn_implementation != ATTENTION_NAME:
                     raise NotImplementedError(f"{type(model).__name__} cannot switch its attention function")
@@ -190,6 +198,7 @@ class PolicyRun:
             self._evict(kv.cache_in(kwargs))
 
     def _evict(self, cache) -> None:
+        tables: dict[int, tuple] = {}  # id(index) -> (index, cos/sin): a policy returning one index for every layer
         for idx, layer in enumerate(cache.layers):
             keys = getattr(layer, "keys", None)
             if keys is None or keys.numel() == 0:
@@ -197,9 +206,46 @@ class PolicyRun:
             if getattr(layer, "is_sliding", False) or not isinstance(layer.keys, torch.Tensor):
                 raise NotImplementedError(f"evicting from a {type(layer).__name__} cache layer is not supported")
             index = self.policy.keep(self, idx, keys, layer.values)
+            if keys.element_size() < 4:
+                layer.keys, layer.values = self._moved_originals(idx, keys, layer.values, index)
+                continue
             if index is None:
                 continue
-            layer.keys, layer.values = moved(keys, layer.values, index.to(keys.device), self.rotation)
+            if isinstance(index, tuple):
+                layer.keys, layer.values = moved_runs(keys, layer.values, index, self.rotation)
+                continue
+            if id(index) not in tables:  # the cos/sin of one move, computed once per pass (30 layers share it)
+                shift = torch.arange(index.shape[-1], device=keys.device) - index.to(keys.device)
+                tables[id(index)] = (index, self.rotation.table(shift, keys))
+            layer.keys, layer.values = moved(keys, layer.values, index.to(keys.device), self.rotation,
+                                             tables[id(index)][1])
+
+    def _moved_originals(self, idx: int, keys: torch.Tensor, values: torch.Tensor,
+                         index) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eviction for 16-bit keys: moves start from the keys as transformers computed them, kept with their
+        positions (`originals`, one more copy of the keys), never from a moved key. Moving a moved bf16 key by
+        -1 at every step loses the slow rotations (48% error after 1000 moves; float32: 2e-5)."""
+        kv_heads, held, device = keys.shape[1], keys.shape[-2], keys.device
+        empty = (keys[..., :0, :], torch.zeros(kv_heads, 0, dtype=torch.long, device=device))
+        orig, pos = self.originals.get(idx, empty)
+        start = min(self.start, orig.shape[-2])  # a decoder may have cropped the cache since the last pass
+        orig = torch.cat((orig[..., :start, :], keys[..., start:, :]), dim=-2)
+        pos = torch.cat((pos[:, :start], torch.arange(start, held, device=device).expand(kv_heads, -1)), dim=-1)
+        if index is None:
+            self.originals[idx] = (orig, pos)
+            return keys, values
+        if isinstance(index, tuple):
+            index = torch.cat([torch.arange(run.start, run.stop, device=device) for run in index])
+        index = index.to(device).expand(kv_heads, -1)
+        rows = index[None, :, :, None].expand(keys.shape[0], -1, -1, keys.shape[-1])
+        kept, kept_pos = orig.gather(-2, rows), pos.gather(-1, index)
+        self.originals[idx] = (kept, kept_pos)
+        moved_keys = self.rotation.rotate(kept, torch.arange(index.shape[-1], device=device) - kept_pos)
+        return moved_keys, values.gather(-2, rows)
+
+    def extra_bytes(self) -> int:
+        """Bytes the mechanism holds beside the cache (the original 16-bit keys of an evicting policy)."""
+        return sum(k.numel() * k.element_size() + p.numel() * p.element_size() for k, p in self.originals.values())
 
     # --- chunked prefill, called by kv.extend ---
     def extend(self, tokens: list[int], cache, keep: int | None) -> torch.Tensor:
@@ -220,17 +266,29 @@ class PolicyRun:
             self._prefilling = False
 
 
-def moved(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor,
-          rotation: Rotation) -> tuple[torch.Tensor, torch.Tensor]:
+def moved(keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, rotation: Rotation,
+          table: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of slots `index` ([n] or [kv_heads, n]) packed to slots 0..n-1, keys re-rotated by
-    their move (new slot - old slot)."""
-    slots = torch.arange(index.shape[-1], device=index.device)
+    their move (new slot - old slot); `table`: that move's cos/sin if already computed."""
     if index.dim() == 1:
         kept_k, kept_v = keys.index_select(-2, index), values.index_select(-2, index)
     else:
         expand = index[None, :, :, None].expand(keys.shape[0], -1, -1, keys.shape[-1])
         kept_k, kept_v = keys.gather(-2, expand), values.gather(-2, expand)
-    return rotation.rotate(kept_k, slots - index), kept_v
+    return rotation.rotate(kept_k, torch.arange(index.shape[-1], device=index.device) - index, table), kept_v
+
+
+def moved_runs(keys: torch.Tensor, values: torch.Tensor, runs: tuple[slice, ...],
+               rotation: Rotation) -> tuple[torch.Tensor, torch.Tensor]:
+    """`moved` for slots given as ascending runs: each run shifts by one delta (no index tensors, one cat)."""
+    kept_k, kept_v, slot = [], [], 0
+    for run in runs:
+        part = keys[..., run, :]
+        shift = slot - run.start
+        kept_k.append(rotation.rotate(part, torch.tensor(shift, device=keys.device)) if shift else part)
+        kept_v.append(values[..., run, :])
+        slot += part.shape[-2]
+    return torch.cat(kept_k, dim=-2), torch.cat(kept_v, dim=-2)
 
 
 # --- attention helpers for `attend` ---
@@ -247,9 +305,10 @@ def scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tens
 
 def softmax_attend(logits: torch.Tensor, allowed: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over allowed keys (float32, as transformers' eager path), then the values: output
-    [b, q, heads, d] as attention functions return it, and the probabilities [b, kv_heads, group, q, m]."""
-    logits = logits.float().masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a query with no allowed key gets zeros
+    [b, q, heads, d] as attention functions return it, and the probabilities [b, kv_heads, group, q, m].
+    `logits` may be overwritten; every query needs one allowed key (its own, under causal attention)."""
+    logits = logits.float().masked_fill_(~allowed, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
     out = torch.einsum("bkgqm,bkmd->bkgqd", probs.to(value.dtype), value)
     b, k, g, q, d = out.shape
     return out.reshape(b, k * g, q, d).transpose(1, 2), probs
@@ -262,6 +321,11 @@ def causal_mask(q: int, s: int, device) -> torch.Tensor | None:
         return None
     rows = torch.arange(s - q, s, device=device)[:, None]
     return (torch.arange(s, device=device)[None, :] <= rows)[None, None]
+
+
+def _no_mask(*args, **kwargs) -> None:
+    """The mask function registered beside `_attention`: it builds its own masks (one sequence, causal)."""
+    return
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
