@@ -77,6 +77,11 @@ def chunk_order(keys: torch.Tensor, query: torch.Tensor, chunk: int, count: int)
     return torch.cat((torch.zeros(kv_heads, 1, dtype=torch.long, device=keys.device), rest), dim=-1)
 
 
+def chunk_slots(order: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Chunk indices [kv_heads, m] -> the positions they cover [kv_heads, m * chunk], in the same order."""
+    return (order[..., None] * chunk + torch.arange(chunk, device=order.device)).flatten(1)
+
+
 @contextlib.contextmanager
 def last_queries(model: torch.nn.Module):
     """During the block's passes, each layer's query of a pass's last token, before RoPE (q_proj's output,
@@ -121,17 +126,15 @@ class RetrievalCache:
             else:
                 query = rotation.rotate(queries[i].to(keys.device).float(), torch.tensor(length - 1))
                 order = chunk_order(keys[:, : self.start], query, chunk, budget // chunk)
-            slots = (order[..., None] * chunk + torch.arange(chunk, device=keys.device)).flatten(1)
-            index = slots[..., None].expand(-1, -1, d)
+            index = chunk_slots(order, chunk)[..., None].expand(-1, -1, d)
             self.order.append(order)
             self.region.append((keys.gather(1, index)[None], values.gather(1, index)[None]))
 
     def positions(self, layer: int, length: int) -> torch.Tensor:
         """Original positions of what `view` holds in `layer` ([kv_heads, n]) when the full cache holds `length`."""
-        order = self.order[layer]
-        slots = (order[..., None] * self.chunk + torch.arange(self.chunk, device=order.device)).flatten(1)
+        slots = chunk_slots(self.order[layer], self.chunk)
         kept, recent = self._sizes(slots.shape[1], length)
-        tail = torch.arange(length - recent, length, device=order.device).expand(slots.shape[0], -1)
+        tail = torch.arange(length - recent, length, device=slots.device).expand(slots.shape[0], -1)
         return torch.cat((slots[:, :kept], tail), dim=1)
 
     def _sizes(self, region: int, length: int) -> tuple[int, int]:
