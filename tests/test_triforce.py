@@ -62,12 +62,22 @@ def decode(name, pair, prompt, max_new_tokens=24, sampling=GREEDY, eos=frozenset
 
 # --- lossless under greedy decoding --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("settings", SETTINGS)
+@pytest.fixture(scope="module")
+def runs(close_pair):
+    """`ar` and triforce on every prompt x setting: {(prompt index, setting index): (ar's, triforce's, ctx)}."""
+    out = {}
+    for i, prompt in enumerate(prompts()):
+        expected, _ = decode("ar", close_pair, prompt, max_new_tokens=32, eos=frozenset())
+        for j, settings in enumerate(SETTINGS):
+            got, ctx = decode("triforce", close_pair, prompt, max_new_tokens=32, eos=frozenset(), **settings)
+            out[i, j] = expected, got, ctx
+    return out
+
+
+@pytest.mark.parametrize("setting", range(len(SETTINGS)))
 @pytest.mark.parametrize("index", range(3))
-def test_greedy_output_equals_ar_with_retrieval_and_eviction(close_pair, settings, index):
-    prompt = prompts()[index]
-    expected, _ = decode("ar", close_pair, prompt, max_new_tokens=40, eos=frozenset())
-    got, ctx = decode("triforce", close_pair, prompt, max_new_tokens=40, eos=frozenset(), **settings)
+def test_greedy_output_equals_ar_with_retrieval_and_eviction(runs, setting, index):
+    expected, got, ctx = runs[index, setting]
     assert got == expected
     assert sum(ctx.trace.accepted) == len(got) and ctx.trace.proposed[0] == 0  # the prefill pass emits one
 
@@ -80,17 +90,15 @@ def test_greedy_output_equals_ar_when_almost_everything_is_rejected(pair, settin
     assert ctx.extras["draft_acceptance"] < 0.2 and max(ctx.trace.accepted[1:]) <= 2
 
 
-def test_every_path_is_exercised_at_both_levels(close_pair):
-    """Over the settings and prompts above: level 1 accepted and rejected, level 3 accepting every level-2
+def test_every_path_is_exercised_at_both_levels(runs):
+    """Over the prompts and settings above: level 1 accepted and rejected, level 3 accepting every level-2
     token (plus its bonus) and rejecting one."""
     draft_rates, full, short = [], 0, 0
-    for settings in SETTINGS:
-        for prompt in prompts():
-            _, ctx = decode("triforce", close_pair, prompt, eos=frozenset(), **settings)
-            draft_rates.append(ctx.extras["draft_acceptance"])
-            steps = list(zip(ctx.trace.proposed, ctx.trace.accepted))[1:-1]  # the last may be cut by the budget
-            full += sum(a == p + 1 for p, a in steps)
-            short += sum(a <= p for p, a in steps)
+    for _, _, ctx in runs.values():
+        draft_rates.append(ctx.extras["draft_acceptance"])
+        steps = list(zip(ctx.trace.proposed, ctx.trace.accepted))[1:-1]  # the last may be cut by the budget
+        full += sum(a == p + 1 for p, a in steps)
+        short += sum(a <= p for p, a in steps)
     assert 0 < min(draft_rates) and max(draft_rates) < 1
     assert full > 0 and short > 0
 
@@ -285,7 +293,7 @@ def test_the_drafts_cache_never_exceeds_sinks_plus_window(close_pair, settings):
     hook = draft.register_forward_pre_hook(lambda m, args, kwargs: held.append(
         (kwargs.get("cache") or kwargs.get("past_key_values")).get_seq_length()), with_kwargs=True)
     try:
-        decode("triforce", close_pair, prompts(1)[0], eos=frozenset(), **settings)
+        decode("triforce", close_pair, prompts(1)[0], max_new_tokens=16, eos=frozenset(), **settings)
     finally:
         hook.remove()
     budget = settings["sinks"] + settings["window"]
@@ -317,7 +325,7 @@ def test_harness_counts_retrieval_passes_as_self_draft_passes_and_the_trace_agre
 def test_levels_keep_the_full_cache_one_behind_the_output(close_pair):
     target, draft = close_pair
     ctx = DecodeContext(prompt_ids=prompts(1)[0], target=target, draft=draft, sampling=Sampling(),
-                        max_new_tokens=30, eos_token_ids=frozenset())
+                        max_new_tokens=16, eos_token_ids=frozenset())
     from methods.streaming_llm import StreamingLLM
     with StreamingLLM(sinks=4, window=40).attach(draft):
         levels = Levels(ctx, TriForce.Config(**SMALL))
