@@ -34,9 +34,13 @@ Deviations and open choices, one line each:
 - level 2 runs on a DynamicCache with only new tokens per pass (cropped after rejections); the release
   re-runs a static gamma+1 window (CUDA graphs). The release's re-selection on a width-1 full pass is
   left out: chosen once.
+- prefill: the target reads the prompt in one pass (the release: chunks of 128), the draft in chunks of 512
+  under its StreamingLLM cache (the release: 64; larger chunks, fewer passes, the same final budget).
 Counting: retrieval-cache passes draft for the full-cache target, so they are marked as self-drafting
 (`layerskip.skipping` with nothing skipped): the harness counts them as self-draft passes, priced as full
-target passes of their width (weights dominate at these lengths), and lists them as "skipped no sublayer".
+target passes of their width (weights dominate at these lengths), and lists them as "skipped no sublayer"
+(which --strict-counting refuses). ctx.extras: draft_acceptance (level 1 by level 2) and
+retrieval_acceptance (level 2 by level 3, bonus tokens aside).
 """
 from __future__ import annotations
 
@@ -203,6 +207,7 @@ class Levels:
         self.retrieval: RetrievalCache | None = None
         self.pending: int | None = None
         self.drafted = self.accepted = 0  # level-1 tokens proposed to / accepted by level 2
+        self.proposed = self.verified = 0  # level-2 tokens proposed to / accepted by level 3
 
     def prefill(self) -> None:
         """One full-cache pass over the prompt (it emits the first token), then the retrieval cache."""
@@ -250,6 +255,7 @@ class Levels:
         logits = extend(ctx.target, [self.pending] + tokens, self.full, keep=len(tokens) + 1)
         accepted, correction = verify(tokens, dists, logits, ctx.sampling, ctx.generator)
         ctx.emit(tokens[:accepted] + [correction], proposed=len(tokens))
+        self.proposed, self.verified = self.proposed + len(tokens), self.verified + accepted
         crop(self.full, self.full.get_seq_length() - (len(tokens) - accepted))
         self.pending = correction
 
@@ -271,7 +277,8 @@ class TriForce(Method):
         chunk: int = setting(8, "tokens per retrieval chunk, scored by their mean key (release: 8)", low=1)
         sinks: int = setting(16, "draft cache: initial tokens kept (release: 16)", low=0)
         window: int = setting(240, "draft cache: recent tokens kept (release: 256 slots with the sinks)", low=1)
-        draft_prefill_chunk: int = setting(512, "draft prompt tokens per pass under its StreamingLLM cache", low=1)
+        draft_prefill_chunk: int = setting(512, "draft prompt tokens per pass under its StreamingLLM cache (release: "
+                                                "64)", low=1)
 
         def __post_init__(self) -> None:
             super().__post_init__()
@@ -294,4 +301,5 @@ class TriForce(Method):
             while not ctx.done:
                 levels.step()
         ctx.extras["draft_acceptance"] = levels.accepted / levels.drafted if levels.drafted else 0.0
+        ctx.extras["retrieval_acceptance"] = levels.verified / levels.proposed if levels.proposed else 0.0
         return ctx.output

@@ -93,13 +93,15 @@ def test_greedy_output_equals_ar_when_almost_everything_is_rejected(pair, settin
 def test_every_path_is_exercised_at_both_levels(runs):
     """Over the prompts and settings above: level 1 accepted and rejected, level 3 accepting every level-2
     token (plus its bonus) and rejecting one."""
-    draft_rates, full, short = [], 0, 0
+    draft_rates, retrieval_rates, full, short = [], [], 0, 0
     for _, _, ctx in runs.values():
         draft_rates.append(ctx.extras["draft_acceptance"])
+        retrieval_rates.append(ctx.extras["retrieval_acceptance"])
         steps = list(zip(ctx.trace.proposed, ctx.trace.accepted))[1:-1]  # the last may be cut by the budget
         full += sum(a == p + 1 for p, a in steps)
         short += sum(a <= p for p, a in steps)
     assert 0 < min(draft_rates) and max(draft_rates) < 1
+    assert 0 < min(retrieval_rates) and max(retrieval_rates) < 1
     assert full > 0 and short > 0
 
 
@@ -110,7 +112,7 @@ def test_identical_models_and_a_budget_covering_everything_accept_every_token():
                       budget=512, gamma1=2, gamma2=6, window=400)
     assert got == decode("ar", twins, prompt, max_new_tokens=22, eos=frozenset())[0]
     assert ctx.trace.accepted == [1, 7, 7, 7] and ctx.trace.proposed == [0, 6, 6, 6]
-    assert ctx.extras["draft_acceptance"] == 1.0
+    assert ctx.extras["draft_acceptance"] == ctx.extras["retrieval_acceptance"] == 1.0
 
 
 def test_sampling_is_reproducible_and_the_trace_adds_up(close_pair):
