@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from methods.base import BudgetExhausted
+from methods.common.cache_policy import attached
 from methods.common.kv import kv_bytes
 from methods.common.layerskip import is_self_drafting, is_skipped
 
@@ -211,8 +212,12 @@ class PassCounter:
             model.register_forward_hook(self._after),
         ]
 
-    def reset(self, budget: Budget | None = None) -> None:
+    def reset(self, budget: Budget | None = None, prompt_tokens: int = 0) -> None:
+        """`prompt_tokens`: the prompt's length; the prefill lasts until the passes have read that many
+        tokens (several passes when a cache policy prefills in chunks, one otherwise)."""
         self.calls = self.tokens = 0
+        self.prompt_tokens = prompt_tokens
+        self.prefill_calls = 0  # passes up to and including the one that finished reading the prompt
         self.widths: list[int] = []  # tokens per pass: verification width for a target
         self._marks: list[tuple] = []  # (start, end) per pass: CUDA events on a GPU (no sync), else perf_counter
         self.first_pass_end: float | None = None
@@ -251,9 +256,10 @@ class PassCounter:
             return
         if self._marks and self._marks[-1][1] is None:
             self._marks[-1] = (self._marks[-1][0], self._mark())
-        if self.first_pass_end is None:
+        if self.first_pass_end is None and self.tokens >= self.prompt_tokens:
             synchronize(self.model)
             self.first_pass_end = time.perf_counter()
+            self.prefill_calls = self.calls
         if self.self_draft:
             self._check_draft()
 
@@ -331,10 +337,12 @@ def state_bytes(obj, _seen: set | None = None) -> int:
 class KVWatch:
     """Bytes of keys and values the model's cache holds after each top-level pass: the peak and the last.
     The harness measures them, for every method, from the cache each pass was given (a decoder's own cache,
-    or a policy's pruned one); a pass without a cache (a sliding window) holds none."""
+    or a policy's pruned one); a pass without a cache (a sliding window) holds none. Apart, what an attached
+    cache policy holds beside the cache (its per-generation state, the 16-bit originals of moved keys): the
+    peak, walked the way method state is."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.depth = 0
+        self.model, self.depth = model, 0
         self._handles = [model.register_forward_pre_hook(self._enter),
                          model.register_forward_hook(self._leave, with_kwargs=True, always_call=True)]
         self.reset()
@@ -342,8 +350,10 @@ class KVWatch:
     def reset(self) -> None:
         self.peak: int | None = None
         self.last: int | None = None
+        self.policy_peak: int | None = None
         self.depth = 0
         self._cache = None
+        self._run = None
 
     def _enter(self, module, args) -> None:
         self.depth += 1
@@ -360,13 +370,21 @@ class KVWatch:
         held = kv_bytes(cache)  # before a policy's eviction hook (attached later) prunes it: the true peak
         self.peak = held if self.peak is None else max(self.peak, held)
         self._cache = cache
+        self._run = attached(self.model) or self._run
+        self._policy_held()
+
+    def _policy_held(self) -> None:
+        if self._run is not None:
+            held = state_bytes(self._run.state) + state_bytes(self._run.originals)
+            self.policy_peak = max(self.policy_peak or 0, held)
 
     def finish(self) -> None:
         """After the generation: `last` = what the last pass's cache holds now (after any eviction)."""
         if self._cache is not None:
             self.last = kv_bytes(self._cache)
             self.peak = max(self.peak or 0, self.last)
-        self._cache = None
+        self._policy_held()  # after the last pass's eviction
+        self._cache = self._run = None
 
     def remove(self) -> None:
         for handle in self._handles:

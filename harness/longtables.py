@@ -94,7 +94,7 @@ def accuracy_by_task(ok: pd.DataFrame, methods: list[str]) -> dict[str, pd.DataF
 
 def kv_cache_table(ok: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
     """Per method: records measured, the KV cache's bytes at its peak and at the end (mean and max over the
-    records that kept a cache), and the process's peak memory (max). Empty when no record measured the cache."""
+    records that kept a cache), what a cache policy held beside it (max), and the process's peak memory (max). Empty when no record measured the cache."""
     if ok["kv_cache_peak_bytes"].isna().all():
         return pd.DataFrame()
     rows = {}
@@ -106,6 +106,7 @@ def kv_cache_table(ok: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
                         "peak max": measured["kv_cache_peak_bytes"].max(),
                         "final mean": measured["kv_cache_final_bytes"].mean(),
                         "final max": measured["kv_cache_final_bytes"].max(),
+                        "policy state max": own["policy_state_bytes"].max() if "policy_state_bytes" in own else None,
                         "process peak": own["peak_mem_bytes"].max()}
     return pd.DataFrame.from_dict(rows, orient="index")
 

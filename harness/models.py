@@ -293,7 +293,8 @@ def load(spec: str, device: str = "cpu", dtype: str = "auto", trust_remote_code:
         info["weights_sha256"] = _hub_weights(spec, info["revision"])
     model.to(device).eval()
     info.update(dtype=str(torch_dtype).removeprefix("torch."), device=device,
-                parameters=sum(p.numel() for p in model.parameters()), load_s=round(time.perf_counter() - start, 2))
+                parameters=sum(p.numel() for p in model.parameters()), load_s=round(time.perf_counter() - start, 2),
+                max_position_embeddings=getattr(model.config, "max_position_embeddings", None))
     return LoadedModel(spec, model, tokenizer, info)
 
 

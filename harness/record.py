@@ -13,13 +13,14 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Records and manifests written before the schema existed carry no version: they are read as version 0,
 # whose fields are a subset of version 1's (the missing ones take their defaults, see `upgrade`).
 # Version 2 added fields only (decoder/policy, item_meta, the KV cache's bytes, the likelihood group):
-# a version 1 record reads with them at their defaults.
+# a version 1 record reads with them at their defaults. Version 3 added fields only (prefill_calls, and the
+# bytes a cache policy holds beside the cache).
 LEGACY_VERSION = 0
-KNOWN_VERSIONS = (LEGACY_VERSION, 1, SCHEMA_VERSION)
+KNOWN_VERSIONS = (LEGACY_VERSION, 1, 2, SCHEMA_VERSION)
 
 
 class SchemaError(ValueError):
@@ -84,7 +85,7 @@ class Timing:
     """perf_counter on a CPU, synchronised on a GPU; the trackers' own cost is outside wall_s."""
 
     wall_s: float | None = None
-    prefill_s: float | None = None  # start to the end of the first target pass
+    prefill_s: float | None = None  # start to the end of the target pass that finished reading the prompt
     decode_s: float | None = None
     tokens_per_s: float | None = None  # new_tokens / wall_s, one record (the table sums turns first)
     target_pass_s: list[float] | None = _list()  # each target pass, the first being the prefill
@@ -97,6 +98,7 @@ class Counts:
     """Counted by the harness's hooks on the models, never reported by the method."""
 
     target_calls: int | None = None
+    prefill_calls: int | None = None  # of target_calls: passes that read the prompt (>1: a policy's chunked prefill)
     target_tokens: int | None = None
     target_widths: list[int] | None = _list()  # tokens fed to each target pass
     draft_calls: int | None = None  # draft-model passes plus self-draft passes through the target
@@ -108,7 +110,7 @@ class Counts:
     self_draft_unskipped: int | None = None  # passes marked as self-drafting that skipped no sublayer
     uncounted_calls: int | None = None  # model submodule calls outside a counted top-level pass
     uncounted_note: str | None = None
-    mean_accepted: float | None = None  # new_tokens / target_calls, the bonus token counted
+    mean_accepted: float | None = None  # new_tokens per decoding step (target passes, the prompt's chunks as one)
 
 
 @dataclass(kw_only=True)
@@ -127,6 +129,7 @@ class MemoryEnergy:
     method_state_bytes: int | None = None  # bytes of the structures in ctx.state, measured by the harness
     kv_cache_peak_bytes: int | None = None  # keys + values held by the target's cache after a pass: the peak ...
     kv_cache_final_bytes: int | None = None  # ... and after the last pass (measured by the harness's hooks)
+    policy_state_bytes: int | None = None  # peak held by a cache policy beside the cache (its state, key originals)
     energy_j: float | None = None
     energy_per_token_j: float | None = None
     energy_source: str | None = None

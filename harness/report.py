@@ -520,7 +520,9 @@ def _accuracy_section(ok: pd.DataFrame, methods: list[str], folder: Path) -> dic
 KV_NOTE = (
     "The bytes of keys and values the target's cache holds, measured by the harness after every target pass "
     "(draft caches not counted): the peak over the record's passes (a policy's peak comes before it evicts) "
-    "and at its end; mean and max over the records that kept a cache. Process peak is the peak memory of the "
+    "and at its end; mean and max over the records that kept a cache. Policy state: what a cache policy held "
+    "beside the cache (its selections and representative keys, the 16-bit originals of moved keys), the peak, "
+    "max over records. Process peak is the peak memory of the "
     "cost table (CUDA allocator peak on a GPU, process resident set on a CPU), max over records."
 )
 
@@ -537,9 +539,10 @@ def _kv_display(ok: pd.DataFrame, methods: list[str]) -> dict | None:
     if table.empty:
         return None
     rows = [[method, f"{int(r['measured'])}/{int(r['records'])}", _mib(r["peak mean"]), _mib(r["peak max"]),
-             _mib(r["final mean"]), _mib(r["final max"]), _mib(r["process peak"])] for method, r in table.iterrows()]
+             _mib(r["final mean"]), _mib(r["final max"]), _mib(r["policy state max"]), _mib(r["process peak"])]
+            for method, r in table.iterrows()]
     columns = ["Method", "Records with a cache", "KV peak mean (MiB)", "KV peak max (MiB)", "KV final mean (MiB)",
-               "KV final max (MiB)", "Process peak (MiB)"]
+               "KV final max (MiB)", "Policy state max (MiB)", "Process peak (MiB)"]
     return {"note": KV_NOTE, **_table(columns, rows)}
 
 

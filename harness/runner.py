@@ -145,6 +145,12 @@ def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
     return tokenizer(text)["input_ids"]
 
 
+def _steps(calls: int, prefill_calls: int) -> int:
+    """Decoding steps in `calls` target passes: a prompt read in several chunks (a cache policy's chunked
+    prefill) is one step, the one that emits the first token."""
+    return calls - max(prefill_calls - 1, 0)
+
+
 def _extras(ctx: DecodeContext) -> dict[str, float]:
     """The figures a method put in ctx.extras, checked to be numbers (they go into tables)."""
     extras = {}
@@ -224,7 +230,7 @@ class Runner:
                   budget: Budget = Budget(), state: dict | None = None, item_meta: dict | None = None) -> dict:
         """Run the method once under the hooks; figures come from the harness's own counters. `state` is
         the method's ctx.state (the dict it leaves is `self.state_left` afterwards)."""
-        self.target_counter.reset(budget)
+        self.target_counter.reset(budget, prompt_tokens=len(prompt_ids))
         drafters = [c for c in (self.draft_counter, self.self_draft_counter) if c]
         for counter in drafters:
             counter.reset()
@@ -287,11 +293,13 @@ class Runner:
             "uncounted_calls": uncounted, "uncounted_note": uncounted_note,
             "method_state_bytes": registered_state_bytes(ctx.state),  # measured here, not reported by the method
             "kv_cache_peak_bytes": self.kv_watch.peak, "kv_cache_final_bytes": self.kv_watch.last,
+            "policy_state_bytes": self.kv_watch.policy_peak,
             "extras": _extras(ctx), "alternatives": [list(a) for a in ctx.alternatives],
-            "mean_accepted": len(out) / tc.calls if tc.calls else None,
+            "prefill_calls": tc.prefill_calls,
+            "mean_accepted": len(out) / _steps(tc.calls, tc.prefill_calls) if tc.calls else None,
             "target_widths": tc.widths,  # tokens fed to each target pass: prefill, then verification widths
             "accept_lengths": ctx.trace.accepted, "proposed_lengths": ctx.trace.proposed,
-            "trace_error": self._check_trace(ctx, tc.calls), "peak_mem_bytes": memory.peak_bytes,
+            "trace_error": self._check_trace(ctx, _steps(tc.calls, tc.prefill_calls)), "peak_mem_bytes": memory.peak_bytes,
             **energy.result, "stop_reason": stop, "budget_note": stop_note, "tracker_s": tracker_s,
             "energy_per_token_j": energy.result["energy_j"] / len(out) if energy.result["energy_j"] and out else None,
         }
@@ -308,16 +316,17 @@ class Runner:
         return total, ", ".join(notes) or None
 
     @staticmethod
-    def _check_trace(ctx: DecodeContext, target_calls: int) -> str | None:
-        """A method's own trace must agree with what the harness counted."""
+    def _check_trace(ctx: DecodeContext, steps: int) -> str | None:
+        """A method's own trace must agree with what the harness counted (`steps`: target passes, the
+        prompt's chunks counted as one)."""
         accepted = ctx.trace.accepted
         if not accepted:
             return None
         problems = []
         if sum(accepted) != len(ctx.output):
             problems.append(f"trace accepts {sum(accepted)} tokens, output has {len(ctx.output)}")
-        if len(accepted) != target_calls:
-            problems.append(f"trace has {len(accepted)} steps, harness counted {target_calls} target passes")
+        if len(accepted) != steps:
+            problems.append(f"trace has {len(accepted)} steps, harness counted {steps} target passes")
         return "; ".join(problems) or None
 
     def _check_likelihood_methods(self) -> None:
@@ -357,6 +366,7 @@ class Runner:
                 "target_tokens": tc.tokens, "target_widths": tc.widths, "target_pass_s": tc.pass_seconds(),
                 "tokens_per_s": len(ids) / wall if wall > 0 else None, "extras": {},
                 "kv_cache_peak_bytes": self.kv_watch.peak, "kv_cache_final_bytes": self.kv_watch.last,
+                "policy_state_bytes": self.kv_watch.policy_peak,
                 "task_metric": how, **likelihood.perplexities(nll, text)}
 
     def _prompt_ids(self, item: Item, turn: int, answers: list[str]) -> list[int]:

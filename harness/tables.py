@@ -161,11 +161,18 @@ def _aligned(speeds: pd.Series, method: str, baseline: str) -> tuple[np.ndarray,
 
 def pooled_mat(records: pd.DataFrame) -> float:
     """#MAT as speed.py pools it: the mean accepted length over every step of every record, the bonus token
-    counted. The steps are the harness's target passes, so this is all new tokens over all target passes: the
-    mean of the records' accept_lengths flattened, since the runner checks each trace has one entry per pass
-    summing to the output (trace_error says where a method's trace disagrees; the counts are the harness's)."""
-    calls = records["target_calls"].sum()
+    counted. The steps are the harness's target passes (a chunked prefill as one), so this is all new tokens
+    over all steps: the mean of the records' accept_lengths flattened, since the runner checks each trace has
+    one entry per step summing to the output (trace_error says where a method's trace disagrees; the counts are the harness's)."""
+    calls = decoding_steps(records).sum()
     return float(records.loc[records["target_calls"] > 0, "new_tokens"].sum() / calls) if calls > 0 else math.nan
+
+
+def decoding_steps(records: pd.DataFrame) -> pd.Series:
+    """Target passes per record with a prompt read in several chunks (a cache policy's chunked prefill)
+    counted as one step; records from before `prefill_calls` existed count every pass."""
+    extra = records["prefill_calls"].fillna(1).clip(lower=1) - 1 if "prefill_calls" in records else 0
+    return records["target_calls"] - extra
 
 
 def speed_table(records: pd.DataFrame, baseline: str = "ar") -> pd.DataFrame:

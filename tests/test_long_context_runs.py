@@ -32,6 +32,12 @@ def test_longctx_runs_policies_and_measures_the_kv_cache(model_dirs, tmp_path, c
         assert r["task_metric"] == "string_match_all" and 0 <= r["task_score"] <= 1
         assert r["decoder"] == "ar" and r["policy"] == (None if method == "ar" else "streaming_llm")
         assert r["kv_cache_peak_bytes"] >= r["kv_cache_final_bytes"] > 0
+        # a prompt prefilled in chunks of 32 is one decoding step: the trace agrees, ar accepts 1 per step
+        chunks = -(-r["prompt_tokens"] // 32) if method == "streaming_llm" else 1
+        assert r["prefill_calls"] == chunks and r["trace_error"] is None
+        assert r["target_calls"] == chunks + r["new_tokens"] - 1 and r["mean_accepted"] == 1.0
+        assert r["prefill_s"] == pytest.approx(sum(r["target_pass_s"][:chunks]), rel=0.5)
+        assert (r["policy_state_bytes"] is None) == (method == "ar")  # measured only where a policy ran
     # the tiny target: 2 layers x keys+values x 2 KV heads x head_dim 16 x float32 = 512 bytes a token
     per_token = 2 * 2 * 2 * 16 * 4
     ar, streaming = found[("ar", "niah_single-200-d50-s0")], found[("streaming_llm", "niah_single-200-d50-s0")]

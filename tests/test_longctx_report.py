@@ -20,7 +20,7 @@ MIB = 2**20
 def _longctx(method, task, length, depth, score, sample=0, **extra):
     where = f"d{depth:g}-" if depth is not None else ""
     record = {
-        "schema_version": 2, "method": method, "suite": "longctx", "category": task,
+        "schema_version": 3, "method": method, "suite": "longctx", "category": task,
         "item_id": f"{task}-{length}-{where}s{sample}", "item_turns": 1, "decoder": "ar",
         "policy": None if method == "ar" else method, "temperature": 0.0, "prompt_tokens": length + 2,
         "item_meta": {"task": task, "length": length, "depth": depth, "tokens": length + 2, "sample": sample},
@@ -45,7 +45,7 @@ LONGCTX = [
     _longctx("ar", "vt", 200, None, 0.0, decode_s=None, new_tokens=3, target_pass_s=[0.5, 0.2, 0.4],
              target_widths=[202, 1, 1]),
     _longctx("streaming_llm", "niah_single", 100, 0.0, 0.0, kv_cache_peak_bytes=MIB // 2,
-             kv_cache_final_bytes=MIB // 4),
+             kv_cache_final_bytes=MIB // 4, policy_state_bytes=MIB // 8),
     # the prompt read in two chunks: prefill 1.0 + 0.4 s; decoding (0.8 - 0.4) s over 4 - 1 tokens
     _longctx("streaming_llm", "niah_single", 200, 0.0, 0.0, kv_cache_peak_bytes=MIB // 2,
              kv_cache_final_bytes=MIB // 4, decode_s=0.8, prefill_s=1.0, new_tokens=4,
@@ -55,7 +55,7 @@ LONGCTX = [
 
 
 def _longppl(method, item_id, nll, words, size, wall, how, kv=None):
-    return {"schema_version": 2, "method": method, "suite": "longppl", "category": "document", "item_id": item_id,
+    return {"schema_version": 3, "method": method, "suite": "longppl", "category": "document", "item_id": item_id,
             "item_turns": 1, "decoder": "ar", "policy": None if method == "ar" else method,
             "prompt_tokens": len(nll) + 1, "token_nll": nll, "scored_tokens": len(nll), "words": words,
             "bytes": size, "wall_s": wall, "tokens_per_s": (len(nll) + 1) / wall, "target_calls": 2,
@@ -77,7 +77,7 @@ def _manifest(suite, source=None, **extra):
                "streaming_llm": {"paper": "autoregressive", "lossless": False, "config": {}, "decoder": "ar",
                                  "policy": {"name": "streaming_llm", "paper": "Attention Sinks", "arxiv": "2309.17453",
                                             "config": {"sinks": 4, "window": 48}}}}
-    return {"schema_version": 2, "name": f"{suite}-run", "suite": suite, "methods": methods,
+    return {"schema_version": 3, "name": f"{suite}-run", "suite": suite, "methods": methods,
             "target": {"spec": "tiny", "source": str(source) if source else None}, **extra}
 
 
@@ -137,8 +137,8 @@ def test_longctx_report_shows_accuracy_kv_and_latency(tmp_path):
     assert "| ar | 0.75 (2) | 0.50 (2) | 0.62 (4) |" in accuracy  # 0.625 rounds to even
     assert "| streaming_llm | 0.00 (1) | 0.00 (1) | 0.00 (2) |" in accuracy
     kv = _section(markdown, "KV-cache memory")
-    assert "| ar | 6/6 | 1.33 | 3.00 | 1.33 | 3.00 | 100 |" in kv
-    assert "| streaming_llm | 2/2 | 0.500 | 0.500 | 0.250 | 0.250 | 100 |" in kv
+    assert "| ar | 6/6 | 1.33 | 3.00 | 1.33 | 3.00 | n/a | 100 |" in kv
+    assert "| streaming_llm | 2/2 | 0.500 | 0.500 | 0.250 | 0.250 | 0.125 | 100 |" in kv
     latency = _section(markdown, "Latency against context length")
     assert "| ar | 100 | 3 | 102 | 0.600 | 100.00 |" in latency
     assert "| ar | 200 | 3 | 202 | 0.600 | 166.67 |" in latency

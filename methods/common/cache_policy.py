@@ -111,6 +111,11 @@ class CachePolicy:
 _RUNS: dict[int, PolicyRun] = {}  # id(model.config) -> the run attached (attention modules share the config)
 
 
+def attached(model: torch.nn.Module) -> PolicyRun | None:
+    """The policy run attached to `model` now, if any (the harness measures what it holds)."""
+    return _RUNS.get(id(model.config))
+
+
 class PolicyRun:
     """One generation under a policy: the hooks, the pass counters and the policy's state."""
 
