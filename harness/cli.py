@@ -248,13 +248,21 @@ def cmd_profile(args) -> int:
     from harness.runner import resolve_device
 
     device = resolve_device(args.device)
-    roles = {"target": args.target, **({"draft": args.draft} if args.draft else {})}
+    if args.arch:  # random weights of an embedded model's exact shape: the same pass cost, no weights needed
+        from harness import archs
+
+        unknown = [a for a in (args.arch, args.draft_arch) if a and a not in archs.names()]
+        if unknown:
+            raise models.ModelError(f"no architecture {unknown[0]!r}; known: {', '.join(archs.names())}")
+        roles = {"target": args.arch, **({"draft": args.draft_arch} if args.draft_arch else {})}
+    else:
+        roles = {"target": args.target, **({"draft": args.draft} if args.draft else {})}
     widths = [int(w) for w in args.widths.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
     tables, roof = {}, {}
     with Progress(console=console) as progress:
         for role, spec in roles.items():
-            model = models.load(spec, device, args.dtype).model
+            model = _profiled_model(spec, device, args.dtype, args.arch is not None)
             if not roof:
                 roof["device"] = roofline.measure(device, str(next(model.parameters()).dtype).removeprefix("torch."))
             roof[role] = roofline.model_roof(model)
@@ -263,7 +271,8 @@ def cmd_profile(args) -> int:
             del model
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    costmodel.save_profile(out, device_description(device), tables, roles, roof)
+    labels = {role: f"{spec} (architecture, random weights)" if args.arch else spec for role, spec in roles.items()}
+    costmodel.save_profile(out, device_description(device), tables, labels, roof)
     console.print(f"read bandwidth {roof['device']['read_bandwidth_bytes_s'] / 1e9:.1f} GB/s, "
                   f"matmul {roof['device']['matmul_flops_s'] / 1e9:.0f} GFLOP/s")
     for role, table in tables.items():
@@ -271,6 +280,14 @@ def cmd_profile(args) -> int:
                       + f" (context {table.contexts[0]})")
     console.print(f"profile: {out}")
     return 0
+
+
+def _profiled_model(spec: str, device: str, dtype: str, random_weights: bool):
+    from harness import archs, models
+
+    if random_weights:
+        return archs.build(spec, device, models.pick_dtype(dtype, device))
+    return models.load(spec, device, dtype).model
 
 
 def cmd_report(args) -> int:
@@ -482,6 +499,9 @@ def parser() -> argparse.ArgumentParser:
     prof = sub.add_parser("profile", help="measure forward latency against tokens per pass and context length")
     prof.add_argument("--target", default=DEFAULT_TARGET)
     prof.add_argument("--draft", help="also profile a draft model")
+    prof.add_argument("--arch", help="profile random weights of an embedded model's architecture instead of --target "
+                                     "(no weights needed; harness/arch_configs)")
+    prof.add_argument("--draft-arch", help="with --arch: also profile this architecture as the draft")
     prof.add_argument("--widths", default="1,2,4,8,16,32,64", help="tokens per pass")
     prof.add_argument("--contexts", default="128,512,1024", help="cached tokens before the pass")
     prof.add_argument("--repeats", type=int, default=3)
