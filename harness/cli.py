@@ -297,6 +297,14 @@ def cmd_report(args) -> int:
     if not (run_dir / "results.jsonl").is_file():
         console.print(f"[red]error:[/] {run_dir} has no results.jsonl")
         return 2
+    for path in args.profile or []:  # checked before any work: a missing or foreign file names itself
+        try:
+            from harness.costmodel import load_profile
+
+            load_profile(Path(path))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            console.print(f"[red]error:[/] profile {escape(path)} cannot be read ({escape(str(err) or type(err).__name__)})")
+            return 2
     try:
         report = _build_report(run_dir, baseline=args.baseline, profile=args.profile)
     except SchemaError as err:  # a run written by another decodebench
@@ -493,7 +501,8 @@ def parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="(re)build DIR/report from DIR/results.jsonl")
     rep.add_argument("run_dir")
     rep.add_argument("--baseline", default="ar")
-    rep.add_argument("--profile", help="a `decodebench profile` file: adds the speed-up it predicts from this run's trace")
+    rep.add_argument("--profile", action="append", help="a `decodebench profile` file (repeatable; e.g. "
+                     "reports/profiles/*.json): one column of the speed-up it predicts from this run's trace")
     rep.set_defaults(func=cmd_report)
 
     prof = sub.add_parser("profile", help="measure forward latency against tokens per pass and context length")

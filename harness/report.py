@@ -445,20 +445,28 @@ def _quality_section(records: pd.DataFrame, speed: pd.DataFrame, baseline: str, 
 
 
 def _prediction_display(run_dir: Path, raw: list[dict], table: pd.DataFrame, baseline: str,
-                        profile: str | Path | None) -> dict | None:
-    """Measured speed-up beside the one the cost model predicts from the same records' trace."""
+                        profiles: list[str | Path] | None) -> dict | None:
+    """The measured speed-up beside the one the cost model predicts from the same records' trace, one column per
+    profile (named by its device): a CPU run's acceptance and widths priced with a GPU's measured pass times."""
     from harness.costmodel import load_profile, predicted_speedups
 
-    path = Path(profile) if profile else run_dir / "profile.json"
-    if not path.is_file():
+    paths = [Path(p) for p in profiles] if profiles else [run_dir / "profile.json"]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if profiles and missing:
+        raise FileNotFoundError(f"profile {missing[0]} not found")
+    paths = [p for p in paths if p.is_file()]
+    if not paths:
         return None
-    loaded = load_profile(path)
-    predicted = predicted_speedups(raw, loaded["tables"], baseline)
+    loaded = [load_profile(p) for p in paths]
+    predicted = [predicted_speedups(raw, profile["tables"], baseline) for profile in loaded]
+    devices = [profile.get("device", "?") for profile in loaded]
     rows = []
-    for method, value in predicted.items():
+    for method in dict.fromkeys(m for column in predicted for m in column):
         measured = table.loc[method, OVERALL] if method in table.index and OVERALL in table else math.nan
-        rows.append([method, _formatted(measured, "{:.2f}x", MISSING_IN_SPEED_TABLE), f"{value:.2f}x"])
-    return {"device": loaded.get("device", "?"), "file": str(path), **_table(["Method", "Measured", "Predicted"], rows)}
+        rows.append([method, _formatted(measured, "{:.2f}x", MISSING_IN_SPEED_TABLE),
+                     *[f"{column[method]:.2f}x" if method in column else MISSING_IN_SPEED_TABLE for column in predicted]])
+    columns = ["Method", "Measured here", *[f"Predicted on {device}" for device in devices]]
+    return {"device": "; ".join(devices), "file": ", ".join(str(p) for p in paths), **_table(columns, rows)}
 
 
 def _roofline_display(manifest: dict, ok: pd.DataFrame, baseline: str) -> dict | None:
@@ -624,7 +632,7 @@ def _without_duplicates(records: list[dict]) -> tuple[list[dict], str | None]:
     return list(kept.values()), note
 
 
-def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path | None = None) -> Path:
+def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path | list | None = None) -> Path:
     """Read run_dir/results.jsonl and run_dir/manifest.json, write run_dir/report/report.md,
     run_dir/report/report.html (self-contained: PNG plots embedded as base64 data URIs),
     and PNG plots in run_dir/report/. Returns the report folder."""
@@ -673,7 +681,8 @@ def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path 
         "lossless": _lossless_section(ok, manifest, baseline),
         "plots": draw_plots(table, ok, methods, baseline, folder, sweep),
         "sweep": _sweep_display(sweep),
-        "prediction": _prediction_display(run_dir, raw, table, baseline, profile),
+        "prediction": _prediction_display(run_dir, raw, table, baseline,
+                                          [profile] if isinstance(profile, (str, Path)) else profile),
         "roofline": _roofline_display(manifest, ok, baseline),
         "main_budget": label,
         "errors": _errors_table(records),

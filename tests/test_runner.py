@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness import cli
 from harness.instrument import Budget
 from harness.runfolder import RunFolderError
 from harness.record import SCHEMA_VERSION
@@ -253,8 +254,22 @@ def test_report_sets_predicted_beside_measured_speedup(model_dirs, data_file, tm
     tables = {role: measure(model, widths=(1, 4, 8), contexts=(8, 32), repeats=1) for role, model in zip(("target", "draft"), pair)}
     save_profile(out / "profile.json", "test device", tables, {"target": "tiny", "draft": "tiny"})
     text = (build_report(out) / "report.md").read_text()
-    section = text.split("## Predicted vs measured speed-up")[1].split("## ")[0]
-    assert "test device" in section and "| sps |" in section
+    section = text.split("## Predicted speed-ups (cost model)")[1].split("## ")[0]
+    assert "| Method | Measured here | Predicted on test device |" in section and "| sps |" in section
+    # a second device whose draft passes cost nearly nothing: one more column, a larger predicted sps speed-up
+    cheap = {"target": tables["target"], "draft": type(tables["draft"])(
+        widths=tables["draft"].widths, contexts=tables["draft"].contexts,
+        seconds=[[s / 1000 for s in row] for row in tables["draft"].seconds])}
+    save_profile(tmp_path / "cheap.json", "cheap-draft device", cheap, {"target": "tiny", "draft": "tiny"})
+    assert cli.main(["report", str(out), "--profile", str(out / "profile.json"), "--profile",
+                     str(tmp_path / "cheap.json")]) == 0
+    section = (out / "report" / "report.md").read_text().split("## Predicted speed-ups (cost model)")[1].split("## ")[0]
+    header = "| Method | Measured here | Predicted on test device | Predicted on cheap-draft device |"
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in section.splitlines()
+            if line.startswith("| ar") or line.startswith("| sps")}
+    assert header in section and rows["ar"][1:] == ["1.00x", "1.00x |"]
+    assert float(rows["sps"][2].strip(" x|")) > float(rows["sps"][1].strip(" x|"))
+    assert cli.main(["report", str(out), "--profile", str(tmp_path / "missing.json")]) == 2
 
 
 @pytest.fixture
