@@ -9,9 +9,9 @@ import torch
 
 from harness import cli
 from harness.instrument import Budget
-from harness.runfolder import RunFolderError
 from harness.record import SCHEMA_VERSION
 from harness.results import read_records
+from harness.runfolder import RunFolderError
 from harness.runner import RunConfig, Runner
 from methods import base as method_base
 from methods.base import Method
