@@ -266,7 +266,7 @@ def test_report_sets_predicted_beside_measured_speedup(model_dirs, data_file, tm
     section = (out / "report" / "report.md").read_text().split("## Predicted speed-ups (cost model)")[1].split("## ")[0]
     header = "| Method | Measured here | Predicted on test device | Predicted on cheap-draft device |"
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in section.splitlines()
-            if line.startswith("| ar") or line.startswith("| sps")}
+            if line.startswith(("| ar", "| sps"))}
     assert header in section and rows["ar"][1:] == ["1.00x", "1.00x |"]
     assert float(rows["sps"][2].strip(" x|")) > float(rows["sps"][1].strip(" x|"))
     assert cli.main(["report", str(out), "--profile", str(tmp_path / "missing.json")]) == 2
