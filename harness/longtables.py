@@ -128,19 +128,24 @@ def prefill_passes(record) -> int:
 
 
 def split_latency(record) -> tuple[float, float]:
-    """(prefill seconds, seconds per generated token after the first). The record's prefill_s ends with the
-    first target pass; when the prompt took several passes (chunked prefill) the later ones' times move
-    from decoding to prefill. Decoding is decode_s / (new_tokens - 1), the first token coming from the
-    prefill; without decode_s, the target passes after the prefill. NaN where the record lacks the figures."""
+    """(prefill seconds, seconds per generated token after the first). Records with `prefill_calls` (schema 3)
+    time the prefill to the end of the pass that finished reading the prompt, however many chunks it took.
+    In older records prefill_s ended with the first target pass, so when the prompt took several passes
+    (chunked prefill) the later ones' times move here from decoding to prefill. Decoding is decode_s /
+    (new_tokens - 1), the first token coming from the prefill; without decode_s, the target passes after the
+    prefill. NaN where the record lacks the figures."""
     passes = record["target_pass_s"] if isinstance(record["target_pass_s"], list) else []
-    chunks = prefill_passes(record)
-    later_chunks = sum(passes[1:chunks]) if len(passes) >= chunks else math.nan
-    prefill = record["prefill_s"] + later_chunks if chunks > 1 else record["prefill_s"]
+    counted = record.get("prefill_calls")
+    chunks = int(counted) if counted is not None and not pd.isna(counted) else prefill_passes(record)
+    moved = 0.0
+    if chunks > 1 and (counted is None or pd.isna(counted)):  # an older record: move the later chunks
+        moved = sum(passes[1:chunks]) if len(passes) >= chunks else math.nan
+    prefill = record["prefill_s"] + moved
     steps = (record["new_tokens"] or 0) - 1
     if not steps > 0:
         return prefill, math.nan
     if not pd.isna(record["decode_s"]):
-        decode = record["decode_s"] - (later_chunks if chunks > 1 else 0.0)
+        decode = record["decode_s"] - moved
     else:
         decode = sum(passes[chunks:]) if len(passes) > chunks else math.nan
     return prefill, decode / steps

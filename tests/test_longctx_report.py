@@ -226,3 +226,14 @@ def test_perplexity_plot_with_the_window_inside_or_past_the_document(tmp_path):
         path = tmp_path / f"ppl-{window}.png"
         assert plot_perplexity_by_position({"ar": curve}, window, 5, path) == path and path.stat().st_size > 0
     assert plot_perplexity_by_position({"ar": (np.array([]), np.array([]))}, 20, 5, tmp_path / "none.png") is None
+
+
+def test_latency_split_takes_a_counted_chunked_prefill_as_recorded():
+    # schema 3: the runner timed the prefill to the end of its second chunk (1.0 + 0.4 s) and decoding after it
+    record = pd.Series({"prefill_calls": 2, "prefill_s": 1.4, "decode_s": 0.3, "new_tokens": 4, "prompt_tokens": 200,
+                        "target_widths": [128, 72, 1, 1, 1], "target_pass_s": [1.0, 0.4, 0.1, 0.1, 0.1]})
+    assert longtables.split_latency(record) == (1.4, pytest.approx(0.1))
+    # schema 2: prefill_s ended with the first pass; the second chunk moves from decoding to prefill
+    old = record.drop("prefill_calls").copy()
+    old["prefill_s"], old["decode_s"] = 1.0, 0.7
+    assert longtables.split_latency(old) == (pytest.approx(1.4), pytest.approx(0.1))
