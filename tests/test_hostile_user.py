@@ -309,7 +309,8 @@ def _wait_for_records(out: Path, n: int, proc, timeout: float = 240) -> None:
 
 def test_ctrl_c_says_how_to_resume_and_loses_nothing(base, tmp_path):
     out = tmp_path / "run"
-    argv = [*base, "--methods", "ar,pld", "--limit", "5", "--max-new-tokens", "24"]
+    # 30 records of 96 tokens: seconds of work left after the second, so the signal cannot come after the end
+    argv = [*base, "--methods", "ar,pld", "--limit", "5", "--max-new-tokens", "96", "--repeats", "3"]
     proc = _start(argv, out)
     _wait_for_records(out, 2, proc)
     proc.send_signal(signal.SIGINT)
@@ -321,7 +322,7 @@ def test_ctrl_c_says_how_to_resume_and_loses_nothing(base, tmp_path):
     resumed = _start(argv, out)
     assert resumed.wait(timeout=300) == 0
     after = keys(out)
-    assert len(after) == len(set(after)) == 2 * 5 and set(done) <= set(after)
+    assert len(after) == len(set(after)) == 2 * 5 * 3 and set(done) <= set(after)
 
 
 def _orphans(out: Path) -> list[Path]:
