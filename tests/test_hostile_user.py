@@ -293,9 +293,12 @@ def test_model_with_custom_code_needs_trust_remote_code(base, tmp_path, capsys, 
 # ------------------------------------------------------------------ 9. Ctrl-C, and kill -9 at random points
 
 def _start(argv, out, env=None):
+    # SIGINT back to its default in the child: a test run started in the background (`pytest &`, CI scripts)
+    # inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler
     return subprocess.Popen([sys.executable, "-m", "harness.cli", *argv, "--out", str(out)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "COLUMNS": "200", **(env or {})})
+                            env={**os.environ, "COLUMNS": "200", **(env or {})},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for_records(out: Path, n: int, proc, timeout: float = 240) -> None:
