@@ -1,8 +1,11 @@
 """RdSca: Repeated Demonstrations with Sliding Causal Attention (Gong et al., arXiv 2310.19572).
 
-In-context classification under causal attention lets a demonstration see only the ones before it. RdSca
-copies the later demonstrations in front of the prompt, so that every demonstration can attend to every other,
-and masks attention so that no demonstration sees its own copy (the paper's "information leakage").
+What the paper says (its abstract; title, authors and abstract are all that the stored copies hold, see below):
+causal attention lets a demonstration attend only to the ones before it, so the input-label information of
+later demonstrations is lost to earlier ones. RdSca duplicates the later demonstrations and puts the copies in
+front, so that earlier demonstrations observe later ones under causal attention, and uses "sliding causal
+attention", a customized causal mask, to avoid information leakage (in our reading: a demonstration seeing its
+own copy). It reports better input-label mapping than plain ICL, without training.
 
 Construction here, for K demonstrations d1..dK (their token spans from the suite's meta) and r copies:
     prefill = prefix | d(K-r+1)' .. dK' | d1 .. dK | query
@@ -15,15 +18,21 @@ block b attends to token j <= i when
     - b is the query (and every generated token), and j's block is an original demonstration.
 With r = K-1 each demonstration then sees every other demonstration exactly once and never its own copy (its
 copy lies exactly K blocks back); the query sees the prompt it would see without RdSca, whose demonstrations
-now carry what they saw of the others. Positions are the prefill's own, 0..n-1 (the copies take theirs), and
-decoding goes on from n with the copies masked. With r = 0 the mask is plain causal attention: `ar`.
-Defaults: r = K-1 (all later demonstrations).
-Ambiguity: the paper's text beyond its abstract was not reachable from this machine (the abstract: "duplicate
-later demonstrations and concatenate them to the front" and "sliding causal attention, which customizes causal
-attention to avoid information leakage"), so the window of K-1 demonstrations, the copies' order, what the
-query attends to (`query_sees`), the prefix always visible and the contiguous positions are our reading. The
-mask blocks the own copy in direct attention only: across layers it reaches a demonstration through its
-neighbours, as any sliding window's reach grows with depth.
+now carry what they saw of the others. With r = 0 the mask is plain causal attention: `ar`.
+Defaults: r = K-1 (all later demonstrations), query_sees = "demonstrations".
+
+Not read: the paper's method section, mask figure and experiments. The stored copy of
+ar5iv.labs.arxiv.org/html/2310.19572 (and the abstract mirrors: emergentmind, arxivlens, llm-bible) ends inside
+the abstract; no code or full text was found elsewhere. So each line below is our choice, not the paper's:
+    - which demonstrations are copied: the last r (default all but d1), in their original order;
+    - the window: each demonstration or copy sees the K-1 blocks before it (the widest that hides the own copy);
+    - what the query sees: the originals only (`query_sees`; "all" adds the copies);
+    - the prefix (BOS) stays visible to every token (an attention sink; hiding it would change every row);
+    - positions: contiguous 0..n-1 over the prefill (copies take theirs), decoding goes on from n;
+    - the mask hides the own copy in direct attention only: across layers it reaches a demonstration through
+      its neighbours, as any sliding window's reach grows with depth.
+The paper's models, shot counts, datasets and gains were not readable either; the abstract speaks of large
+language models, so a 135M model may simply not benefit: check the paper before reading a loss as a bug.
 Scoring: the decoder emits text (the icl suite's `first_word_match`); `label_loglikelihoods` scores the label
 continuations under the same prefill (the suite's `label_loglikelihood`) for a harness path that scores
 choices. Compare rdsca with the plain baseline on the same metric: `ar`'s text (or, for choices, this

@@ -158,6 +158,24 @@ def test_replay_layout_and_sliding_causal_mask_by_hand():
     np.testing.assert_array_equal(everything[:14], grid(MASK)[:14])
 
 
+def test_four_shots_each_demonstration_sees_every_demonstration_once_and_never_its_own_copy():
+    """The abstract's two aims by hand, K = 4: every demonstration observes the later ones (through their copies),
+    and none sees its own copy (no leakage). Demonstration k is token 20+k and a separator S."""
+    prompt = [P, 21, S, 22, S, 23, S, 24, S, Q1]
+    rep = replay(prompt, [[1, 3], [3, 5], [5, 7], [7, 9]], [9, 10])
+    #                 0  1   2  3   4  5   6  7   8  9   10 11  12 13  14 15
+    assert rep.ids == [P, 22, S, 23, S, 24, S, 21, S, 22, S, 23, S, 24, S, Q1]
+    visible = sliding_causal_mask(rep)
+    # each original's label-bearing token: which demonstration tokens (d' or d) it attends to, read off the layout
+    expected = {7: [1, 3, 5, 7], 9: [3, 5, 7, 9], 11: [5, 7, 9, 11], 13: [7, 9, 11, 13], 15: [7, 9, 11, 13]}
+    demo_tokens = [i for i, t in enumerate(rep.ids) if 21 <= t <= 24]
+    for row, keys in expected.items():
+        assert [j for j in demo_tokens if visible[row, j]] == keys, row
+        assert sorted(rep.ids[j] for j in keys) == [21, 22, 23, 24]  # each demonstration once, itself included
+    assert visible[:, 0].all()  # the prefix (BOS) is seen by every token
+    assert not visible[15, 1:7].any()  # the query sees no copy
+
+
 def test_without_repetition_the_mask_is_causal_and_fewer_copies_keep_the_window():
     rep = replay(PROMPT, SPANS, QUERY, repeat=0)
     assert rep.ids == PROMPT and rep.copies == 0
