@@ -360,11 +360,16 @@ def _methods_table(manifest: dict, records: pd.DataFrame) -> dict:
         info = methods_manifest.get(name, {})
         lossless = info.get("lossless")
         paper, arxiv, config = info.get("paper"), info.get("arxiv"), info.get("config")
-        policy = info.get("policy")
-        if isinstance(policy, dict):  # DECODER+POLICY: the policy's paper, under the decoder
-            paper = f"{policy.get('paper') or policy.get('name')} (policy), under {info.get('decoder', '?')}"
-            arxiv = policy.get("arxiv") or arxiv
-            config = {key: value for key, value in (("decoder", config), ("policy", policy.get("config"))) if value}
+        policy, transform = info.get("policy"), info.get("transform")
+        if isinstance(policy, dict) or isinstance(transform, dict):  # DECODER+MODIFIERS: theirs, under the decoder
+            shown = [(kind, part) for kind, part in (("policy", policy), ("transform", transform))
+                     if isinstance(part, dict)]
+            paper = "; ".join(f"{part.get('paper') or part.get('name')} ({kind}"
+                              + (", simulated" if part.get("simulated") else "") + ")" for kind, part in shown)
+            paper += f", under {info.get('decoder', '?')}"
+            arxiv = next((part.get("arxiv") for _, part in shown if part.get("arxiv")), arxiv)
+            config = {key: value for key, value in (("decoder", config), *((kind, part.get("config"))
+                                                                           for kind, part in shown)) if value}
         rows.append([
             _method_label(name, methods_manifest),
             paper or "—",
