@@ -20,6 +20,7 @@ and each Linear's `forward` is replaced on the instance (no class is patched), r
 from __future__ import annotations
 
 import types
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -88,8 +89,10 @@ class Int8Dynamic(_Int8):
 
     def _cpu_forward(self, module: torch.nn.Linear):
         q, scale = int8_per_channel(module.weight)
-        qweight = torch.quantize_per_channel(q.float() * scale[:, None], scale.double(),
-                                             torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+        with warnings.catch_warnings():  # quantized tensors are deprecated (torch 2.13), the kernels are not yet
+            warnings.simplefilter("ignore", UserWarning)
+            qweight = torch.quantize_per_channel(q.float() * scale[:, None], scale.double(),
+                                                 torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
         bias = None if module.bias is None else module.bias.detach().float()
         packed = torch.ops.quantized.linear_prepack(qweight, bias)
         reduce_range, dtype = self.config.reduce_range, module.weight.dtype
