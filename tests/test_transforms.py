@@ -16,7 +16,13 @@ from harness import cli
 from harness.results import read_records
 from harness.runfolder import identity
 from harness.runner import RunConfig, Runner
-from methods.base import DecodeContext, Sampling, SettingError, get_transform, transforms
+from methods.base import (
+    DecodeContext,
+    Sampling,
+    SettingError,
+    get_transform,
+    transforms,
+)
 from methods.common.cache_policy import Composition, Spec, compose, parse, split
 from methods.common.quantize import fake_quantize, per_group, rtn, signed_power
 from methods.common.transform import Edit, ModelTransform
