@@ -415,7 +415,9 @@ class Runner:
             return LosslessCheck(reference=reference_name, equal=True)
         with self._transformed(self.methods[name]):  # the margin of the model both ran on
             margin, relative = self._top2_margin(prompt_ids + theirs[:position])
-        eps = TIE_EPSILON.get(self.target.info["dtype"], 1e-5)
+        transform = getattr(self.methods[name], "transform", None)
+        dtypes = [self.target.info["dtype"], transform and transform.compute_dtype]  # the coarser one decides
+        eps = max(TIE_EPSILON.get(dtype, 1e-5) if dtype else 0.0 for dtype in dtypes)
         return LosslessCheck(reference=reference_name, equal=False, position=position, margin=margin,
                              relative_margin=relative, numerical_tie=relative < eps)
 

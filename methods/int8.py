@@ -8,7 +8,9 @@ kernels while the transform is attached. Weights: symmetric int8, one scale per 
   `ar+int8` (its verification passes see other scales); use `int8_wo` for that check.
 - `int8_wo`: weight-only int8. On the CPU, torch._weight_int8pack_mm with bfloat16 activations (its fast path;
   float32 inputs take a path slower than float32 matmul), output cast back: each token alone, so lossless
-  decoders stay lossless relative to `ar+int8_wo` (up to the GEMM's summation order across widths).
+  decoders stay lossless relative to `ar+int8_wo` up to the GEMM's summation order, which differs between a
+  1-token and an 8-token pass and shows at bfloat16's resolution (logits of 30 in steps of 0.25): the lossless
+  check judges ties at bfloat16's threshold under it (`compute_dtype`).
 - `backend=torchao`: torchao's Int8DynamicActivationInt8WeightConfig / Int8WeightOnlyConfig, the default on a
   GPU. On this CPU (torch 2.13, torchao 0.18, AVX-512 VNNI) its eager int8 paths ran 6-7x SLOWER than float32 on
   one 1536x8960 layer (28-36 ms vs 4.4 ms at 1 token), while the quantized dynamic linear ran it in 0.65 ms
@@ -107,6 +109,7 @@ class Int8WeightOnly(_Int8):
     """Weight-only int8 (module docstring)."""
 
     dynamic = False
+    compute_dtype = "bfloat16"  # on the CPU path: greedy ties are judged at bfloat16's resolution
 
     def _cpu_forward(self, module: torch.nn.Linear):
         q, scale = int8_per_channel(module.weight)

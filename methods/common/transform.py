@@ -77,6 +77,9 @@ class ModelTransform:
     name: ClassVar[str] = ""
     paper: ClassVar[Paper | None] = None
     simulated: ClassVar[bool] = True  # fake quantization: float weights that hold quantized values (no speed-up)
+    # the dtype its layers compute in where coarser than the model's (int8_wo: bfloat16 activations and outputs):
+    # the lossless check's numerical-tie threshold is that dtype's (kernels sum in other orders at other widths)
+    compute_dtype: ClassVar[str | None] = None
 
     @dataclass
     class Config(TransformSettings):
