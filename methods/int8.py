@@ -90,13 +90,8 @@ class Int8Dynamic(_Int8):
         return False  # one activation scale per pass
 
     def _cpu_forward(self, module: torch.nn.Linear):
-        q, scale = int8_per_channel(module.weight)
-        with warnings.catch_warnings():  # quantized tensors are deprecated (torch 2.13), the kernels are not yet
-            warnings.simplefilter("ignore", UserWarning)
-            qweight = torch.quantize_per_channel(q.float() * scale[:, None], scale.double(),
-                                                 torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
         bias = None if module.bias is None else module.bias.detach().float()
-        packed = torch.ops.quantized.linear_prepack(qweight, bias)
+        packed = self.derived(module.weight, lambda w: _packed(w, bias))
         reduce_range, dtype = self.config.reduce_range, module.weight.dtype
 
         def forward(self_, x: torch.Tensor) -> torch.Tensor:
@@ -112,8 +107,7 @@ class Int8WeightOnly(_Int8):
     compute_dtype = "bfloat16"  # on the CPU path: greedy ties are judged at bfloat16's resolution
 
     def _cpu_forward(self, module: torch.nn.Linear):
-        q, scale = int8_per_channel(module.weight)
-        q, scale = q.contiguous(), scale.to(torch.bfloat16)
+        q, scale = self.derived(module.weight, _int8pack)
         bias, dtype = module.bias, module.weight.dtype
 
         def forward(self_, x: torch.Tensor) -> torch.Tensor:
@@ -121,6 +115,22 @@ class Int8WeightOnly(_Int8):
             out = torch._weight_int8pack_mm(flat, q, scale).to(dtype).reshape(*x.shape[:-1], q.shape[0])
             return out if bias is None else out + bias
         return forward
+
+
+def _int8pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 weights and bfloat16 scales, as torch._weight_int8pack_mm takes them."""
+    q, scale = int8_per_channel(weight)
+    return q.contiguous(), scale.to(torch.bfloat16)
+
+
+def _packed(weight: torch.Tensor, bias: torch.Tensor | None):
+    """The int8 weight (and float bias) packed for PyTorch's quantized dynamic linear."""
+    q, scale = int8_per_channel(weight)
+    with warnings.catch_warnings():  # quantized tensors are deprecated (torch 2.13), the kernels are not yet
+        warnings.simplefilter("ignore", UserWarning)
+        qweight = torch.quantize_per_channel(q.float() * scale[:, None], scale.double(),
+                                             torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+    return torch.ops.quantized.linear_prepack(qweight, bias)
 
 
 def _torchao(model: torch.nn.Module, layers: list, edit: Edit, dynamic: bool) -> None:

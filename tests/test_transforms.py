@@ -349,3 +349,20 @@ def test_a_bad_transform_setting_exits_2_before_any_model_loads(tmp_path):
                                 capture_output=True, text=True, timeout=120, check=False)
         assert result.returncode == 2 and message in result.stdout + result.stderr, result.stdout + result.stderr
     assert time.perf_counter() - start < 60 and not (tmp_path / "run").exists()
+
+
+def test_int8_packs_each_weight_once_and_again_after_a_change():
+    model = tiny_llama(seed=10)
+    transform = get_transform("int8_wo")()
+    with transform.attach(model):
+        first = _logits(model)
+    held = {key: value[2] for key, value in transform._derived.items()}
+    assert len(held) == len([m for m in model.modules() if isinstance(m, torch.nn.Linear)])  # the head included
+    with transform.attach(model):
+        assert torch.equal(_logits(model), first)
+    assert all(transform._derived[key][2] is value for key, value in held.items())  # reused, not packed again
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)  # changed in place: packed again
+    with transform.attach(model):
+        assert not torch.equal(_logits(model), first)
+    assert transform._derived[id(model.lm_head.weight)][2] is not held[id(model.lm_head.weight)]

@@ -7,9 +7,10 @@ A transform subclasses `ModelTransform` and fills `apply(model, edit)`, making e
 `edit.hook(handle)` (forward pre-hooks on layers). `transform.attach(target, draft)` applies it to each model
 given and, on exit, exception or not, undoes every change in reverse order: the original Parameter objects go
 back in place, untouched (never written in place), so the weights are restored bit for bit and one loaded model
-serves `ar` and `ar+w8` in one run. Nothing is kept on the transform between attaches; one transform per model at
-a time (attaching the same transform again inside its own attach is a no-op, so the runner can apply it outside
-the timed region and `generate` again inside).
+serves `ar` and `ar+w8` in one run. One transform per model at a time (attaching the same transform again inside
+its own attach is a no-op, so the runner can apply it outside the timed region and `generate` again inside).
+Between attaches a transform may keep what it derives from a weight (`derived`: int8 packing takes seconds a
+model, and the runner attaches once per record), keyed weakly by the weight and checked against its version.
 
 Composition (cache_policy.compose): `DECODER[+POLICY][+TRANSFORM]`; a transform alone runs under `ar`, and it
 changes the target and the draft alike (`sps+w8`: both quantized). A decoder that is lossless stays lossless
@@ -21,6 +22,7 @@ the composition lossy.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
@@ -97,6 +99,16 @@ class ModelTransform:
     def apply(self, model: torch.nn.Module, edit: Edit) -> None:
         """Change `model` through `edit` only."""
         raise NotImplementedError
+
+    def derived(self, weight: torch.Tensor, make: Callable[[torch.Tensor], Any]) -> Any:
+        """`make(weight)`, computed once per weight while the weight lives and is not changed in place."""
+        cache = self.__dict__.setdefault("_derived", {})  # id(weight) -> (weakref, version, value)
+        key = id(weight)
+        held = cache.get(key)
+        if held is None or held[0]() is not weight or held[1] != weight._version:
+            ref = weakref.ref(weight, lambda _, key=key: cache.pop(key, None))  # gone with the weight
+            held = cache[key] = (ref, weight._version, make(weight))
+        return held[2]
 
     def attached_to(self, model: torch.nn.Module) -> bool:
         return _ACTIVE.get(id(model)) is self
