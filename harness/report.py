@@ -486,6 +486,17 @@ def _roofline_display(manifest: dict, ok: pd.DataFrame, baseline: str) -> dict |
         ["Fraction of the limit", _formatted(100 * reached["fraction"], "{:.0f}%", MISSING_IN_COST_TABLE)],
         ["Ridge width (tokens per pass where compute catches up)", f"{reached['ridge_width']:.1f}"],
     ]
+    for name, model in (roof.get("transforms") or {}).items():  # int8 weights: fewer bytes, a higher limit
+        runs = ok[(ok["decoder"] == baseline) & ok["policy"].isna() & (ok["transform"] == name)]
+        under = roofline.efficiency(device, model, roofline.decode_tokens_per_s(runs.to_dict("records")))
+        rows += [
+            [f"Target weight bytes read per token under {name}", f"{model['weight_bytes_per_token'] / 1e9:.3f} GB"],
+            [f"Memory-bound limit under {name}", f"{under['memory_bound_tokens_per_s']:.1f} tokens/s"],
+            [f"{baseline}+{name} decode speed (prefill excluded)",
+             _formatted(under["measured_tokens_per_s"], "{:.2f} tokens/s", MISSING_IN_COST_TABLE)],
+            [f"Fraction of the limit under {name}", _formatted(100 * under["fraction"], "{:.0f}%",
+                                                                MISSING_IN_COST_TABLE)],
+        ]
     return {"how": device.get("method", ""), **_table(["Figure", "Value"], rows)}
 
 

@@ -215,8 +215,15 @@ class Runner:
         bytes each model reads per token: what the report needs to place `ar` under its roofline."""
         dtype = str(next(self.target.model.parameters()).dtype).removeprefix("torch.")
         roles = {"target": self.target, **({"draft": self.draft} if self.draft else {})}
-        return {"device": roofline.measure(self.device, dtype),
+        roof = {"device": roofline.measure(self.device, dtype),
                 **{role: roofline.model_roof(loaded.model) for role, loaded in roles.items()}}
+        # the target under each transform that reads fewer bytes (int8): its own memory-bound limit
+        full = roof["target"]["weight_bytes_per_token"]
+        transforms = {m.transform.name: m.transform for m in self.methods.values() if getattr(m, "transform", None)}
+        smaller = {name: full - t.bytes_saved(self.target.model) for name, t in transforms.items()}
+        roof["transforms"] = {name: {"weight_bytes_per_token": size, "bytes_per_parameter": 1.0}
+                              for name, size in smaller.items() if size < full}
+        return roof
 
     # ------------------------------------------------------------ one generation
 

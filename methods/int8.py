@@ -80,6 +80,11 @@ class _Int8(ModelTransform):
     def _cpu_forward(self, module: torch.nn.Linear):
         raise NotImplementedError
 
+    def bytes_saved(self, model: torch.nn.Module) -> int:
+        """Each layer's float weight read as int8 plus one float32 scale per output channel."""
+        return sum(m.weight.numel() * (m.weight.element_size() - 1) - 4 * m.weight.shape[0]
+                   for _, m in linear_layers(model, self.config.head))
+
 
 @register_transform("int8")
 class Int8Dynamic(_Int8):

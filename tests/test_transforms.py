@@ -3,6 +3,7 @@ strengths, exact restoration of the models, composition with decoders and polici
 transformed model, and the runner (records, folder identity, likelihood suites, settings errors)."""
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 from conftest import WORDS, tiny_llama
 
 from harness import cli
+from harness.report import build_report
 from harness.results import read_records
 from harness.runfolder import identity
 from harness.runner import RunConfig, Runner
@@ -319,8 +321,18 @@ def test_a_run_records_the_transform_and_checks_against_ar_on_it(model_dirs, tmp
         assert sps["lossless_check"] == {"reference": "w4", "equal": True, "position": None, "margin": None,
                                          "relative_margin": None, "numerical_tie": False}
         assert records[("sps+int8", item)]["lossless_check"] is None  # lossy (per-pass activation scales)
-    manifest = (tmp_path / "run" / "manifest.json").read_text()
-    assert '"transform": {' in manifest and '"simulated": false' in manifest
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["methods"]["sps+int8"]["transform"]["simulated"] is False
+    assert manifest["methods"]["sps+w4"]["transform"]["config"]["group_size"] == 32
+    # the roofline of the int8 target: every Linear (head included) at 1 byte a weight + 4 bytes a row
+    target = tiny_llama(seed=0)
+    linears = [m for m in target.modules() if isinstance(m, torch.nn.Linear)]
+    saved = sum(3 * m.weight.numel() - 4 * m.weight.shape[0] for m in linears)
+    roof = manifest["roofline"]
+    assert roof["transforms"]["int8"]["weight_bytes_per_token"] == roof["target"]["weight_bytes_per_token"] - saved
+    assert "w4" not in roof["transforms"]  # simulated: it reads what the model reads
+    report = (build_report(tmp_path / "run") / "report.md").read_text()
+    assert "Target weight bytes read per token under int8" in report
 
 
 def test_likelihood_suites_take_transforms(model_dirs, tmp_path, capsys):

@@ -100,6 +100,11 @@ class ModelTransform:
         """Change `model` through `edit` only."""
         raise NotImplementedError
 
+    def bytes_saved(self, model: torch.nn.Module) -> int:
+        """Weight bytes a decoding step reads less under this transform (its int8 weights and their scales in
+        place of the float weights); 0 for a simulated one, which reads what the model reads."""
+        return 0
+
     def derived(self, weight: torch.Tensor, make: Callable[[torch.Tensor], Any]) -> Any:
         """`make(weight)`, computed once per weight while the weight lives and is not changed in place."""
         cache = self.__dict__.setdefault("_derived", {})  # id(weight) -> (weakref, version, value)
