@@ -56,9 +56,7 @@ class _Int8(ModelTransform):
     class Config(TransformSettings):
         backend: Literal["auto", "cpu", "torchao"] = setting("auto", "auto: the PyTorch CPU kernels on a CPU, "
                                                                      "torchao elsewhere")
-        head: bool = setting(True, "also the LM head (most of a small model's weight bytes)")
-        reduce_range: bool = setting(False, "int8 dynamic on the CPU: 7-bit activations, for CPUs without VNNI "
-                                            "(their u8*s8 products can saturate)")
+        head: bool = setting(True, "also the LM head (28M of SmolLM2-135M's 135M weights, read at every step)")
 
     def _backend(self, model: torch.nn.Module) -> str:
         device = next(model.parameters()).device.type
@@ -89,6 +87,11 @@ class _Int8(ModelTransform):
 @register_transform("int8")
 class Int8Dynamic(_Int8):
     """Dynamic W8A8 on int8 kernels (module docstring)."""
+
+    @dataclass
+    class Config(_Int8.Config):
+        reduce_range: bool = setting(False, "on the CPU: 7-bit activations, for CPUs without VNNI (their u8*s8 "
+                                            "products can saturate)")
 
     @property
     def token_wise(self) -> bool:
