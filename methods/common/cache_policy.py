@@ -421,11 +421,6 @@ def method_parts(method: Method) -> list:
     return method.parts() if isinstance(method, Composition) else [method]
 
 
-def lossless_reference(spec: str) -> Spec:
-    """What a lossless composition must reproduce under greedy decoding: `ar` on the same transformed model."""
-    return Spec("ar", None, parse(spec).transform)
-
-
 def compose(spec: str, settings: dict[str, dict[str, Any]] | None = None) -> Method:
     """A runnable method for `DECODER[+POLICY][+TRANSFORM]`, settings given per part name. One policy per model:
     two attention functions cannot both be installed, and an eviction would move the keys another policy
