@@ -359,7 +359,7 @@ class Composition(Method):
         self.config = decoder.config
         self.paper = (policy or transform).paper
         self.needs, self.stateful = decoder.needs, decoder.stateful
-        # lossless relative to `ar` under the same transform (see `lossless_reference`)
+        # lossless relative to `ar` under the same transform (the runner checks it against that method)
         self.lossless = (decoder.lossless and (policy is None or policy.lossless)
                          and (transform is None or transform.token_wise))
 
