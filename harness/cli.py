@@ -335,12 +335,21 @@ def _show(title: str, columns: list[str], rows: list[dict], as_json: bool) -> No
 
 
 def cmd_methods(args) -> int:
-    from methods.base import describe_settings, get_method, get_policy, policies, registry
+    from methods.base import (
+        describe_settings,
+        get_method,
+        get_policy,
+        get_transform,
+        policies,
+        registry,
+        transforms,
+    )
 
     if args.name:
-        is_policy = args.name in policies()
+        is_policy, is_transform = args.name in policies(), args.name in transforms()
         try:
-            cls = get_policy(args.name) if is_policy else get_method(args.name)
+            cls = (get_policy(args.name) if is_policy else get_transform(args.name) if is_transform
+                   else get_method(args.name))
         except KeyError as err:
             console.print(f"[red]error:[/] {err.args[0]}")
             return 2
@@ -354,6 +363,10 @@ def cmd_methods(args) -> int:
             print(f"a cache/attention policy: runs under ar (`{args.name}`) or another decoder "
                   f"(`sps+{args.name}`); evicts: {'yes' if d['evicts'] else 'no'}; "
                   f"selects keys: {'yes' if d['selects'] else 'no'}; lossless: {'yes' if d['lossless'] else 'no'}")
+        elif is_transform:
+            print(f"a model transform of the target and the draft: runs under ar (`{args.name}`) or another decoder "
+                  f"(`sps+{args.name}`); " + ("simulated (fake quantization: accuracy, not speed)" if d["simulated"]
+                                              else "real kernels (speed)"))
         else:
             print(f"needs: {d['needs']}; lossless: {'yes' if d['lossless'] else 'no'}; "
                   f"keeps state across prompts: {'yes' if d['stateful'] else 'no'}")
@@ -367,7 +380,8 @@ def cmd_methods(args) -> int:
         return 0
     if args.json:
         print(json.dumps([{"name": name, **cls.describe(), "settings": describe_settings(cls.Config)}
-                          for name, cls in {**registry(), **policies()}.items()], indent=1, default=str))
+                          for name, cls in {**registry(), **policies(), **transforms()}.items()], indent=1,
+                         default=str))
         return 0
     rows = []
     for name, cls in registry().items():
@@ -382,6 +396,12 @@ def cmd_methods(args) -> int:
         rows.append({"name": name, "paper": d["paper"] + " (cache policy: ar+NAME, DECODER+NAME)",
                      "arXiv": d["arxiv"] or "", "needs": "nothing", "lossless": "yes" if d["lossless"] else "no",
                      "defaults": defaults})
+    for name, cls in transforms().items():
+        d = cls.describe()
+        defaults = ", ".join(f"{s['name']}={_setting_text(s['default'])}" for s in describe_settings(cls.Config))
+        kind = "simulated" if d["simulated"] else "int8 kernels"
+        rows.append({"name": name, "paper": (d["paper"] or "—") + f" (transform, {kind}: ar+NAME, DECODER+NAME)",
+                     "arXiv": d["arxiv"] or "", "needs": "nothing", "lossless": "no", "defaults": defaults})
     _show("methods (decodebench methods NAME: settings with types and help)",
           ["name", "paper", "arXiv", "needs", "lossless", "defaults"], rows, False)
     return 0

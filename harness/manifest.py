@@ -70,15 +70,20 @@ def run_settings(cfg) -> dict:
 
 
 def _describe(method) -> dict:
-    """A method's paper, needs and config; a DECODER+POLICY composition: the decoder's, with the policy's
-    paper and config under "policy" (lossless only if both are)."""
-    policy = getattr(method, "policy", None)
-    if policy is None:
+    """A method's paper, needs and config; a DECODER[+POLICY][+TRANSFORM] composition: the decoder's, with each
+    modifier's paper and config under "policy" and "transform" (lossless: relative to `ar` on the same transform,
+    and only if the policy is lossless and the transform acts on each token alone)."""
+    decoder = getattr(method, "decoder", None)
+    if decoder is None:
         return {**method.describe(), "config": asdict(method.config)}
-    decoder = method.decoder
-    return {**decoder.describe(), "config": asdict(decoder.config), "decoder": decoder.name,
-            "lossless": method.lossless, "policy": {"name": policy.name, **policy.describe(),
-                                                    "config": asdict(policy.config)}}
+    out = {**decoder.describe(), "config": asdict(decoder.config), "decoder": decoder.name, "lossless": method.lossless}
+    for kind in ("policy", "transform"):
+        part = getattr(method, kind, None)
+        if part is not None:
+            out[kind] = {"name": part.name, **part.describe(), "config": asdict(part.config)}
+    if getattr(method, "transform", None) is not None:
+        out["transform"]["token_wise"] = method.transform.token_wise
+    return out
 
 
 def write_manifest(out: Path, cfg, device: str, methods: dict, target, draft, roofline: dict | None = None,

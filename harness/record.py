@@ -17,8 +17,8 @@ SCHEMA_VERSION = 3
 # Records and manifests written before the schema existed carry no version: they are read as version 0,
 # whose fields are a subset of version 1's (the missing ones take their defaults, see `upgrade`).
 # Version 2 added fields only (decoder/policy, item_meta, the KV cache's bytes, the likelihood group):
-# a version 1 record reads with them at their defaults. Version 3 added fields only (prefill_calls, and the
-# bytes a cache policy holds beside the cache).
+# a version 1 record reads with them at their defaults. Version 3 added fields only: the model transform (name,
+# settings), prefill_calls, and the bytes a cache policy holds beside the cache.
 LEGACY_VERSION = 0
 KNOWN_VERSIONS = (LEGACY_VERSION, 1, 2, SCHEMA_VERSION)
 
@@ -58,8 +58,10 @@ class Identity:
     method_state: Literal["carry", "fresh"] | None = None  # cross-prompt state carried over items, or reset
     state_items_seen: int | None = None  # earlier distinct items the method's cross-prompt state had seen
     state_note: str | None = None  # why the state is not what a straight run would have had (a resume, a failure)
-    decoder: str | None = None  # `method` is DECODER[+POLICY]: the decoder that ran ...
-    policy: str | None = None  # ... and the cache/attention policy attached to the target (None: full cache)
+    decoder: str | None = None  # `method` is DECODER[+POLICY][+TRANSFORM]: the decoder that ran ...
+    policy: str | None = None  # ... the cache/attention policy attached to the target (None: full cache) ...
+    transform: str | None = None  # ... and the model transform on target and draft (None: the models as loaded)
+    transform_settings: dict[str, Any] | None = None  # that transform's settings, all of them
     item_meta: dict[str, Any] | None = None  # what a generated suite knows of the item (task, length, depth)
 
 

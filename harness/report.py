@@ -360,11 +360,16 @@ def _methods_table(manifest: dict, records: pd.DataFrame) -> dict:
         info = methods_manifest.get(name, {})
         lossless = info.get("lossless")
         paper, arxiv, config = info.get("paper"), info.get("arxiv"), info.get("config")
-        policy = info.get("policy")
-        if isinstance(policy, dict):  # DECODER+POLICY: the policy's paper, under the decoder
-            paper = f"{policy.get('paper') or policy.get('name')} (policy), under {info.get('decoder', '?')}"
-            arxiv = policy.get("arxiv") or arxiv
-            config = {key: value for key, value in (("decoder", config), ("policy", policy.get("config"))) if value}
+        policy, transform = info.get("policy"), info.get("transform")
+        if isinstance(policy, dict) or isinstance(transform, dict):  # DECODER+MODIFIERS: theirs, under the decoder
+            shown = [(kind, part) for kind, part in (("policy", policy), ("transform", transform))
+                     if isinstance(part, dict)]
+            paper = "; ".join(f"{part.get('paper') or part.get('name')} ({kind}"
+                              + (", simulated" if part.get("simulated") else "") + ")" for kind, part in shown)
+            paper += f", under {info.get('decoder', '?')}"
+            arxiv = next((part.get("arxiv") for _, part in shown if part.get("arxiv")), arxiv)
+            config = {key: value for key, value in (("decoder", config), *((kind, part.get("config"))
+                                                                           for kind, part in shown)) if value}
         rows.append([
             _method_label(name, methods_manifest),
             paper or "—",
@@ -489,6 +494,17 @@ def _roofline_display(manifest: dict, ok: pd.DataFrame, baseline: str) -> dict |
         ["Fraction of the limit", _formatted(100 * reached["fraction"], "{:.0f}%", MISSING_IN_COST_TABLE)],
         ["Ridge width (tokens per pass where compute catches up)", f"{reached['ridge_width']:.1f}"],
     ]
+    for name, model in (roof.get("transforms") or {}).items():  # int8 weights: fewer bytes, a higher limit
+        runs = ok[(ok["decoder"] == baseline) & ok["policy"].isna() & (ok["transform"] == name)]
+        under = roofline.efficiency(device, model, roofline.decode_tokens_per_s(runs.to_dict("records")))
+        rows += [
+            [f"Target weight bytes read per token under {name}", f"{model['weight_bytes_per_token'] / 1e9:.3f} GB"],
+            [f"Memory-bound limit under {name}", f"{under['memory_bound_tokens_per_s']:.1f} tokens/s"],
+            [f"{baseline}+{name} decode speed (prefill excluded)",
+             _formatted(under["measured_tokens_per_s"], "{:.2f} tokens/s", MISSING_IN_COST_TABLE)],
+            [f"Fraction of the limit under {name}", _formatted(100 * under["fraction"], "{:.0f}%",
+                                                                MISSING_IN_COST_TABLE)],
+        ]
     return {"how": device.get("method", ""), **_table(["Figure", "Value"], rows)}
 
 

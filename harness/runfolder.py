@@ -130,9 +130,10 @@ def identity(cfg, methods: dict, data_sha256: str | None) -> dict:
             flat.update(value)
         else:
             flat[key] = value
+    from methods.common.cache_policy import method_parts
+
     for method in methods.values():
-        parts = [method.decoder, method.policy] if hasattr(method, "policy") else [method]
-        for part in parts:  # a composition's decoder and policy knobs, each under its own name
+        for part in method_parts(method):  # a composition's decoder, policy and transform knobs, each by its name
             for knob, value in asdict(part.config).items():
                 flat[f"{part.name}.{knob}"] = value
     flat["data_sha256"] = data_sha256

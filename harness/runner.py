@@ -42,7 +42,7 @@ from harness.results import ResultStore, first_difference, record_key
 from harness.runfolder import RunFolder, identity
 from harness.trackers import EnergyTracker, PeakMemory
 from methods.base import BudgetExhausted, DecodeContext, Method, Sampling
-from methods.common.cache_policy import compose, split
+from methods.common.cache_policy import Spec, compose, parse
 from suites.base import Item, get_suite, items_sha256
 
 BASELINE = "ar"
@@ -175,7 +175,7 @@ class Runner:
         self.out = Path(cfg.out)
         self.methods: dict[str, Method] = {}
         for name in ([BASELINE] if BASELINE in cfg.methods else []) + [m for m in cfg.methods if m != BASELINE]:
-            self.methods[name] = compose(name, cfg.settings)  # DECODER[+POLICY]; errors before any loading
+            self.methods[name] = compose(name, cfg.settings)  # DECODER[+POLICY][+TRANSFORM]; errors before loading
         suite_cls = get_suite(cfg.suite)
         # a suite sized in tokens gets the target's tokenizer now: only the tokenizer, no weights, loads
         tokenizer = (model_specs.load_tokenizer(cfg.target, cfg.trust_remote_code)
@@ -221,8 +221,15 @@ class Runner:
         bytes each model reads per token: what the report needs to place `ar` under its roofline."""
         dtype = str(next(self.target.model.parameters()).dtype).removeprefix("torch.")
         roles = {"target": self.target, **({"draft": self.draft} if self.draft else {})}
-        return {"device": roofline.measure(self.device, dtype),
+        roof = {"device": roofline.measure(self.device, dtype),
                 **{role: roofline.model_roof(loaded.model) for role, loaded in roles.items()}}
+        # the target under each transform that reads fewer bytes (int8): its own memory-bound limit
+        full = roof["target"]["weight_bytes_per_token"]
+        transforms = {m.transform.name: m.transform for m in self.methods.values() if getattr(m, "transform", None)}
+        smaller = {name: full - t.bytes_saved(self.target.model) for name, t in transforms.items()}
+        roof["transforms"] = {name: {"weight_bytes_per_token": size, "bytes_per_parameter": 1.0}
+                              for name, size in smaller.items() if size < full}
+        return roof
 
     # ------------------------------------------------------------ one generation
 
@@ -242,21 +249,22 @@ class Runner:
             state=state if state is not None else {}, corpus=self.corpus, item_meta=item_meta,
         )
         stop_note = None
-        synchronize(self.target.model)
-        memory, energy = PeakMemory(self.device), EnergyTracker(self.device)
-        entering = time.perf_counter()
-        with ExitStack() as trackers:
-            if self.cfg.trackers:  # off only to measure the trackers' own cost
-                trackers.enter_context(memory)
-                trackers.enter_context(energy)
-            start = time.perf_counter()
-            try:
-                method.generate(ctx)
-            except BudgetExhausted as exhausted:
-                stop_note = str(exhausted)
+        with self._transformed(method):  # outside the timing: generate() finds it attached
             synchronize(self.target.model)
-            wall = time.perf_counter() - start
-            stop_trackers = time.perf_counter()
+            memory, energy = PeakMemory(self.device), EnergyTracker(self.device)
+            entering = time.perf_counter()
+            with ExitStack() as trackers:
+                if self.cfg.trackers:  # off only to measure the trackers' own cost
+                    trackers.enter_context(memory)
+                    trackers.enter_context(energy)
+                start = time.perf_counter()
+                try:
+                    method.generate(ctx)
+                except BudgetExhausted as exhausted:
+                    stop_note = str(exhausted)
+                synchronize(self.target.model)
+                wall = time.perf_counter() - start
+                stop_trackers = time.perf_counter()
         self.kv_watch.finish()
         # Their own cost, outside `wall`: entering and leaving, plus their sampler threads' CPU time
         tracker_s = (start - entering) + (time.perf_counter() - stop_trackers) + memory.thread_cpu_s + energy.thread_cpu_s
@@ -330,19 +338,20 @@ class Runner:
         return "; ".join(problems) or None
 
     def _check_likelihood_methods(self) -> None:
-        """A likelihood suite runs what changes likelihoods: `ar` (the model itself) and cache policies under
-        it. Another decoder reads the document as `ar` does, so it is refused rather than recomputed."""
-        others = [name for name in self.methods if split(name)[0] != BASELINE]
+        """A likelihood suite runs what changes likelihoods: `ar` (the model itself), and cache policies and model
+        transforms under it. Another decoder reads the document as `ar` does, so it is refused, not recomputed."""
+        others = [name for name in self.methods if parse(name).decoder != BASELINE]
         if others:
             raise RunConfigError(f"suite {self.cfg.suite} scores log-likelihoods, which a decoder does not change: "
-                                 f"{', '.join(others)} would give ar's figures; run ar and cache policies "
-                                 "(e.g. --methods ar,streaming_llm)")
+                                 f"{', '.join(others)} would give ar's figures; run ar, cache policies and "
+                                 "transforms (e.g. --methods ar,streaming_llm,w8)")
         if self.cfg.budgets != [Budget()]:
             raise RunConfigError(f"--budget does not apply to suite {self.cfg.suite}: a document is read whole")
 
     def _likelihood(self, method: Method, item: Item) -> dict:
-        """Read the document under the method (a policy attached, or the model itself), timed and counted as
-        a generation is; the NLL of every token after the first, and the perplexities lm-eval defines."""
+        """Read the document under the method (a transform applied and/or a policy attached, or the model
+        itself), timed and counted as a generation is; the NLL of every token after the first, and the
+        perplexities lm-eval defines. The transform goes on before the timing starts."""
         opts, model, text = self.suite.options, self.target.model, item.turns[0]
         ids = self.target.tokenizer(text, add_special_tokens=False)["input_ids"]
         policy = getattr(method, "policy", None)
@@ -352,14 +361,15 @@ class Runner:
             window = opts.window or int(getattr(model.config, "max_position_embeddings", 0) or len(ids))
             stride = opts.stride or max(1, window // 4)
             read, how = (lambda: likelihood.sliding_nll(model, ids, window, stride)), f"sliding {window}/{stride}"
-        self.target_counter.reset()
-        self.kv_watch.reset()
-        synchronize(model)
-        start = time.perf_counter()
-        with policy.attach(model) if policy is not None else contextlib.nullcontext():
-            nll = read()
-        synchronize(model)
-        wall = time.perf_counter() - start
+        with self._transformed(method):
+            self.target_counter.reset()
+            self.kv_watch.reset()
+            synchronize(model)
+            start = time.perf_counter()
+            with policy.attach(model) if policy is not None else contextlib.nullcontext():
+                nll = read()
+            synchronize(model)
+            wall = time.perf_counter() - start
         self.kv_watch.finish()
         tc = self.target_counter
         return {"prompt_tokens": len(ids), "token_nll": nll, "wall_s": wall, "target_calls": tc.calls,
@@ -395,8 +405,22 @@ class Runner:
 
     # ------------------------------------------------------------ lossless check
 
-    def _lossless_check(self, record: Record, prompt_ids: list[int]) -> LosslessCheck | None:
-        reference = self.store.get(record_key(dataclasses.replace(record, method=BASELINE)))
+    def _transformed(self, method: Method):
+        """The method's model transform applied to the target and draft (a no-op context without one)."""
+        transform = getattr(method, "transform", None)
+        if transform is None:
+            return contextlib.nullcontext()
+        return transform.attach(self.target.model, self.draft.model if self.draft else None)
+
+    def _lossless_reference(self, name: str) -> str | None:
+        """The run's method a lossless `name` must equal under greedy decoding: `ar`, or `ar` on the same transform
+        (`w8` or `ar+w8` for `sps+w8`); None when the run has none."""
+        want = Spec(BASELINE, None, parse(name).transform)
+        return next((other for other in self.methods if parse(other) == want), None)
+
+    def _lossless_check(self, record: Record, prompt_ids: list[int], name: str) -> LosslessCheck | None:
+        reference_name = self._lossless_reference(name)
+        reference = self.store.get(record_key(dataclasses.replace(record, method=reference_name)))
         if reference is None or reference.get("prompt_sha") != record.prompt_sha:
             return None  # no baseline, or an earlier turn already diverged so the prompts differ
         ours, theirs = record.output_ids, reference["output_ids"]
@@ -405,10 +429,13 @@ class Runner:
         # one being a prefix of the other is equality only when a budget cut the shorter one short;
         # otherwise one stopped early (EOS) where the other went on
         if position is None or (budget_cut and position == min(len(ours), len(theirs))):
-            return LosslessCheck(reference=BASELINE, equal=True)
-        margin, relative = self._top2_margin(prompt_ids + theirs[:position])
-        eps = TIE_EPSILON.get(self.target.info["dtype"], 1e-5)
-        return LosslessCheck(reference=BASELINE, equal=False, position=position, margin=margin,
+            return LosslessCheck(reference=reference_name, equal=True)
+        with self._transformed(self.methods[name]):  # the margin of the model both ran on
+            margin, relative = self._top2_margin(prompt_ids + theirs[:position])
+        transform = getattr(self.methods[name], "transform", None)
+        dtypes = [self.target.info["dtype"], transform and transform.compute_dtype]  # the coarser one decides
+        eps = max(TIE_EPSILON.get(dtype, 1e-5) if dtype else 0.0 for dtype in dtypes)
+        return LosslessCheck(reference=reference_name, equal=False, position=position, margin=margin,
                              relative_margin=relative, numerical_tie=relative < eps)
 
     def _top2_margin(self, ids: list[int]) -> tuple[float, float]:
@@ -497,9 +524,10 @@ class Runner:
                         budget=budget.label, **asdict(budget), temperature=self.cfg.sampling.temperature,
                         seed=item_seed(self.cfg.sampling.seed, item.item_id, turn, repeat),
                         method_state=self.cfg.method_state, item_meta=item.meta)
-        record.decoder, policies = split(name)
-        record.policy = "+".join(policies) or None
-        method = self.methods[name]
+        parsed, method = parse(name), self.methods[name]
+        record.decoder, record.policy, record.transform = parsed.decoder, parsed.policy, parsed.transform
+        transform = getattr(method, "transform", None)
+        record.transform_settings = transform.settings() if transform is not None else None
         # the canonical attempt (repeat 0, first budget point) is the one whose state goes on to the next item
         carries = method.stateful and repeat == 0 and budget == self.cfg.budgets[0]
         try:
@@ -524,8 +552,9 @@ class Runner:
             record.update(self._quality(item, turn, prompt_ids, record))
             record.alternatives_text = [self.target.tokenizer.decode(a, skip_special_tokens=True)
                                         for a in record.alternatives]
-            if self.methods[name].lossless and self.cfg.sampling.greedy and name != BASELINE:
-                record.lossless_check = self._lossless_check(record, prompt_ids)
+            reference = self._lossless_reference(name)
+            if self.methods[name].lossless and self.cfg.sampling.greedy and reference not in (None, name):
+                record.lossless_check = self._lossless_check(record, prompt_ids, name)
         except Exception as err:  # noqa: BLE001 - recorded, and the run goes on
             if isinstance(err, torch.OutOfMemoryError) and torch.cuda.is_available():
                 torch.cuda.empty_cache()

@@ -316,7 +316,7 @@ _REGISTRY: dict[str, type[Method]] = {}
 
 def register(name: str):
     def wrap(cls: type[Method]) -> type[Method]:
-        if (name in _REGISTRY and _REGISTRY[name] is not cls) or name in _POLICIES:
+        if (name in _REGISTRY and _REGISTRY[name] is not cls) or name in _POLICIES or name in _TRANSFORMS:
             raise ValueError(f"method name {name!r} registered twice")
         cls.name = name
         _REGISTRY[name] = cls
@@ -353,7 +353,7 @@ _POLICIES: dict[str, type] = {}
 
 def register_policy(name: str):
     def wrap(cls: type) -> type:
-        if (name in _POLICIES and _POLICIES[name] is not cls) or name in _REGISTRY:
+        if (name in _POLICIES and _POLICIES[name] is not cls) or name in _REGISTRY or name in _TRANSFORMS:
             raise ValueError(f"policy name {name!r} registered twice")
         cls.name = name
         _POLICIES[name] = cls
@@ -371,4 +371,32 @@ def get_policy(name: str) -> type:
     known = policies()
     if name not in known:
         raise KeyError(f"unknown policy {name!r}; known policies: {', '.join(known)}")
+    return known[name]
+
+
+# Model transforms (methods.common.transform.ModelTransform): quantization, perturbations. They change the
+# weights (or how the layers compute) of the target and the draft for one run; `sps+w8`, `w8` = `ar+w8`.
+_TRANSFORMS: dict[str, type] = {}
+
+
+def register_transform(name: str):
+    def wrap(cls: type) -> type:
+        if (name in _TRANSFORMS and _TRANSFORMS[name] is not cls) or name in _REGISTRY or name in _POLICIES:
+            raise ValueError(f"transform name {name!r} registered twice")
+        cls.name = name
+        _TRANSFORMS[name] = cls
+        return cls
+
+    return wrap
+
+
+def transforms() -> dict[str, type]:
+    _discover()
+    return dict(sorted(_TRANSFORMS.items()))
+
+
+def get_transform(name: str) -> type:
+    known = transforms()
+    if name not in known:
+        raise KeyError(f"unknown transform {name!r}; known transforms: {', '.join(known)}")
     return known[name]

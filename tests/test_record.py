@@ -44,9 +44,10 @@ FIELDS_BY_VERSION[2] = _with(_with(_with(_V1, "state_note", ["decoder", "policy"
                                    "method_state_bytes", ["kv_cache_peak_bytes", "kv_cache_final_bytes"]),
                              "task_metric", ["token_nll", "scored_tokens", "words", "bytes", "token_perplexity",
                                              "word_perplexity", "byte_perplexity", "bits_per_byte"])
-# version 3 added fields only: the passes of a chunked prefill, what a cache policy holds beside the cache
-FIELDS_BY_VERSION[3] = _with(_with(FIELDS_BY_VERSION[2], "target_calls", ["prefill_calls"]),
-                             "kv_cache_final_bytes", ["policy_state_bytes"])
+# version 3 added fields only: the model transform and its settings, the passes of a chunked prefill, what a
+# cache policy holds beside the cache
+FIELDS_BY_VERSION[3] = _with(_with(_with(FIELDS_BY_VERSION[2], "policy", ["transform", "transform_settings"]),
+                                   "target_calls", ["prefill_calls"]), "kv_cache_final_bytes", ["policy_state_bytes"])
 
 
 def test_a_renamed_field_is_a_schema_change():

@@ -11,7 +11,17 @@ import typing
 
 import pytest
 
-from methods.base import SettingError, Settings, describe_settings, get_method, parse_setting, policies, registry, setting
+from methods.base import (
+    SettingError,
+    Settings,
+    describe_settings,
+    get_method,
+    parse_setting,
+    policies,
+    registry,
+    setting,
+    transforms,
+)
 
 
 @dataclasses.dataclass
@@ -108,7 +118,7 @@ def test_listings_are_not_truncated_when_piped_and_have_json():
     listing = _cli("methods")
     assert listing.returncode == 0
     names = {line.split("\t")[0] for line in listing.stdout.splitlines()[1:]}
-    everything = set(METHODS) | set(policies())  # decoders and the cache policies composed with them
+    everything = set(METHODS) | set(policies()) | set(transforms())  # decoders and the modifiers composed with them
     assert names == everything
     described = json.loads(_cli("methods", "--json").stdout)
     assert {d["name"] for d in described} == everything and all("settings" in d for d in described)

@@ -22,7 +22,8 @@ per model at a time, acting on one cache: a second cache on the same model (a se
 is refused; passes without a cache run plain.
 
 Composition: `compose("sps+streaming_llm")` runs a registered decoder with a registered policy attached
-to the target model (a policy alone means `ar+policy`). An evicting policy changes cache lengths: a decoder
+to the target model (a policy alone means `ar+policy`); a model transform (methods/common/transform.py) is the
+other modifier kind, `DECODER[+POLICY][+TRANSFORM]`, parsed here in one place (`parse`). An evicting policy changes cache lengths: a decoder
 that crops its cache after rejected drafts must crop relative to the end (see ChainVerifier), and one that
 passes explicit position ids (token trees) is refused.
 """
@@ -48,8 +49,10 @@ from methods.base import (
     build_config,
     get_method,
     get_policy,
+    get_transform,
     policies,
     setting,
+    transforms,
 )
 from methods.common import kv
 from methods.common.rope import Rotation
@@ -349,41 +352,89 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     return out, None
 
 
-# --- composition: DECODER+POLICY ---
-class WithPolicy(Method):
-    """A registered decoder run with a policy attached to the target model."""
+# --- composition: DECODER[+POLICY][+TRANSFORM] ---
+class Composition(Method):
+    """A registered decoder run with a cache policy attached to the target and/or a model transform applied to
+    the target and the draft (methods.common.transform). The transform goes on first, so a policy sees the
+    transformed model."""
 
-    def __init__(self, decoder: Method, policy: CachePolicy) -> None:
-        self.decoder, self.policy = decoder, policy
-        self.name = f"{decoder.name}+{policy.name}"
+    def __init__(self, decoder: Method, policy: CachePolicy | None = None, transform: Any = None) -> None:
+        self.decoder, self.policy, self.transform = decoder, policy, transform
+        self.name = "+".join([decoder.name, *(part.name for part in (policy, transform) if part is not None)])
         self.config = decoder.config
-        self.paper, self.needs, self.stateful = policy.paper, decoder.needs, decoder.stateful
-        self.lossless = decoder.lossless and policy.lossless
+        self.paper = (policy or transform).paper
+        self.needs, self.stateful = decoder.needs, decoder.stateful
+        # lossless relative to `ar` under the same transform (the runner checks it against that method)
+        self.lossless = (decoder.lossless and (policy is None or policy.lossless)
+                         and (transform is None or transform.token_wise))
+
+    def parts(self) -> list:
+        return [part for part in (self.decoder, self.policy, self.transform) if part is not None]
 
     def generate(self, ctx: DecodeContext) -> list[int]:
-        with self.policy.attach(ctx.target):
+        with contextlib.ExitStack() as stack:
+            if self.transform is not None:  # a no-op where the runner applied it already (outside the timing)
+                stack.enter_context(self.transform.attach(ctx.target, ctx.draft))
+            if self.policy is not None:
+                stack.enter_context(self.policy.attach(ctx.target))
             return self.decoder.generate(ctx)
 
 
-def split(spec: str) -> tuple[str, list[str]]:
-    """`sps+streaming_llm` -> ("sps", ["streaming_llm"]); a policy alone runs under `ar`."""
+WithPolicy = Composition  # the name it had when policies were the only modifier
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A method name taken apart: `sps+streaming_llm+w8` -> Spec("sps", "streaming_llm", "w8")."""
+
+    decoder: str
+    policy: str | None = None
+    transform: str | None = None
+
+    @property
+    def modifiers(self) -> list[str]:
+        return [name for name in (self.policy, self.transform) if name]
+
+
+def parse(spec: str) -> Spec:
+    """The one place a method name is taken apart: a decoder (`ar` when it is left out), then at most one
+    modifier of each kind in any order. Unknown names and two modifiers of one kind are SettingErrors."""
     parts = [p.strip() for p in spec.split("+") if p.strip()]
-    known = policies()
+    kinds = {"cache policy": policies(), "transform": transforms()}
+    known = {name for registry in kinds.values() for name in registry}
     decoder = parts.pop(0) if parts and parts[0] not in known else "ar"
+    chosen: dict[str, str] = {}
     for name in parts:
-        if name not in known:
-            raise SettingError(f"{name!r} in {spec!r} is not a cache policy; known: {', '.join(known)}")
-    return decoder, parts
+        kind = next((kind for kind, registry in kinds.items() if name in registry), None)
+        if kind is None:
+            raise SettingError(f"{name!r} in {spec!r} is not a cache policy or a transform; cache policies: "
+                               f"{', '.join(kinds['cache policy'])}; transforms: {', '.join(kinds['transform'])}")
+        if kind in chosen:
+            raise SettingError(f"{spec!r}: one {kind} per run ({chosen[kind]} and {name})")
+        chosen[kind] = name
+    return Spec(decoder, chosen.get("cache policy"), chosen.get("transform"))
+
+
+def split(spec: str) -> tuple[str, list[str]]:
+    """`sps+streaming_llm+w8` -> ("sps", ["streaming_llm", "w8"]): the decoder and every modifier."""
+    parsed = parse(spec)
+    return parsed.decoder, parsed.modifiers
+
+
+def method_parts(method: Method) -> list:
+    """The configured parts of a runnable method: the decoder, then its policy and transform if any."""
+    return method.parts() if isinstance(method, Composition) else [method]
 
 
 def compose(spec: str, settings: dict[str, dict[str, Any]] | None = None) -> Method:
-    """A runnable method for `DECODER[+POLICY]`, settings given per part name. One policy per model: two
-    attention functions cannot both be installed, and an eviction would move the keys another policy indexes."""
+    """A runnable method for `DECODER[+POLICY][+TRANSFORM]`, settings given per part name. One policy per model:
+    two attention functions cannot both be installed, and an eviction would move the keys another policy
+    indexes; one transform per model: quantizing twice is no setting anyone means."""
     settings = settings or {}
-    decoder_name, names = split(spec)
-    decoder = get_method(decoder_name)(**settings.get(decoder_name, {}))  # unknown: KeyError naming the known
-    if not names:
+    parsed = parse(spec)
+    decoder = get_method(parsed.decoder)(**settings.get(parsed.decoder, {}))  # unknown: KeyError naming the known
+    if not parsed.modifiers:
         return decoder
-    if len(names) > 1:
-        raise SettingError(f"{spec!r}: one cache policy per run")
-    return WithPolicy(decoder, get_policy(names[0])(**settings.get(names[0], {})))
+    policy = get_policy(parsed.policy)(**settings.get(parsed.policy, {})) if parsed.policy else None
+    transform = get_transform(parsed.transform)(**settings.get(parsed.transform, {})) if parsed.transform else None
+    return Composition(decoder, policy, transform)

@@ -1,0 +1,164 @@
+"""Real int8 inference (not simulated): every nn.Linear of the decoder, the LM head included, computed by int8
+kernels while the transform is attached. Weights: symmetric int8, one scale per output channel.
+
+- `int8`: dynamic W8A8. On the CPU, PyTorch's quantized dynamic linear (fbgemm/oneDNN, the kernel behind
+  torch.ao.quantization.quantize_dynamic): the input is quantized to uint8 at every pass with one affine scale
+  for the whole pass (all its tokens), then an int8 GEMM with int32 accumulation. Per-pass scales make a token's
+  output depend on the other tokens of its pass, so a speculative decoder under `int8` is NOT lossless relative to
+  `ar+int8` (its verification passes see other scales); use `int8_wo` for that check.
+- `int8_wo`: weight-only int8. On the CPU, torch._weight_int8pack_mm with bfloat16 activations (its fast path;
+  float32 inputs take a path slower than float32 matmul), output cast back: each token alone, so lossless
+  decoders stay lossless relative to `ar+int8_wo` up to the GEMM's summation order, which differs between a
+  1-token and an 8-token pass and shows at bfloat16's resolution (logits of 30 in steps of 0.25): the lossless
+  check judges ties at bfloat16's threshold under it (`compute_dtype`).
+- `backend=torchao`: torchao's Int8DynamicActivationInt8WeightConfig / Int8WeightOnlyConfig, the default on a
+  GPU. On this CPU (torch 2.13, torchao 0.18, AVX-512 VNNI) its eager int8 paths ran 6-7x SLOWER than float32 on
+  one 1536x8960 layer (28-36 ms vs 4.4 ms at 1 token), while the quantized dynamic linear ran it in 0.65 ms
+  (README, "Model transforms"); hence the CPU default. torchao is imported only when asked for.
+
+The layers keep their modules, hooks and float weights (never written): the int8 weights are packed at attach
+and each Linear's `forward` is replaced on the instance (no class is patched), restored on exit.
+"""
+from __future__ import annotations
+
+import types
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from methods.base import Paper, SettingError, register_transform, setting
+from methods.common.transform import (
+    Edit,
+    ModelTransform,
+    TransformSettings,
+    linear_layers,
+)
+
+PAPER = Paper("Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference",
+              arxiv="1712.05877")
+
+
+def int8_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 weights (values in [-127, 127]) and one float32 scale per output row."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
+    return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
+
+
+class _Int8(ModelTransform):
+    paper = PAPER
+    simulated = False
+    dynamic = True  # activations quantized too
+
+    @dataclass
+    class Config(TransformSettings):
+        backend: Literal["auto", "cpu", "torchao"] = setting("auto", "auto: the PyTorch CPU kernels on a CPU, "
+                                                                     "torchao elsewhere")
+        head: bool = setting(True, "also the LM head (28M of SmolLM2-135M's 135M weights, read at every step)")
+
+    def _backend(self, model: torch.nn.Module) -> str:
+        device = next(model.parameters()).device.type
+        backend = self.config.backend
+        if backend == "auto":
+            backend = "cpu" if device == "cpu" else "torchao"
+        if backend == "cpu" and device != "cpu":
+            raise SettingError(f"{self.name}.backend=cpu: the model is on {device}")
+        return backend
+
+    def apply(self, model: torch.nn.Module, edit: Edit) -> None:
+        layers = linear_layers(model, self.config.head)
+        if self._backend(model) == "torchao":
+            _torchao(model, layers, edit, self.dynamic)
+            return
+        for _, module in layers:
+            edit.replace(module, "forward", types.MethodType(self._cpu_forward(module), module))
+
+    def _cpu_forward(self, module: torch.nn.Linear):
+        raise NotImplementedError
+
+    def bytes_saved(self, model: torch.nn.Module) -> int:
+        """Each layer's float weight read as int8 plus one float32 scale per output channel."""
+        return sum(m.weight.numel() * (m.weight.element_size() - 1) - 4 * m.weight.shape[0]
+                   for _, m in linear_layers(model, self.config.head))
+
+
+@register_transform("int8")
+class Int8Dynamic(_Int8):
+    """Dynamic W8A8 on int8 kernels (module docstring)."""
+
+    @dataclass
+    class Config(_Int8.Config):
+        reduce_range: bool = setting(False, "on the CPU: 7-bit activations, for CPUs without VNNI (their u8*s8 "
+                                            "products can saturate)")
+
+    @property
+    def token_wise(self) -> bool:
+        return False  # one activation scale per pass
+
+    def _cpu_forward(self, module: torch.nn.Linear):
+        bias = None if module.bias is None else module.bias.detach().float()
+        packed = self.derived(module.weight, lambda w: _packed(w, bias))
+        reduce_range, dtype = self.config.reduce_range, module.weight.dtype
+
+        def forward(self_, x: torch.Tensor) -> torch.Tensor:
+            return torch.ops.quantized.linear_dynamic(x.float(), packed, reduce_range).to(dtype)
+        return forward
+
+
+@register_transform("int8_wo")
+class Int8WeightOnly(_Int8):
+    """Weight-only int8 (module docstring)."""
+
+    dynamic = False
+    compute_dtype = "bfloat16"  # on the CPU path: greedy ties are judged at bfloat16's resolution
+
+    def _cpu_forward(self, module: torch.nn.Linear):
+        q, scale = self.derived(module.weight, _int8pack)
+        bias, dtype = module.bias, module.weight.dtype
+
+        def forward(self_, x: torch.Tensor) -> torch.Tensor:
+            flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+            out = torch._weight_int8pack_mm(flat, q, scale).to(dtype).reshape(*x.shape[:-1], q.shape[0])
+            return out if bias is None else out + bias
+        return forward
+
+
+def _int8pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 weights and bfloat16 scales, as torch._weight_int8pack_mm takes them."""
+    q, scale = int8_per_channel(weight)
+    return q.contiguous(), scale.to(torch.bfloat16)
+
+
+def _packed(weight: torch.Tensor, bias: torch.Tensor | None):
+    """The int8 weight (and float bias) packed for PyTorch's quantized dynamic linear."""
+    q, scale = int8_per_channel(weight)
+    with warnings.catch_warnings():  # quantized tensors are deprecated (torch 2.13), the kernels are not yet
+        warnings.simplefilter("ignore", UserWarning)
+        qweight = torch.quantize_per_channel(q.float() * scale[:, None], scale.double(),
+                                             torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+    return torch.ops.quantized.linear_prepack(qweight, bias)
+
+
+def _torchao(model: torch.nn.Module, layers: list, edit: Edit, dynamic: bool) -> None:
+    """torchao's int8 configs on each layer; its new weight Parameters go through `edit` (restored on exit)."""
+    import logging
+
+    logging.getLogger("torchao").setLevel(logging.ERROR)  # it logs every optional kernel library it lacks
+    from torchao.quantization import (
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+        quantize_,
+    )
+
+    config = Int8DynamicActivationInt8WeightConfig() if dynamic else Int8WeightOnlyConfig()
+    for _, module in layers:
+        original, repr_before = module.weight, module.__dict__.get("extra_repr")
+        quantize_(module, config, filter_fn=lambda m, fqn, target=module: m is target)
+        new = module.weight
+        module.weight = original  # back for a moment, so that `edit` records the original Parameter
+        edit.replace(module, "weight", new)
+        if module.__dict__.get("extra_repr") is not repr_before:  # torchao may set its own repr on the instance
+            shown = module.__dict__.pop("extra_repr")
+            edit.replace(module, "extra_repr", shown)
