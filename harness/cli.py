@@ -560,6 +560,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    import logging
+
+    # transformers imports an installed torchao, whose CPU build logs each CUDA extension it cannot load, and
+    # torch's pytree logs a deprecation per torchao enum: noise on every command, not about this run
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # our own progress bar and messages say what is happening
