@@ -206,7 +206,7 @@ def perplexity_table(reading: pd.DataFrame, methods: list[str], window: int | No
         words, size = own["words"].sum(), own["bytes"].sum()
         inside, beyond = _split_at(nlls, window)
         rows[method] = {
-            "documents": len(own), "scored tokens": scored,
+            "documents": len(own), "scored tokens": scored, "words": int(words), "bytes": int(size),
             "token ppl": math.exp(total / scored) if scored else math.nan,
             "word ppl": math.exp(total / words) if words > 0 else math.nan,
             "byte ppl": math.exp(total / size) if size > 0 else math.nan,

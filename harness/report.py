@@ -595,12 +595,15 @@ def _perplexity_section(reading: pd.DataFrame, methods: list[str], manifest: dic
     if table.empty:
         return None
     ppl = lambda value: _formatted(value, "{:.2f}", MISSING_IN_COST_TABLE)
-    rows = [[method, int(r["documents"]), int(r["scored tokens"]), ppl(r["token ppl"]), ppl(r["word ppl"]),
+    model = _model_text(manifest.get("target")).split(" (sha256")[0]
+    rows = [[method, model, int(r["documents"]), int(r["scored tokens"]), int(r["words"]), int(r["bytes"]),
+             ppl(r["token ppl"]), ppl(r["word ppl"]),
              _formatted(r["byte ppl"], "{:.4f}", MISSING_IN_COST_TABLE),
              _formatted(r["bits per byte"], "{:.4f}", MISSING_IN_COST_TABLE), ppl(r["ppl inside window"]),
              ppl(r["ppl past window"]), r["read as"], _formatted(r["ms per token"], "{:.3f}", MISSING_IN_COST_TABLE)]
             for method, r in table.iterrows()]
-    columns = ["Method", "Documents", "Scored tokens", "Token PPL", "Word PPL", "Byte PPL", "Bits/byte",
+    columns = ["Method", "Model", "Documents", "Scored tokens", "Words", "Bytes", "Token PPL", "Word PPL", "Byte PPL",
+               "Bits/byte",
                "Token PPL inside window", "Token PPL past window", "Read as", "Reading ms/token"]
     note = PERPLEXITY_NOTE.format(window=window or "unknown", smoothing=smoothing, window_source=source)
     return {"note": note, "plot": plot, **_table(columns, rows)}

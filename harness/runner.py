@@ -333,31 +333,36 @@ class Runner:
 
     def _likelihood(self, method: Method, item: Item) -> dict:
         """Read the document under the method (a policy attached, or the model itself), timed and counted as
-        a generation is; the NLL of every token after the first, and the perplexities lm-eval defines."""
+        a generation is, as the suite's reading options say (suites/documents.py: ReadingOptions); the NLL of
+        every scored token, the log-likelihood of each pass, and the perplexities lm-eval defines."""
         opts, model, text = self.suite.options, self.target.model, item.turns[0]
         ids = self.target.tokenizer(text, add_special_tokens=False)["input_ids"]
+        prefix = likelihood.prefix_token_id(self.target.tokenizer) if opts.prefix == "bos" else None
+        ids = ([prefix] if prefix is not None else []) + ids  # lm-eval scores the first token after it
         policy = getattr(method, "policy", None)
         if policy is not None or opts.full_attention == "dense":
-            read, how = (lambda: likelihood.cached_nll(model, ids, opts.chunk)), f"cached, chunks of {opts.chunk}"
+            read, how = (lambda: likelihood.read_cached(model, ids, opts.chunk)), f"cached, chunks of {opts.chunk}"
         else:
             window = opts.window or int(getattr(model.config, "max_position_embeddings", 0) or len(ids))
-            stride = opts.stride or max(1, window // 4)
-            read, how = (lambda: likelihood.sliding_nll(model, ids, window, stride)), f"sliding {window}/{stride}"
+            stride = opts.stride_for(window)
+            read, how = (lambda: likelihood.read_sliding(model, ids, window, stride)), f"sliding {window}/{stride}"
         self.target_counter.reset()
         self.kv_watch.reset()
         synchronize(model)
         start = time.perf_counter()
         with policy.attach(model) if policy is not None else contextlib.nullcontext():
-            nll = read()
+            reading = read()
         synchronize(model)
         wall = time.perf_counter() - start
         self.kv_watch.finish()
         tc = self.target_counter
-        return {"prompt_tokens": len(ids), "token_nll": nll, "wall_s": wall, "target_calls": tc.calls,
+        return {"prompt_tokens": len(ids), "token_nll": reading.nll, "window_tokens": reading.windows,
+                "window_loglik": reading.window_loglik, "wall_s": wall, "target_calls": tc.calls,
                 "target_tokens": tc.tokens, "target_widths": tc.widths, "target_pass_s": tc.pass_seconds(),
                 "tokens_per_s": len(ids) / wall if wall > 0 else None, "extras": {},
                 "kv_cache_peak_bytes": self.kv_watch.peak, "kv_cache_final_bytes": self.kv_watch.last,
-                "task_metric": how, **likelihood.perplexities(nll, text)}
+                "task_metric": how + (", first token after BOS" if prefix is not None else ""),
+                **likelihood.perplexities(reading.nll, text)}
 
     def _prompt_ids(self, item: Item, turn: int, answers: list[str]) -> list[int]:
         """The suite's own prompt ids (a prompt sized in tokens) or the chat template over the turns."""
