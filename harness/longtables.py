@@ -33,9 +33,14 @@ def is_likelihood(records: pd.DataFrame) -> pd.Series:
     return records["token_nll"].map(lambda nll: isinstance(nll, list)) | records["suite"].isin(suites)
 
 
+def is_evaluation(records: pd.DataFrame) -> pd.Series:
+    """An lm-eval task's own record (its metrics; the task's generations are records of their own)."""
+    return records["metrics"].map(lambda metrics: isinstance(metrics, dict))
+
+
 def generation_records(records: pd.DataFrame) -> pd.DataFrame:
     """The records that generated text: the only ones Spec-Bench's speed and #MAT apply to."""
-    return records[~is_likelihood(records)]
+    return records[~is_likelihood(records) & ~is_evaluation(records)]
 
 
 def likelihood_records(records: pd.DataFrame) -> pd.DataFrame:

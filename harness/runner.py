@@ -43,7 +43,7 @@ from harness.runfolder import RunFolder, identity
 from harness.trackers import EnergyTracker, PeakMemory
 from methods.base import BudgetExhausted, DecodeContext, Method, Sampling
 from methods.common.cache_policy import compose, split
-from suites.base import Item, get_suite, items_sha256
+from suites.base import Item, Suite, items_sha256, resolve
 
 BASELINE = "ar"
 # Relative top-2 logit gap under which a greedy divergence is a numerical tie, by dtype. Half
@@ -162,7 +162,8 @@ def item_seed(seed: int, item_id: str, turn: int, repeat: int) -> int:
 
 
 class Runner:
-    def __init__(self, cfg: RunConfig, console: Console | None = None) -> None:
+    def __init__(self, cfg: RunConfig, console: Console | None = None, suite: Suite | None = None) -> None:
+        """`suite`: an instance to run instead of the one cfg.suite names (the lm-eval adapter's requests)."""
         self.cfg = cfg
         self.console = console or Console()
         self.device = resolve_device(cfg.device)
@@ -170,13 +171,17 @@ class Runner:
         self.methods: dict[str, Method] = {}
         for name in ([BASELINE] if BASELINE in cfg.methods else []) + [m for m in cfg.methods if m != BASELINE]:
             self.methods[name] = compose(name, cfg.settings)  # DECODER[+POLICY]; errors before any loading
-        suite_cls = get_suite(cfg.suite)
-        # a suite sized in tokens gets the target's tokenizer now: only the tokenizer, no weights, loads
-        tokenizer = (model_specs.load_tokenizer(cfg.target, cfg.trust_remote_code)
-                     if suite_cls.needs_tokenizer or suite_cls.needs == "loglikelihood" else None)
-        self.suite = suite_cls(data=cfg.data, tokenizer=tokenizer, **cfg.suite_options)
+        if suite is None:
+            suite_cls, options = resolve(cfg.suite, cfg.suite_options)  # NAME or NAME:VALUE (lm-eval:TASK)
+            # a suite sized in tokens gets the target's tokenizer now: only the tokenizer, no weights, loads
+            tokenizer = (model_specs.load_tokenizer(cfg.target, cfg.trust_remote_code)
+                         if suite_cls.needs_tokenizer or suite_cls.needs == "loglikelihood" else None)
+            suite = suite_cls(data=cfg.data, tokenizer=tokenizer, **options)
+        self.suite = suite
         if self.suite.needs == "loglikelihood":
             self._check_likelihood_methods()
+        if self.suite.needs == "lm-eval" and (cfg.budgets != [Budget()]):
+            raise RunConfigError(f"--budget does not apply to suite {cfg.suite}: lm-eval sets each task's budget")
         self.items: list[Item] = self.suite.items(cfg.limit)
         if not self.items:
             raise RunConfigError(f"suite {cfg.suite} has no items" + (f" in {cfg.data}" if cfg.data else ""))
@@ -187,6 +192,8 @@ class Runner:
         # what corpus-based methods build their stores from when their settings name no file: the turns'
         # texts (never the references)
         self.corpus: list[str] = [text for item in self.items for text in item.turns]
+        # a stateful method's state across lm-eval's generation requests (carried in request order)
+        self.request_states: dict[str, dict] = {}
 
     # ------------------------------------------------------------ set-up
 
@@ -221,9 +228,11 @@ class Runner:
     # ------------------------------------------------------------ one generation
 
     def _generate(self, method: Method, prompt_ids: list[int], seed: int, max_new_tokens: int,
-                  budget: Budget = Budget(), state: dict | None = None, item_meta: dict | None = None) -> dict:
+                  budget: Budget = Budget(), state: dict | None = None, item_meta: dict | None = None,
+                  sampling: Sampling | None = None, stop_strings: tuple[str, ...] = ()) -> dict:
         """Run the method once under the hooks; figures come from the harness's own counters. `state` is
-        the method's ctx.state (the dict it leaves is `self.state_left` afterwards)."""
+        the method's ctx.state (the dict it leaves is `self.state_left` afterwards); `sampling` replaces the
+        run's (an lm-eval task's own), and a stop string ends the generation (lm-eval's `until`)."""
         self.target_counter.reset(budget)
         drafters = [c for c in (self.draft_counter, self.self_draft_counter) if c]
         for counter in drafters:
@@ -231,8 +240,8 @@ class Runner:
         self.kv_watch.reset()
         ctx = DecodeContext(
             prompt_ids=list(prompt_ids), target=self.target.model, draft=self.draft.model if self.draft else None,
-            sampling=Sampling(**{**asdict(self.cfg.sampling), "seed": seed}), max_new_tokens=max_new_tokens,
-            eos_token_ids=self.eos, tokenizer=self.target.tokenizer,
+            sampling=Sampling(**{**asdict(sampling or self.cfg.sampling), "seed": seed}), max_new_tokens=max_new_tokens,
+            eos_token_ids=self.eos, tokenizer=self.target.tokenizer, stop_strings=tuple(stop_strings),
             state=state if state is not None else {}, corpus=self.corpus, item_meta=item_meta,
         )
         stop_note = None
@@ -266,6 +275,8 @@ class Runner:
             stop = "budget"
         elif out and out[-1] in self.eos:
             stop = "eos"
+        elif ctx.stopped:
+            stop = "stop"
         else:
             stop = "max_new_tokens"
         return {
@@ -486,7 +497,8 @@ class Runner:
         return record_key({"method": name, "suite": self.cfg.suite, "item_id": item.item_id, "turn": turn,
                            "repeat": repeat, "budget": budget.label})
 
-    def _record(self, name: str, item: Item, turn: int, repeat: int = 0, budget: Budget = Budget()) -> Record:
+    def new_record(self, name: str, item: Item, turn: int, repeat: int = 0, budget: Budget = Budget()) -> Record:
+        """A record holding what ran (method, item, turn, repeat, budget point, seed), nothing measured yet."""
         record = Record(method=name, suite=self.cfg.suite, category=item.category, subcategory=item.subcategory,
                         item_id=item.item_id, item_turns=len(item.turns), turn=turn, repeat=repeat,
                         budget=budget.label, **asdict(budget), temperature=self.cfg.sampling.temperature,
@@ -494,12 +506,21 @@ class Runner:
                         method_state=self.cfg.method_state, item_meta=item.meta)
         record.decoder, policies = split(name)
         record.policy = "+".join(policies) or None
+        return record
+
+    def _record(self, name: str, item: Item, turn: int, repeat: int = 0, budget: Budget = Budget()) -> Record:
+        record = self.new_record(name, item, turn, repeat, budget)
         method = self.methods[name]
         # the canonical attempt (repeat 0, first budget point) is the one whose state goes on to the next item
         carries = method.stateful and repeat == 0 and budget == self.cfg.budgets[0]
         try:
             if self.suite.needs == "loglikelihood":
                 record.update(self._likelihood(method, item))
+                return record
+            if self.suite.needs == "lm-eval":  # the task's generations are records of their own
+                from harness import lm_eval_model  # lm-eval is an optional extra: imported only here
+
+                record.update(lm_eval_model.run_task(self, name, item, repeat))
                 return record
             state = None
             if method.stateful:
