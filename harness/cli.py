@@ -90,7 +90,8 @@ def _run_config(args):
     from methods.base import Sampling
 
     preset = get_preset(args.preset) if args.preset else None
-    methods = args.methods if args.methods is not None else (",".join(preset.methods) if preset else DEFAULT_METHODS)
+    methods = args.methods if args.methods is not None else (",".join(preset.methods) if preset else
+                                                             _default_methods(args.suite))
     from methods.common.cache_policy import split
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
@@ -110,6 +111,17 @@ def _run_config(args):
         method_state=args.method_state, strict_counting=args.strict_counting,
         trust_remote_code=args.trust_remote_code, suite_options=_suite_options(args),
     )
+
+
+def _default_methods(suite: str) -> str:
+    """ar alone for a suite that scores log-likelihoods (which decoders do not change), else ar,sps,pld."""
+    from suites.base import resolve
+
+    try:
+        needs = resolve(suite)[0].needs
+    except (KeyError, ValueError):
+        return DEFAULT_METHODS  # the runner says what is wrong with the suite
+    return "ar" if needs == "loglikelihood" else DEFAULT_METHODS
 
 
 def _suite_options(args) -> dict[str, str]:

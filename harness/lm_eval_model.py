@@ -41,6 +41,7 @@ from lm_eval.api.registry import register_model
 
 from harness import likelihood
 from harness.record import Record
+from harness.results import record_key
 from harness.runner import BASELINE, RunConfig, Runner
 from methods.base import Sampling
 from suites.base import Item, Suite
@@ -171,7 +172,8 @@ class DecodebenchLM(LM):
         return out
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
-        return [-math.fsum(self._read([self.prefix] + self._encode(request.args[0])).nll) for request in requests]
+        first = [self.prefix] if self.prefix is not None else []  # no BOS or EOS: the first token goes unscored
+        return [-math.fsum(self._read(first + self._encode(request.args[0])).nll) for request in requests]
 
     # ------------------------------------------------------------ generation
 
@@ -214,13 +216,15 @@ class DecodebenchLM(LM):
             if not self.warmed:  # one short untimed generation, so lazy initialisation is not timed
                 runner._generate(self.method, ids, seed=0, max_new_tokens=min(4, max_new), state={})
                 self.warmed = True
-            state = None
-            if self.method.stateful:
-                state = runner.request_states.setdefault(self.name, {}) if runner.cfg.method_state == "carry" else {}
-            record.update(runner._generate(self.method, ids, record.seed, max_new, state=state, sampling=sampling,
+            carry = self.method.stateful and runner.cfg.method_state == "carry"
+            state, seen = runner.request_states.get(self.name, ({}, 0)) if carry else ({}, 0)
+            record.update(runner._generate(self.method, ids, record.seed, max_new,
+                                           state=state if self.method.stateful else None, sampling=sampling,
                                            stop_strings=tuple(until)))
-            if self.method.stateful and runner.cfg.method_state == "carry":
-                runner.request_states[self.name] = runner.state_left
+            if self.method.stateful:
+                record.state_items_seen = seen
+            if carry:
+                runner.request_states[self.name] = (runner.state_left, seen + 1)
             record.output_text = self.tokenizer.decode(record.output_ids, skip_special_tokens=True)
             text = record.output_text
             for stop in until:  # lm-eval's HF model cuts the text at each stop string
@@ -238,6 +242,8 @@ class DecodebenchLM(LM):
     def flush(self, scores: dict[int, float] | None = None, metric: str | None = None) -> None:
         """Write the pending generation records (with their document's score, when given)."""
         for record in self.pending:
+            if self.runner.store.has(record_key(record)):  # a resumed task: its first run's record stays
+                continue
             if scores is not None and record.error is None:
                 doc_id = int(record.item_id.rsplit("/", 1)[1])
                 record.task_score, record.task_metric = scores.get(doc_id), metric

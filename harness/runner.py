@@ -192,8 +192,9 @@ class Runner:
         # what corpus-based methods build their stores from when their settings name no file: the turns'
         # texts (never the references)
         self.corpus: list[str] = [text for item in self.items for text in item.turns]
-        # a stateful method's state across lm-eval's generation requests (carried in request order)
-        self.request_states: dict[str, dict] = {}
+        # a stateful method's state across lm-eval's generation requests (carried in request order), and how
+        # many requests it has seen
+        self.request_states: dict[str, tuple[dict, int]] = {}
 
     # ------------------------------------------------------------ set-up
 

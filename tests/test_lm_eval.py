@@ -123,6 +123,27 @@ def test_generate_until_runs_the_method_honours_until_and_max_gen_toks(lm, pair,
     assert manifest["methods"]["sps"]["config"]["gamma"] == 3
 
 
+def test_a_composed_cache_policy_serves_the_likelihoods(model_dirs, tmp_path, capsys):
+    """ar+streaming_llm as an lm-eval model: rolling log-likelihoods read on the cache in chunks with the policy
+    attached, equal to the perplexity suite's record under the same policy (not to plain ar's)."""
+    text = "\n".join(_line(i) for i in range(6))  # 54 tokens: past the policy's 2 + 12 kept slots
+    doc = tmp_path / "doc.txt"
+    doc.write_text(text)
+    settings = {"streaming_llm.sinks": 2, "streaming_llm.window": 12}
+    policy = DecodebenchLM(target=model_dirs[0], method="streaming_llm", device="cpu", out=str(tmp_path / "lm"),
+                           chunk=8, **settings)
+    ours = policy.loglikelihood_rolling([_instance("loglikelihood_rolling", (text,))])[0]
+    assert policy.calls == math.ceil(55 / 8)  # EOS + 54 tokens, 8 a pass
+    out = tmp_path / "run"
+    code = cli.main(["run", "--suite", "perplexity", "--data", str(doc), "--target", model_dirs[0], "--methods",
+                     "ar,streaming_llm", "--option", "chunk=8", "--set", "streaming_llm.sinks=2", "--set",
+                     "streaming_llm.window=12", "--out", str(out)])
+    assert code == 0, capsys.readouterr().out
+    records = {r["method"]: r for r in read_records(out / "results.jsonl")}
+    assert ours == pytest.approx(-sum(records["streaming_llm"]["token_nll"]), rel=TOLERANCE)
+    assert abs(ours + sum(records["ar"]["token_nll"])) > 0.1  # the policy changed the likelihood
+
+
 def _tiny_task(folder: Path, rows: list[str]) -> Path:
     data = folder / "toy.jsonl"
     data.write_text("".join(json.dumps({"text": row}) + "\n" for row in rows))
@@ -177,13 +198,13 @@ def test_lm_eval_suite_runs_shipped_tasks_offline_into_records_and_report(model_
                                                                            capsys):
     out = tmp_path / "run"
     code = cli.main(["run", "--suite", "lm-eval:decodebench_prose_ppl,decodebench_mc,decodebench_gen",
-                     "--target", model_dirs[0], "--draft", model_dirs[1], "--methods", "ar,sps", "--limit", "2",
+                     "--target", model_dirs[0], "--draft", model_dirs[1], "--methods", "ar,sps,token_recycling", "--limit", "2",
                      "--no-warmup", "--out", str(out)])
     said = capsys.readouterr().out
     assert code == 0, said
     records = {(r["method"], r["item_id"]): r for r in read_records(out / "results.jsonl")}
     tasks = ("decodebench_prose_ppl", "decodebench_mc", "decodebench_gen")
-    assert set(records) == {(m, i) for m in ("ar", "sps") for i in (*tasks, *(f"decodebench_gen/{d}" for d in range(2)))}
+    assert set(records) == {(m, i) for m in ("ar", "sps", "token_recycling") for i in (*tasks, *(f"decodebench_gen/{d}" for d in range(2)))}
     mc, ppl, gen = (records[("ar", t)]["metrics"] for t in ("decodebench_mc", "decodebench_prose_ppl", "decodebench_gen"))
     assert set(mc) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr"}
     assert set(ppl) == {"word_perplexity", "byte_perplexity", "bits_per_byte"}
@@ -195,13 +216,17 @@ def test_lm_eval_suite_runs_shipped_tasks_offline_into_records_and_report(model_
                              task_manager=suite.task_manager())["results"]
     assert mc["acc"] == theirs["decodebench_mc"]["acc,none"] and mc["acc_norm"] == theirs["decodebench_mc"]["acc_norm,none"]
     assert ppl["word_perplexity"] == pytest.approx(theirs["decodebench_prose_ppl"]["word_perplexity,none"], rel=TOLERANCE)
-    for method in ("ar", "sps"):  # the generation task's records: cost counted, scored per document
+    for method in ("ar", "sps", "token_recycling"):  # the generation task's records: cost, score per document
         for doc in range(2):
             r = records[(method, f"decodebench_gen/{doc}")]
             assert r["new_tokens"] <= 8 and r["target_calls"] >= 1 and r["task_metric"] == "exact_match,strip"
             assert r["task_score"] in (0.0, 1.0) and r["category"] == "decodebench_gen"
         assert records[(method, "decodebench_gen")]["metrics"] == gen  # greedy: sps answers as ar does
-    assert all(records[("sps", f"decodebench_gen/{d}")]["lossless_check"]["equal"] for d in range(2))
+    assert all(records[(m, f"decodebench_gen/{d}")]["lossless_check"]["equal"] for d in range(2)
+               for m in ("sps", "token_recycling"))
+    # Token Recycling's matrix is carried from one request to the next (the papers' hot start)
+    recycled = [records[("token_recycling", f"decodebench_gen/{d}")] for d in range(2)]
+    assert [r["state_items_seen"] for r in recycled] == [0, 1] and recycled[1]["method_state_bytes"] > 0
     assert records[("sps", "decodebench_gen/0")]["draft_calls"] > 0
     report = (out / "report" / "report.md").read_text()
     section = report.split("## lm-eval tasks")[1].split("\n## ")[0]
