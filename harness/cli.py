@@ -173,7 +173,7 @@ def _run_outcome(runner) -> int:
 
 
 def _print_table(run_dir: Path) -> None:
-    from harness.report import _lm_eval_section, format_table_markdown
+    from harness.report import format_table_markdown, lm_eval_section
     from harness.tables import load_records, main_records, method_order, speed_table
 
     report = _build_report(run_dir)
@@ -181,7 +181,7 @@ def _print_table(run_dir: Path) -> None:
     records = main_records(load_records(run_dir / "results.jsonl"))
     table = format_table_markdown(speed_table(records), manifest["methods"])
     console.print(table, markup=False, soft_wrap=True)
-    evaluated = _lm_eval_section(records, method_order(records, "ar"), manifest)
+    evaluated = lm_eval_section(records, method_order(records, "ar"), manifest)
     if evaluated:  # an lm-eval run: its tasks' scores too
         console.print(evaluated["markdown"], markup=False, soft_wrap=True)
     console.print(f"report: {report / 'report.md'}  {report / 'report.html'}")
@@ -326,7 +326,13 @@ def _show(title: str, columns: list[str], rows: list[dict], as_json: bool) -> No
 
 
 def cmd_methods(args) -> int:
-    from methods.base import describe_settings, get_method, get_policy, policies, registry
+    from methods.base import (
+        describe_settings,
+        get_method,
+        get_policy,
+        policies,
+        registry,
+    )
 
     if args.name:
         is_policy = args.name in policies()

@@ -341,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", help="write simple_evaluate's results (JSON) here")
     args = p.parse_args(argv)
     from lm_eval.utils import simple_parse_args_string
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # as the decodebench command does
 
     suite = LmEvalSuite(data=args.include_path, tasks=args.tasks)
     lm = DecodebenchLM.create_from_arg_obj(simple_parse_args_string(args.model_args))

@@ -620,7 +620,7 @@ LM_EVAL_NOTE = (
 )
 
 
-def _lm_eval_section(records: pd.DataFrame, methods: list[str], manifest: dict) -> dict | None:
+def lm_eval_section(records: pd.DataFrame, methods: list[str], manifest: dict) -> dict | None:
     table = evaluation_table(successful(records), methods)
     if table.empty:
         return None
@@ -682,7 +682,7 @@ def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path 
         "record_count": len(records),
         # a likelihood run, or lm-eval tasks that generated nothing: their own sections instead
         "spec_bench": not generated.empty or (reading.empty and evaluated.empty),
-        "lm_eval": _lm_eval_section(records, every_method, manifest),
+        "lm_eval": lm_eval_section(records, every_method, manifest),
         "accuracy": _accuracy_section(ok, methods, folder),
         "kv": _kv_display(successful(records), every_method),
         "latency": _latency_section(ok, methods, folder),

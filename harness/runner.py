@@ -46,6 +46,7 @@ from methods.common.cache_policy import compose, split
 from suites.base import Item, Suite, items_sha256, resolve
 
 BASELINE = "ar"
+UNLIMITED = Budget()
 # Relative top-2 logit gap under which a greedy divergence is a numerical tie, by dtype. Half
 # precision: 4 machine epsilons, since batched and one-token passes differ by a few ulps of the
 # logits after 20-30 layers (measured on an H100 in bf16: transformers' own assisted generation
@@ -498,7 +499,7 @@ class Runner:
         return record_key({"method": name, "suite": self.cfg.suite, "item_id": item.item_id, "turn": turn,
                            "repeat": repeat, "budget": budget.label})
 
-    def new_record(self, name: str, item: Item, turn: int, repeat: int = 0, budget: Budget = Budget()) -> Record:
+    def new_record(self, name: str, item: Item, turn: int, repeat: int = 0, budget: Budget = UNLIMITED) -> Record:
         """A record holding what ran (method, item, turn, repeat, budget point, seed), nothing measured yet."""
         record = Record(method=name, suite=self.cfg.suite, category=item.category, subcategory=item.subcategory,
                         item_id=item.item_id, item_turns=len(item.turns), turn=turn, repeat=repeat,
@@ -519,7 +520,8 @@ class Runner:
                 record.update(self._likelihood(method, item))
                 return record
             if self.suite.needs == "lm-eval":  # the task's generations are records of their own
-                from harness import lm_eval_model  # lm-eval is an optional extra: imported only here
+                # lm-eval is an optional extra: imported only here
+                from harness import lm_eval_model
 
                 record.update(lm_eval_model.run_task(self, name, item, repeat))
                 return record
