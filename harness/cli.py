@@ -90,7 +90,8 @@ def _run_config(args):
     from methods.base import Sampling
 
     preset = get_preset(args.preset) if args.preset else None
-    methods = args.methods if args.methods is not None else (",".join(preset.methods) if preset else DEFAULT_METHODS)
+    methods = args.methods if args.methods is not None else (",".join(preset.methods) if preset else
+                                                             _default_methods(args.suite))
     from methods.common.cache_policy import split
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
@@ -106,10 +107,21 @@ def _run_config(args):
         budgets=_budgets(args.budget or (preset.budgets if preset else [])),
         settings=merged_settings(preset, explicit), device=args.device, dtype=args.dtype,
         warmup=not args.no_warmup, trackers=not args.no_trackers, repeats=args.repeats,
-        out=args.out or f"runs/{args.suite}-{time.strftime('%Y%m%d-%H%M%S')}",
+        out=args.out or f"runs/{args.suite.replace(':', '-').replace(',', '+')}-{time.strftime('%Y%m%d-%H%M%S')}",
         method_state=args.method_state, strict_counting=args.strict_counting,
         trust_remote_code=args.trust_remote_code, suite_options=_suite_options(args),
     )
+
+
+def _default_methods(suite: str) -> str:
+    """ar alone for a suite that scores log-likelihoods (which decoders do not change), else ar,sps,pld."""
+    from suites.base import resolve
+
+    try:
+        needs = resolve(suite)[0].needs
+    except (KeyError, ValueError):
+        return DEFAULT_METHODS  # the runner says what is wrong with the suite
+    return "ar" if needs == "loglikelihood" else DEFAULT_METHODS
 
 
 def _suite_options(args) -> dict[str, str]:
@@ -161,13 +173,17 @@ def _run_outcome(runner) -> int:
 
 
 def _print_table(run_dir: Path) -> None:
-    from harness.report import format_table_markdown
-    from harness.tables import load_records, main_records, speed_table
+    from harness.report import format_table_markdown, lm_eval_section
+    from harness.tables import load_records, main_records, method_order, speed_table
 
     report = _build_report(run_dir)
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    table = format_table_markdown(speed_table(main_records(load_records(run_dir / "results.jsonl"))), manifest["methods"])
+    records = main_records(load_records(run_dir / "results.jsonl"))
+    table = format_table_markdown(speed_table(records), manifest["methods"])
     console.print(table, markup=False, soft_wrap=True)
+    evaluated = lm_eval_section(records, method_order(records, "ar"), manifest)
+    if evaluated:  # an lm-eval run: its tasks' scores too
+        console.print(evaluated["markdown"], markup=False, soft_wrap=True)
     console.print(f"report: {report / 'report.md'}  {report / 'report.html'}")
 
 
@@ -467,12 +483,13 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run methods over a suite and write a report")
-    run.add_argument("--suite", default="specbench")
+    run.add_argument("--suite", default="specbench", help="a suite (`decodebench suites`), or lm-eval:TASK[,TASK...]")
     run.add_argument("--methods", help="comma-separated (default ar,sps,pld, or the preset's); `decodebench methods` lists them")
     run.add_argument("--preset", help="a named comparison (`decodebench presets`): methods, settings, budgets; explicit flags win")
     run.add_argument("--target", default=DEFAULT_TARGET, help="embedded name, HF id, folder or .gguf")
     run.add_argument("--draft", default=DEFAULT_DRAFT, help="draft model for draft-model methods")
-    run.add_argument("--data", help="a Spec-Bench question.jsonl file instead of the built-in set")
+    run.add_argument("--data", help="the suite's data instead of its built-in set (specbench: question.jsonl; "
+                     "perplexity: a text, folder of .txt or jsonl; lm-eval: a folder of task YAMLs)")
     run.add_argument("--limit", type=int, help="keep the first N items of every category")
     run.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                      help="a suite option (`decodebench suites NAME` lists them), e.g. --option haystack=needles")

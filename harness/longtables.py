@@ -33,9 +33,14 @@ def is_likelihood(records: pd.DataFrame) -> pd.Series:
     return records["token_nll"].map(lambda nll: isinstance(nll, list)) | records["suite"].isin(suites)
 
 
+def is_evaluation(records: pd.DataFrame) -> pd.Series:
+    """An lm-eval task's own record (its metrics; the task's generations are records of their own)."""
+    return records["metrics"].map(lambda metrics: isinstance(metrics, dict))
+
+
 def generation_records(records: pd.DataFrame) -> pd.DataFrame:
     """The records that generated text: the only ones Spec-Bench's speed and #MAT apply to."""
-    return records[~is_likelihood(records)]
+    return records[~is_likelihood(records) & ~is_evaluation(records)]
 
 
 def likelihood_records(records: pd.DataFrame) -> pd.DataFrame:
@@ -212,7 +217,7 @@ def perplexity_table(reading: pd.DataFrame, methods: list[str], window: int | No
         words, size = own["words"].sum(), own["bytes"].sum()
         inside, beyond = _split_at(nlls, window)
         rows[method] = {
-            "documents": len(own), "scored tokens": scored,
+            "documents": len(own), "scored tokens": scored, "words": int(words), "bytes": int(size),
             "token ppl": math.exp(total / scored) if scored else math.nan,
             "word ppl": math.exp(total / words) if words > 0 else math.nan,
             "byte ppl": math.exp(total / size) if size > 0 else math.nan,

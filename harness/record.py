@@ -18,7 +18,8 @@ SCHEMA_VERSION = 3
 # whose fields are a subset of version 1's (the missing ones take their defaults, see `upgrade`).
 # Version 2 added fields only (decoder/policy, item_meta, the KV cache's bytes, the likelihood group):
 # a version 1 record reads with them at their defaults. Version 3 added fields only: the model transform (name,
-# settings), prefill_calls, and the bytes a cache policy holds beside the cache.
+# settings), prefill_calls, the bytes a cache policy holds beside the cache, each pass's scored tokens and
+# log-likelihood, an evaluation's metrics; and the stop reason "stop" (a stop sequence reached).
 LEGACY_VERSION = 0
 KNOWN_VERSIONS = (LEGACY_VERSION, 1, 2, SCHEMA_VERSION)
 
@@ -76,7 +77,7 @@ class Output:
     output_ids: list[int] | None = _list()
     output_text: str | None = None
     new_tokens: int | None = None
-    stop_reason: Literal["eos", "max_new_tokens", "budget"] | None = None
+    stop_reason: Literal["eos", "max_new_tokens", "budget", "stop"] | None = None  # stop: a stop sequence
     budget_note: str | None = None  # which budget stopped it
     alternatives: list[list[int]] | None = _list()  # a multi-draft method's other outputs
     alternatives_text: list[str] | None = _list()
@@ -150,6 +151,8 @@ class Quality:
     output_perplexity: float | None = None
     task_score: float | None = None
     task_metric: str | None = None
+    # an lm-eval task's figures (a task's record): metric -> value, and metric_stderr -> its standard error
+    metrics: dict[str, float] | None = None
 
 
 @dataclass(kw_only=True)
@@ -164,6 +167,8 @@ class Likelihood:
     word_perplexity: float | None = None  # exp(sum NLL / words)
     byte_perplexity: float | None = None  # exp(sum NLL / bytes)
     bits_per_byte: float | None = None  # sum NLL / (bytes ln 2)
+    window_tokens: list[int] | None = _list()  # tokens each pass scored (a sliding window, or a chunk on the cache)
+    window_loglik: list[float] | None = _list()  # their log-likelihood (nats), pass by pass
 
 
 @dataclass(kw_only=True)

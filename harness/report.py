@@ -36,6 +36,7 @@ from harness.tables import (
     OVERALL,
     TOKENS_PER_S,
     budget_sweep,
+    evaluation_table,
     host_overhead,
     main_budget,
     main_records,
@@ -622,15 +623,40 @@ def _perplexity_section(reading: pd.DataFrame, methods: list[str], manifest: dic
     if table.empty:
         return None
     ppl = lambda value: _formatted(value, "{:.2f}", MISSING_IN_COST_TABLE)
-    rows = [[method, int(r["documents"]), int(r["scored tokens"]), ppl(r["token ppl"]), ppl(r["word ppl"]),
+    model = _model_text(manifest.get("target")).split(" (sha256")[0]
+    rows = [[method, model, int(r["documents"]), int(r["scored tokens"]), int(r["words"]), int(r["bytes"]),
+             ppl(r["token ppl"]), ppl(r["word ppl"]),
              _formatted(r["byte ppl"], "{:.4f}", MISSING_IN_COST_TABLE),
              _formatted(r["bits per byte"], "{:.4f}", MISSING_IN_COST_TABLE), ppl(r["ppl inside window"]),
              ppl(r["ppl past window"]), r["read as"], _formatted(r["ms per token"], "{:.3f}", MISSING_IN_COST_TABLE)]
             for method, r in table.iterrows()]
-    columns = ["Method", "Documents", "Scored tokens", "Token PPL", "Word PPL", "Byte PPL", "Bits/byte",
+    columns = ["Method", "Model", "Documents", "Scored tokens", "Words", "Bytes", "Token PPL", "Word PPL", "Byte PPL",
+               "Bits/byte",
                "Token PPL inside window", "Token PPL past window", "Read as", "Reading ms/token"]
     note = PERPLEXITY_NOTE.format(window=window or "unknown", smoothing=smoothing, window_source=source)
     return {"note": note, "plot": plot, **_table(columns, rows)}
+
+
+LM_EVAL_NOTE = (
+    "lm-evaluation-harness's own figures for each task, run through decodebench's lm-eval model "
+    "(harness/lm_eval_model.py): loglikelihood requests read by the target (through a method's cache policy), "
+    "generations by the method itself, each generation also a record above (its cost, and its document's score "
+    "as task score). Stderr is lm-eval's (bootstrap or closed form; n/a where lm-eval gives none, as for "
+    "perplexities); a metric's filter follows its name after a comma. Word and byte perplexity and bits per "
+    "byte are lm-eval's wikitext definitions, as in the perplexity suite."
+)
+
+
+def lm_eval_section(records: pd.DataFrame, methods: list[str], manifest: dict) -> dict | None:
+    table = evaluation_table(successful(records), methods)
+    if table.empty:
+        return None
+    model = _model_text(manifest.get("target")).split(" (sha256")[0]
+    number = lambda value: _formatted(value, "{:.4g}", MISSING_IN_COST_TABLE)
+    rows = [[r["task"], r["metric"] + {True: " ↑", False: " ↓"}.get(r["higher is better"], ""), model, r["method"],
+             number(r["value"]), number(r["stderr"]), _formatted(r["documents"], "{:.0f}", MISSING_IN_COST_TABLE)]
+            for _, r in table.iterrows()]
+    return {"note": LM_EVAL_NOTE, **_table(["Task", "Metric", "Model", "Method", "Value", "Stderr", "Documents"], rows)}
 
 
 def _without_duplicates(records: list[dict]) -> tuple[list[dict], str | None]:
@@ -667,6 +693,7 @@ def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path 
     raw = [r for r in raw if r.get("budget", "") == label]
     every_method = method_order(successful(records), baseline)
     reading = longtables.likelihood_records(successful(records))
+    evaluated = records[longtables.is_evaluation(records)]
     # Spec-Bench's figures are of generated text: a likelihood suite's records (a document read) stay out
     generated = longtables.generation_records(records)
     likelihood_suites = longtables.likelihood_suites()
@@ -676,11 +703,13 @@ def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path 
     table = speed_table(generated, baseline)
     context = {
         "title": f"decodebench report: {manifest.get('name', run_dir.name)}",
-        "run_items": _run_items(manifest, generates=not generated.empty or reading.empty),
+        "run_items": _run_items(manifest, generates=not generated.empty or (reading.empty and evaluated.empty)),
         "baseline": baseline,
         "baseline_present": baseline in methods,
         "record_count": len(records),
-        "spec_bench": not generated.empty or reading.empty,  # a likelihood run: its own sections instead
+        # a likelihood run, or lm-eval tasks that generated nothing: their own sections instead
+        "spec_bench": not generated.empty or (reading.empty and evaluated.empty),
+        "lm_eval": lm_eval_section(records, every_method, manifest),
         "accuracy": _accuracy_section(ok, methods, folder),
         "kv": _kv_display(successful(records), every_method),
         "latency": _latency_section(ok, methods, folder),

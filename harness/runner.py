@@ -43,9 +43,10 @@ from harness.runfolder import RunFolder, identity
 from harness.trackers import EnergyTracker, PeakMemory
 from methods.base import BudgetExhausted, DecodeContext, Method, Sampling
 from methods.common.cache_policy import Spec, compose, parse
-from suites.base import Item, get_suite, items_sha256
+from suites.base import Item, Suite, items_sha256, resolve
 
 BASELINE = "ar"
+UNLIMITED = Budget()
 # Relative top-2 logit gap under which a greedy divergence is a numerical tie, by dtype. Half
 # precision: 4 machine epsilons, since batched and one-token passes differ by a few ulps of the
 # logits after 20-30 layers (measured on an H100 in bf16: transformers' own assisted generation
@@ -168,7 +169,8 @@ def item_seed(seed: int, item_id: str, turn: int, repeat: int) -> int:
 
 
 class Runner:
-    def __init__(self, cfg: RunConfig, console: Console | None = None) -> None:
+    def __init__(self, cfg: RunConfig, console: Console | None = None, suite: Suite | None = None) -> None:
+        """`suite`: an instance to run instead of the one cfg.suite names (the lm-eval adapter's requests)."""
         self.cfg = cfg
         self.console = console or Console()
         self.device = resolve_device(cfg.device)
@@ -176,13 +178,17 @@ class Runner:
         self.methods: dict[str, Method] = {}
         for name in ([BASELINE] if BASELINE in cfg.methods else []) + [m for m in cfg.methods if m != BASELINE]:
             self.methods[name] = compose(name, cfg.settings)  # DECODER[+POLICY][+TRANSFORM]; errors before loading
-        suite_cls = get_suite(cfg.suite)
-        # a suite sized in tokens gets the target's tokenizer now: only the tokenizer, no weights, loads
-        tokenizer = (model_specs.load_tokenizer(cfg.target, cfg.trust_remote_code)
-                     if suite_cls.needs_tokenizer or suite_cls.needs == "loglikelihood" else None)
-        self.suite = suite_cls(data=cfg.data, tokenizer=tokenizer, **cfg.suite_options)
+        if suite is None:
+            suite_cls, options = resolve(cfg.suite, cfg.suite_options)  # NAME or NAME:VALUE (lm-eval:TASK)
+            # a suite sized in tokens gets the target's tokenizer now: only the tokenizer, no weights, loads
+            tokenizer = (model_specs.load_tokenizer(cfg.target, cfg.trust_remote_code)
+                         if suite_cls.needs_tokenizer or suite_cls.needs == "loglikelihood" else None)
+            suite = suite_cls(data=cfg.data, tokenizer=tokenizer, **options)
+        self.suite = suite
         if self.suite.needs == "loglikelihood":
             self._check_likelihood_methods()
+        if self.suite.needs == "lm-eval" and (cfg.budgets != [Budget()]):
+            raise RunConfigError(f"--budget does not apply to suite {cfg.suite}: lm-eval sets each task's budget")
         self.items: list[Item] = self.suite.items(cfg.limit)
         if not self.items:
             raise RunConfigError(f"suite {cfg.suite} has no items" + (f" in {cfg.data}" if cfg.data else ""))
@@ -193,6 +199,9 @@ class Runner:
         # what corpus-based methods build their stores from when their settings name no file: the turns'
         # texts (never the references)
         self.corpus: list[str] = [text for item in self.items for text in item.turns]
+        # a stateful method's state across lm-eval's generation requests (carried in request order), and how
+        # many requests it has seen
+        self.request_states: dict[str, tuple[dict, int]] = {}
 
     # ------------------------------------------------------------ set-up
 
@@ -234,9 +243,11 @@ class Runner:
     # ------------------------------------------------------------ one generation
 
     def _generate(self, method: Method, prompt_ids: list[int], seed: int, max_new_tokens: int,
-                  budget: Budget = Budget(), state: dict | None = None, item_meta: dict | None = None) -> dict:
+                  budget: Budget = Budget(), state: dict | None = None, item_meta: dict | None = None,
+                  sampling: Sampling | None = None, stop_strings: tuple[str, ...] = ()) -> dict:
         """Run the method once under the hooks; figures come from the harness's own counters. `state` is
-        the method's ctx.state (the dict it leaves is `self.state_left` afterwards)."""
+        the method's ctx.state (the dict it leaves is `self.state_left` afterwards); `sampling` replaces the
+        run's (an lm-eval task's own), and a stop string ends the generation (lm-eval's `until`)."""
         self.target_counter.reset(budget, prompt_tokens=len(prompt_ids))
         drafters = [c for c in (self.draft_counter, self.self_draft_counter) if c]
         for counter in drafters:
@@ -244,8 +255,8 @@ class Runner:
         self.kv_watch.reset()
         ctx = DecodeContext(
             prompt_ids=list(prompt_ids), target=self.target.model, draft=self.draft.model if self.draft else None,
-            sampling=Sampling(**{**asdict(self.cfg.sampling), "seed": seed}), max_new_tokens=max_new_tokens,
-            eos_token_ids=self.eos, tokenizer=self.target.tokenizer,
+            sampling=Sampling(**{**asdict(sampling or self.cfg.sampling), "seed": seed}), max_new_tokens=max_new_tokens,
+            eos_token_ids=self.eos, tokenizer=self.target.tokenizer, stop_strings=tuple(stop_strings),
             state=state if state is not None else {}, corpus=self.corpus, item_meta=item_meta,
         )
         stop_note = None
@@ -280,6 +291,8 @@ class Runner:
             stop = "budget"
         elif out and out[-1] in self.eos:
             stop = "eos"
+        elif ctx.stopped:
+            stop = "stop"
         else:
             stop = "max_new_tokens"
         return {
@@ -350,34 +363,39 @@ class Runner:
 
     def _likelihood(self, method: Method, item: Item) -> dict:
         """Read the document under the method (a transform applied and/or a policy attached, or the model
-        itself), timed and counted as a generation is; the NLL of every token after the first, and the
-        perplexities lm-eval defines. The transform goes on before the timing starts."""
+        itself), timed and counted as a generation is, as the suite's reading options say (suites/documents.py:
+        ReadingOptions); the NLL of every scored token, the log-likelihood of each pass, and the perplexities
+        lm-eval defines. The transform goes on before the timing starts."""
         opts, model, text = self.suite.options, self.target.model, item.turns[0]
         ids = self.target.tokenizer(text, add_special_tokens=False)["input_ids"]
+        prefix = likelihood.prefix_token_id(self.target.tokenizer) if opts.prefix == "bos" else None
+        ids = ([prefix] if prefix is not None else []) + ids  # lm-eval scores the first token after it
         policy = getattr(method, "policy", None)
         if policy is not None or opts.full_attention == "dense":
-            read, how = (lambda: likelihood.cached_nll(model, ids, opts.chunk)), f"cached, chunks of {opts.chunk}"
+            read, how = (lambda: likelihood.read_cached(model, ids, opts.chunk)), f"cached, chunks of {opts.chunk}"
         else:
             window = opts.window or int(getattr(model.config, "max_position_embeddings", 0) or len(ids))
-            stride = opts.stride or max(1, window // 4)
-            read, how = (lambda: likelihood.sliding_nll(model, ids, window, stride)), f"sliding {window}/{stride}"
+            stride = opts.stride_for(window)
+            read, how = (lambda: likelihood.read_sliding(model, ids, window, stride)), f"sliding {window}/{stride}"
         with self._transformed(method):
             self.target_counter.reset()
             self.kv_watch.reset()
             synchronize(model)
             start = time.perf_counter()
             with policy.attach(model) if policy is not None else contextlib.nullcontext():
-                nll = read()
+                reading = read()
             synchronize(model)
             wall = time.perf_counter() - start
         self.kv_watch.finish()
         tc = self.target_counter
-        return {"prompt_tokens": len(ids), "token_nll": nll, "wall_s": wall, "target_calls": tc.calls,
+        return {"prompt_tokens": len(ids), "token_nll": reading.nll, "window_tokens": reading.windows,
+                "window_loglik": reading.window_loglik, "wall_s": wall, "target_calls": tc.calls,
                 "target_tokens": tc.tokens, "target_widths": tc.widths, "target_pass_s": tc.pass_seconds(),
                 "tokens_per_s": len(ids) / wall if wall > 0 else None, "extras": {},
                 "kv_cache_peak_bytes": self.kv_watch.peak, "kv_cache_final_bytes": self.kv_watch.last,
                 "policy_state_bytes": self.kv_watch.policy_peak,
-                "task_metric": how, **likelihood.perplexities(nll, text)}
+                "task_metric": how + (", first token after BOS" if prefix is not None else ""),
+                **likelihood.perplexities(reading.nll, text)}
 
     def _prompt_ids(self, item: Item, turn: int, answers: list[str]) -> list[int]:
         """The suite's own prompt ids (a prompt sized in tokens) or the chat template over the turns."""
@@ -518,21 +536,33 @@ class Runner:
         return record_key({"method": name, "suite": self.cfg.suite, "item_id": item.item_id, "turn": turn,
                            "repeat": repeat, "budget": budget.label})
 
-    def _record(self, name: str, item: Item, turn: int, repeat: int = 0, budget: Budget = Budget()) -> Record:
+    def new_record(self, name: str, item: Item, turn: int, repeat: int = 0, budget: Budget = UNLIMITED) -> Record:
+        """A record holding what ran (method, item, turn, repeat, budget point, seed), nothing measured yet."""
         record = Record(method=name, suite=self.cfg.suite, category=item.category, subcategory=item.subcategory,
                         item_id=item.item_id, item_turns=len(item.turns), turn=turn, repeat=repeat,
                         budget=budget.label, **asdict(budget), temperature=self.cfg.sampling.temperature,
                         seed=item_seed(self.cfg.sampling.seed, item.item_id, turn, repeat),
                         method_state=self.cfg.method_state, item_meta=item.meta)
-        parsed, method = parse(name), self.methods[name]
+        parsed = parse(name)
         record.decoder, record.policy, record.transform = parsed.decoder, parsed.policy, parsed.transform
-        transform = getattr(method, "transform", None)
+        transform = getattr(self.methods[name], "transform", None)
         record.transform_settings = transform.settings() if transform is not None else None
+        return record
+
+    def _record(self, name: str, item: Item, turn: int, repeat: int = 0, budget: Budget = Budget()) -> Record:
+        record = self.new_record(name, item, turn, repeat, budget)
+        method = self.methods[name]
         # the canonical attempt (repeat 0, first budget point) is the one whose state goes on to the next item
         carries = method.stateful and repeat == 0 and budget == self.cfg.budgets[0]
         try:
             if self.suite.needs == "loglikelihood":
                 record.update(self._likelihood(method, item))
+                return record
+            if self.suite.needs == "lm-eval":  # the task's generations are records of their own
+                # lm-eval is an optional extra: imported only here
+                from harness import lm_eval_model
+
+                record.update(lm_eval_model.run_task(self, name, item, repeat))
                 return record
             state = None
             if method.stateful:

@@ -334,3 +334,34 @@ def quality_table(records: pd.DataFrame, baseline: str = "ar") -> pd.DataFrame:
     if not columns:
         return pd.DataFrame()
     return pd.DataFrame(columns).reindex(method_order(ok, baseline))
+
+
+# ---------------------------------------------------------------- lm-eval tasks
+
+
+def evaluation_table(ok: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
+    """One row per lm-eval task x metric x method from the tasks' records (`metrics`, each metric's
+    `<name>_stderr` beside it): task, metric, method, value, stderr (NaN where lm-eval gave none), whether
+    higher is better (None when the task did not say), documents; empty without such records."""
+    columns = ["task", "metric", "method", "value", "stderr", "higher is better", "documents"]
+    rows = []
+    order = {method: i for i, method in enumerate(methods)}
+    for record in ok[ok["metrics"].map(lambda m: isinstance(m, dict))].itertuples():
+        meta = record.item_meta if isinstance(record.item_meta, dict) else {}
+        higher = meta.get("higher_is_better") or {}
+        for key, value in record.metrics.items():
+            name, comma, filt = key.partition(",")
+            if name.endswith("_stderr"):
+                continue
+            stderr = record.metrics.get(f"{name}_stderr{comma}{filt}", math.nan)
+            rows.append([meta.get("task", record.item_id), key, record.method, value, stderr, higher.get(name),
+                         meta.get("documents")])
+    table = pd.DataFrame(rows, columns=columns)
+    if table.empty:
+        return table
+    table["order"] = table["method"].map(lambda m: order.get(m, len(order)))
+    tasks = {task: i for i, task in enumerate(dict.fromkeys(table["task"]))}
+    metrics = {metric: i for i, metric in enumerate(dict.fromkeys(table["metric"]))}  # lm-eval's order
+    table["task order"], table["metric order"] = table["task"].map(tasks), table["metric"].map(metrics)
+    table = table.sort_values(["task order", "metric order", "order"], kind="stable")
+    return table.drop(columns=["order", "task order", "metric order"]).reset_index(drop=True)

@@ -93,6 +93,10 @@ class DecodeContext:
     item_meta: dict[str, Any] | None = None
     # other outputs a multi-draft method produced besides `output` (kept in the record, decoded)
     alternatives: list[list[int]] = field(default_factory=list)
+    # texts that end the generation once the decoded output contains one (lm-eval's `until`; needs the
+    # tokenizer): `emit` keeps the token that completes one and nothing after it, and sets `stopped`
+    stop_strings: tuple[str, ...] = ()
+    stopped: bool = False
 
     def __post_init__(self) -> None:
         if self.generator is None:
@@ -100,18 +104,22 @@ class DecodeContext:
 
     @property
     def done(self) -> bool:
-        return len(self.output) >= self.max_new_tokens or (
+        return self.stopped or len(self.output) >= self.max_new_tokens or (
             bool(self.output) and self.output[-1] in self.eos_token_ids
         )
 
     def emit(self, tokens: list[int], proposed: int = 0, record_step: bool = True) -> list[int]:
-        """Append one target pass's tokens, cut at EOS (kept) and at max_new_tokens; return those kept."""
+        """Append one target pass's tokens, cut at EOS (kept), at a stop string's last token and at
+        max_new_tokens; return those kept."""
         kept: list[int] = []
         for tok in tokens:
             if self.done:
                 break
             self.output.append(int(tok))
             kept.append(int(tok))
+            if self.stop_strings:
+                text = self.tokenizer.decode(self.output, skip_special_tokens=True)
+                self.stopped = any(stop in text for stop in self.stop_strings)
         if record_step:
             self.trace.step(proposed, len(kept))
         return kept

@@ -80,6 +80,8 @@ class Suite:
     needs: ClassVar[str] = "generation"  # or "loglikelihood"
     description: ClassVar[str] = ""
     needs_tokenizer: ClassVar[bool] = False  # True: the target's tokenizer must be passed to the constructor
+    # the option `--suite NAME:VALUE` sets (lm-eval:TASK,TASK sets `tasks`); None: the suite takes no argument
+    argument: ClassVar[str | None] = None
 
     @dataclass
     class Options(Settings):
@@ -165,6 +167,20 @@ def registry() -> dict[str, type[Suite]]:
         if info.name != "base":
             importlib.import_module(f"suites.{info.name}")
     return dict(sorted(_REGISTRY.items()))
+
+
+def resolve(spec: str, options: dict[str, Any] | None = None) -> tuple[type[Suite], dict[str, Any]]:
+    """`NAME` or `NAME:VALUE` (e.g. lm-eval:TASK,TASK): the suite class, and its options with the one VALUE sets."""
+    name, colon, value = spec.partition(":")
+    cls, options = get_suite(name), dict(options or {})
+    if not colon:
+        return cls, options
+    if cls.argument is None or not value:
+        raise SettingError(f"suite {name} takes no ':VALUE' argument" if cls.argument is None else
+                           f"suite {spec!r}: nothing after ':' (e.g. {name}:VALUE)")
+    if cls.argument in options:
+        raise SettingError(f"suite {spec!r} sets {cls.argument}: do not also pass --option {cls.argument}=...")
+    return cls, {cls.argument: value, **options}
 
 
 def get_suite(name: str) -> type[Suite]:

@@ -4,6 +4,11 @@ from __future__ import annotations
 import copy
 import os
 
+# never reach the network (Hugging Face datasets and hub, as lm-eval and the perplexity suite use them); set
+# before anything imports them, since both read these once
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast

@@ -66,7 +66,11 @@ def test_longppl_reads_a_document_under_each_method(model_dirs, tmp_path, capsys
     assert ar["task_metric"] == "sliding 64/32" and ar["kv_cache_peak_bytes"] is None  # no cache kept
     assert streaming["task_metric"] == "cached, chunks of 16"
     assert streaming["kv_cache_peak_bytes"] <= 2 * 2 * 2 * 16 * 4 * (4 + 48 + 16)
-    assert ar["target_calls"] == math.ceil((ar["prompt_tokens"] - 64) / 32) + 1
+    # the first pass scores tokens 1..64 (it reads 0..63), each later one the next 32
+    assert ar["target_calls"] == math.ceil((ar["prompt_tokens"] - 65) / 32) + 1
+    assert ar["window_tokens"] == [64] + [32] * (ar["target_calls"] - 2) + [ar["prompt_tokens"] - 65 - 32 * (ar["target_calls"] - 2)]
+    assert sum(ar["window_loglik"]) == pytest.approx(-sum(ar["token_nll"]))
+    assert len(streaming["window_tokens"]) == streaming["target_calls"] and sum(streaming["window_tokens"]) == len(streaming["token_nll"])
 
 
 def test_likelihood_suite_refuses_decoders_that_do_not_change_likelihoods(model_dirs, tmp_path, capsys):
@@ -83,7 +87,11 @@ def test_sliding_and_cached_reading_agree_with_one_pass():
     exact = [-logp[i - 1, ids[i]].item() for i in range(1, len(ids))]
     assert likelihood.cached_nll(model, ids, chunk=7) == pytest.approx(exact, abs=1e-4)
     assert likelihood.sliding_nll(model, ids, window=len(ids), stride=8) == pytest.approx(exact, abs=1e-4)
-    disjoint = likelihood.sliding_nll(model, ids, window=30, stride=30)  # one token of context per window
+    # disjoint windows: the first pass reads ids 0..29 and scores 1..30; the second reads 30..59 and scores
+    # 31..60, the first of them after one token of context
+    disjoint = likelihood.read_sliding(model, ids, window=30, stride=30)
     with torch.inference_mode():
-        logp = torch.log_softmax(model(input_ids=torch.tensor([ids[29:31]])).logits[0].float(), -1)
-    assert len(disjoint) == len(ids) - 1 and disjoint[29] == pytest.approx(-logp[0, ids[30]].item(), abs=1e-4)
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids[30:32]])).logits[0].float(), -1)
+    assert len(disjoint.nll) == len(ids) - 1 and disjoint.windows == [30, 30, 30, 29]
+    assert disjoint.nll[:30] == pytest.approx(exact[:30], abs=1e-4)
+    assert disjoint.nll[30] == pytest.approx(-logp[0, ids[31]].item(), abs=1e-4)

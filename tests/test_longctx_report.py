@@ -162,7 +162,7 @@ def test_running_perplexity_and_position_means():
 def test_perplexity_table_pools_documents():
     table = longtables.perplexity_table(_ok(LONGPPL), ["ar", "streaming_llm"], window=3)
     row = table.loc["streaming_llm"]
-    assert row["documents"] == 2 and row["scored tokens"] == 6
+    assert row["documents"] == 2 and row["scored tokens"] == 6 and row["words"] == 4 and row["bytes"] == 24
     assert row["token ppl"] == pytest.approx(math.exp(2)) and row["word ppl"] == pytest.approx(math.exp(3))
     assert row["byte ppl"] == pytest.approx(math.exp(0.5))
     assert row["bits per byte"] == pytest.approx(0.5 / math.log(2))
@@ -194,9 +194,9 @@ def test_likelihood_report_has_its_own_sections_and_no_spec_bench(tmp_path):
                    "Long-context accuracy", "Latency against context length"):
         assert f"## {absent}\n" not in markdown, absent
     ppl = _section(markdown, "Perplexity against position")
-    assert ("| streaming_llm | 2 | 6 | 7.39 | 20.09 | 1.6487 | 0.7213 | 4.48 | 20.09 | cached, chunks of 2 | 75.000 |"
+    assert ("| streaming_llm | tiny | 2 | 6 | 4 | 24 | 7.39 | 20.09 | 1.6487 | 0.7213 | 4.48 | 20.09 | cached, chunks of 2 | 75.000 |"
             in ppl)
-    assert "| ar | 1 | 4 | 2.72 | 7.39 | 1.4918 | 0.5771 | 2.72 | 2.72 | sliding 3/1 | 80.000 |" in ppl
+    assert "| ar | tiny | 1 | 4 | 2 | 10 | 2.72 | 7.39 | 1.4918 | 0.5771 | 2.72 | 2.72 | sliding 3/1 | 80.000 |" in ppl
     assert "model's trained window (3)" in ppl and "![Perplexity against position](perplexity_by_position.png)" in ppl
     kv = _section(markdown, "KV-cache memory")
     assert "| ar | 0/1 | n/a |" in kv and "| streaming_llm | 2/2 | 1.00 | 1.00 |" in kv

@@ -45,9 +45,13 @@ FIELDS_BY_VERSION[2] = _with(_with(_with(_V1, "state_note", ["decoder", "policy"
                              "task_metric", ["token_nll", "scored_tokens", "words", "bytes", "token_perplexity",
                                              "word_perplexity", "byte_perplexity", "bits_per_byte"])
 # version 3 added fields only: the model transform and its settings, the passes of a chunked prefill, what a
-# cache policy holds beside the cache
-FIELDS_BY_VERSION[3] = _with(_with(_with(FIELDS_BY_VERSION[2], "policy", ["transform", "transform_settings"]),
-                                   "target_calls", ["prefill_calls"]), "kv_cache_final_bytes", ["policy_state_bytes"])
+# cache policy holds beside the cache, each pass's scored tokens and log-likelihood, an evaluation's metrics
+# (and the stop reason "stop", a stop sequence reached)
+FIELDS_BY_VERSION[3] = _with(_with(_with(_with(_with(FIELDS_BY_VERSION[2], "policy", ["transform", "transform_settings"]),
+                                               "target_calls", ["prefill_calls"]),
+                                         "kv_cache_final_bytes", ["policy_state_bytes"]),
+                                   "task_metric", ["metrics"]),
+                             "bits_per_byte", ["window_tokens", "window_loglik"])
 
 
 def test_a_renamed_field_is_a_schema_change():
