@@ -230,7 +230,7 @@ class DecodebenchLM(LM):
             for stop in until:  # lm-eval's HF model cuts the text at each stop string
                 text = text.split(stop)[0]
             if self.method.lossless and sampling.greedy and self.name != BASELINE:
-                record.lossless_check = runner._lossless_check(record, ids)
+                record.lossless_check = runner._lossless_check(record, ids, self.name)
         except Exception as err:  # noqa: BLE001 - recorded; lm-eval gets an empty answer and goes on
             record.error = f"{type(err).__name__}: {err}"
             runner.console.print(f"[red]{self.name} {item_id}: {record.error}[/]", markup=False)
