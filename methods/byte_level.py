@@ -184,7 +184,8 @@ class ByteLM:
             if not run.at[j]:
                 continue
             ids, agree = matches[j] = vocab.matches(text, j)
-            inside = [(int(t), int(d)) for t, d in zip(ids, agree) if d == vocab.lengths[t]]
+            whole = agree == vocab.lengths[ids]
+            inside = list(zip(ids[whole].tolist(), agree[whole].tolist()))
             a, items, keys = run.anchors[j], [], []
             for e in run.at[j]:
                 base = run.window(e, a)
@@ -288,19 +289,38 @@ class ByteLM:
         return mass / total if total > 0 else mass
 
     def _canonical(self, run: _Run, e: int, tokens: np.ndarray) -> np.ndarray:
-        """Whether e + [t] is a canonical prefix, for each t (memoised per node)."""
+        """Whether e + [t] is a canonical prefix, for each t. Where a pre-token boundary falls between e and t
+        whatever follows (`Canonical.boundary`), it is decided from e (one check) and t alone (`initial`,
+        memoised per token); else by re-encoding the window (memoised per node and token)."""
         j = run.pos[e]
         a = run.anchors[j]
         base = run.window(e, a)
-        todo = [int(t) for t in tokens if (e, int(t)) not in run.memo]
-        if base is None:
-            run.memo.update(((e, t), False) for t in todo)
-        elif todo:
-            head = run.text[a:j]
-            items = [(base + [t], head + self.vocab.bytes[t], False) for t in todo]
-            run.memo.update(zip(((e, t) for t in todo), self.canon.check(items)))
-            run.checked += len(todo)
-        return np.array([run.memo[e, int(t)] for t in tokens], dtype=bool)
+        out = np.zeros(len(tokens), dtype=bool)
+        if base is None or not len(tokens):
+            return out
+        head, firsts = run.text[a:j], self.vocab.matrix[tokens, 0]
+        groups = {f: np.nonzero(firsts == f)[0] for f in np.unique(firsts).tolist()}
+        split = {f: self.canon.boundary(run.text, j, f) for f in groups}
+        # one batch: e followed by each byte a boundary comes before, and every other (e, t) not seen yet
+        keys = [(e, -1 - f) for f in groups if split[f] and j > 0 and (e, -1 - f) not in run.memo]
+        items = [(base, head + bytes([-1 - k]), False) for _, k in keys]
+        for f in groups:
+            if not split[f]:
+                todo = [t for t in tokens[groups[f]].tolist() if (e, t) not in run.memo]
+                keys += [(e, t) for t in todo]
+                items += [(base + [t], head + self.vocab.bytes[t], False) for t in todo]
+        run.memo.update(zip(keys, self.canon.check(items)))
+        apart = []
+        for f, chosen in groups.items():
+            if not split[f]:
+                out[chosen] = [run.memo[e, t] for t in tokens[chosen].tolist()]
+            elif j == 0 or run.memo[e, -1 - f]:
+                apart.append(chosen)
+        if apart:
+            chosen = np.concatenate(apart)
+            out[chosen] = self.canon.initial(tokens[chosen], self.vocab)
+        run.checked += len(tokens)
+        return out
 
     def _complete(self, run: _Run, e: int) -> bool:
         """Whether e (all of the text) is the tokenizer's encoding of the text as a whole document."""

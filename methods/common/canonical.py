@@ -157,6 +157,7 @@ class Canonical:
         # a probe the tokenizer cannot write (a tiny test vocabulary) would be dropped silently when encoded
         self.probes = tuple(z for z in PROBES if all(vocab.ids.get(bytes([b])) is not None for b in z.encode()))
         self.encodes = 0  # strings encoded (the cost of canonicality, reported by the scorer)
+        self._initial: np.ndarray | None = None  # per token: 1 canonical at a text's start, 0 not, -1 unknown
 
     def normalized(self, text: str) -> str:
         """`text` as the tokenizer reads it (NFC under Qwen2's); a text that changes has no canonical encoding
@@ -183,6 +184,39 @@ class Canonical:
             start = starts[bisect.bisect_right(starts, p) - 1] if p >= 0 else 0
             out.append(int(char_at[start]))
         return out
+
+    def boundary(self, text: bytes, j: int, first: int) -> bool:
+        """Whether every text starting with text[:j] then byte `first` has a pre-token boundary at j, under the
+        GPT-2 and Qwen2 regexes: at the start; before a space after a non-space (no pre-token takes a space
+        but as its first character); before a newline after a letter or digit (Qwen2 joins newlines to a
+        punctuation run). Then e + [t] is canonical exactly when e is, followed by that byte, and [t] is at a
+        text's start (`initial`): the tokens on either side never meet."""
+        if not self.windowed:
+            return False
+        if j == 0:
+            return True
+        i = j - 1
+        while i > 0 and 0x80 <= text[i] < 0xC0:
+            i -= 1
+        try:
+            char = text[i:j].decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+        if first == 0x20:
+            return not char.isspace()
+        return first in (0x0A, 0x0D) and unicodedata.category(char)[0] in "LN"
+
+    def initial(self, tokens: np.ndarray, vocab: ByteVocab) -> np.ndarray:
+        """Whether [t] is a canonical prefix of a text that starts with its bytes, for each t (memoised: it
+        depends on the token alone)."""
+        if self._initial is None:
+            self._initial = np.full(len(vocab.bytes), -1, dtype=np.int8)
+        known = self._initial[tokens]
+        todo = np.unique(tokens[known < 0]).tolist()
+        if todo:
+            self._initial[todo] = self.check([([t], vocab.bytes[t], False) for t in todo])
+            known = self._initial[tokens]
+        return known == 1
 
     def check(self, items: list[tuple[list[int], bytes, bool]]) -> list[bool]:
         """Each item: (tokens, bytes from an anchor, complete), the bytes starting with the tokens' own. A prefix
