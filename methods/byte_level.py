@@ -15,15 +15,22 @@ distribution at the end. So here:
         end = the document ends after s (the end-of-text token after an encoding that is all of s, canonical
         as a complete text).
 
-Canonicality is decided by re-encoding with the tokenizer (methods/common/canonical.py: a sequence is a
-canonical prefix if some continuation of its bytes encodes to a sequence starting with it; probes stand for
-every continuation; why that is exact for the GPT-2 and Qwen2 pre-tokenizer regexes is stated there).
-Cost: one batched Rust encode of a short window (from a stable pre-token start) per candidate checked,
-~1-35 strings per check; a text ending in a letter or digit needs only the string itself.
+Canonicality is decided by re-encoding with the tokenizer (methods/common/canonical.py): a sequence is a
+canonical prefix if some continuation of its bytes encodes to a sequence starting with it; a set of probe
+continuations stands for every continuation (why that is exact for the GPT-2 and Qwen2 pre-tokenizer regexes
+is argued there, and tested against every 2-character continuation). A check re-encodes a short window, from a
+pre-token start no continuation can move, in one batched Rust call: 1 string when the window ends in a letter
+or digit, else up to 34 (the probes). Where a pre-token boundary falls between a node and the next token
+whatever follows (after a space following a non-space, a newline following a letter or digit, at the start),
+the check splits in two: the node followed by that byte (one check per node) and the token at a text's start
+(memoised per token, for the tokenizer's lifetime). Measured on 421 bytes of tinyshakespeare with SmolLM2
+(tol 1e-4): 428 exact encodings, 1.74M (node, token) decisions, 72.6k strings encoded, 12 s of CPU in all.
 
 Byte-level log-likelihood of a text x (`byte_nll`): -log Q(x), split per byte as log Q(x[:i-1]) - log Q(x[:i])
-(the chain rule, telescoped). The route: Q(x[:i]) for every i at once, since a per-byte list needs them all;
--log Q(x) alone (the covers at the end) would save nothing, as the encodings tree below is what both cost.
+(the chain rule, telescoped); a per-byte list needs Q(x[:i]) for every i, so the encodings tree spans the text.
+The total alone (`total_nll`, what bits per byte need) takes the cheaper route, the covers at the end: every
+canonical cover of x shares x's own tokens up to its last stable anchor, so -log Q(x) = their token-level NLL
+(one causal pass) - log Q(rest of x | them), a tree of the last ~10 bytes.
 A per-byte term is Q(x[:i]) / Q(x[:i-1]), not the normalised p(x_i | x[:i-1]): the two differ by the mass the
 model puts on non-canonical next tokens (which Q drops, so the byte-level likelihood is of a sub-probability:
 it never flatters the model). Since the canonical encoding of x is one of its covers, -log Q(x) is at most
@@ -40,15 +47,16 @@ Algorithm (`ByteLM.prefixes`):
    then leave it or run past its end. Those are thousands (every token starting with a space), so they are
    checked most probable first, and checking stops when the mass left unchecked can move no Q(x[:i]) by more
    than `tol` of itself (each (node, depth) gets tol/K of a lower bound of Q(x[:i]), K the pairs that reach i);
-   the rest counts as non-canonical. tol = 0 checks every candidate (exact; the tests).
+   the rest counts as non-canonical, so Q is low by at most a fraction tol and -log Q(x), the whole text's
+   NLL, high by at most -log(1 - tol) nats. tol = 0 checks every candidate (exact; the tests).
 The next-byte distribution after a prompt conditions on the prompt's stable part (tokens before the last
 anchor are the same in every canonical cover, so their probability cancels) and reuses that part's KV cache
 between the steps of a greedy byte continuation (`kv.extend`, `kv.crop`).
 
 Deviations: the release handles SentencePiece only and takes the encoding before the prompt's last whitespace
-as fixed; here byte-level BPE, with canonicality decided by re-encoding under pre-tokenization (a
-whitespace-free prefix is not enough: see the "\\n\\n" case in canonical.py) and the fixed part chosen by the
-anchors. The unchecked-candidate tolerance is ours (the release masks the whole vocabulary per step for
+as fixed; here byte-level BPE, with canonicality decided by re-encoding under pre-tokenization with probe
+continuations (re-encoding the bytes alone, as the release's cover check does, drops SmolLM2's own encoding
+of "a\\n\\n" in "a\\n\\nb": see canonical.py) and the fixed part chosen by the anchors. The unchecked-candidate tolerance is ours (the release masks the whole vocabulary per step for
 SentencePiece, where a rule gives the mask). The document context is the tokenizer's end-of-text token
 (both embedded models separate pre-training documents with it); end of document = that token.
 """
@@ -90,6 +98,7 @@ def document_token(tokenizer) -> int:
 class Prefixes:
     log_q: list[float]  # log Q(x[:i]) for i = 0..len(x), given the context
     next_byte: np.ndarray | None  # 257 probabilities after x (END last), if asked
+    log_total: float | None  # log Q(x) from the covers of all of x, if the ends were asked for
     nodes: int  # exact encodings in the tree (model rows computed)
     checked: int  # candidate tokens whose canonicality was decided
 
@@ -122,7 +131,22 @@ class ByteLM:
             known = known[:-1]
         start = self.canon.anchors(known)[-1]  # stable for every text extending the prompt
         fixed = self._tokens_until(known, start)
-        return self.prefixes(raw[start:], None, [self.doc, *fixed], next_byte=True).next_byte
+        return self.prefixes(raw[start:], None, [self.doc, *fixed], ends="next").next_byte
+
+    def total_nll(self, text: str) -> float:
+        """-log Q(text), the whole text's byte-level NLL (= sum(byte_nll(text)), cheaper): the text's own tokens
+        up to its last stable anchor, which every canonical cover shares, scored in one pass, times the covers
+        of the rest."""
+        if self.canon.normalized(text) != text:
+            raise ValueError("the tokenizer normalizes this text (NFC) before encoding it: pass it normalized")
+        raw = text.encode("utf-8")
+        start = self.canon.anchors(text)[-1]
+        context = [self.doc, *self._tokens_until(text, start)]
+        cache = kv.new_cache(self.model)
+        logits = torch.log_softmax(kv.extend(self.model, context, cache).float(), dim=-1)
+        fixed = -float(logits[:-1].gather(-1, torch.tensor(context[1:])[:, None]).sum())
+        self._context = (context, cache, logits[-1].numpy())
+        return fixed - self.prefixes(raw[start:], None, context, ends="total").log_total
 
     def greedy(self, prompt: str | bytes, count: int) -> bytes:
         """The most likely next byte, `count` times (stops at END)."""
@@ -137,11 +161,12 @@ class ByteLM:
 
     # ------------------------------------------------------------ the algorithm
     def prefixes(self, text: bytes, anchors: list[int] | None, context: list[int],
-                 next_byte: bool = False) -> Prefixes:
-        """After `context` (tokens): Q(text[:i]) for every i (scoring: `anchors[j]` is the byte offset
-        canonicality checks after text[:j] start from), or the next-byte distribution after `text` (next_byte:
-        anchors None, every check from byte 0, which must be stable for every text extending `text`; only
-        covers extending all of `text` are computed, so log_q is not)."""
+                 ends: str | None = None) -> Prefixes:
+        """After `context` (tokens): Q(text[:i]) for every i (`anchors[j]`: the byte offset canonicality checks
+        after text[:j] start from), or only the covers of all of `text` (`ends`: "total" for log Q(text),
+        "next" for it and the next-byte distribution; anchors None: every check from byte 0, which must be
+        stable for every text extending `text`, and log_q is not computed)."""
+        next_byte = ends is not None
         n, vocab = len(text), self.vocab
         run = _Run(text, anchors if anchors is not None else [0] * (n + 1), whole=anchors is None)
         matches = self._encodings(run)
@@ -172,8 +197,8 @@ class ByteLM:
             kv.crop(cache, len(context))
         log_q = [float(np.logaddexp.reduce(t)) if t else -math.inf for t in run.terms]
         log_q[0] = 0.0
-        following = self._next_byte(run, groups) if next_byte else None
-        return Prefixes(log_q, following, len(run.tree), run.checked)
+        following, log_total = self._ends(run, groups, ends == "next") if next_byte else (None, None)
+        return Prefixes(log_q, following, log_total, len(run.tree), run.checked)
 
     def _encodings(self, run: _Run) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """Step 1: the trie of canonical prefixes decoding to exactly text[:j], for every j (no model); returns
@@ -262,31 +287,39 @@ class ByteLM:
         end = math.exp(float(row[self.doc])) if j == n else 0.0
         return e, run.log_p[e], ids[order], probs[order], following[order], end
 
-    def _next_byte(self, run: _Run, groups: list[tuple]) -> np.ndarray:
-        """Q(text + b) for every b and END, normalised; groups most probable first, each checked until its
-        unchecked mass is within tol / len(groups) of the mass found so far."""
+    def _ends(self, run: _Run, groups: list[tuple], following: bool) -> tuple[np.ndarray | None, float]:
+        """log Q(text): the encodings of all of it, plus the canonical tokens running past its end; and if
+        `following`, Q(text + b) for every b and END, normalised. Groups most probable first, each checked until
+        its unchecked mass is within tol / len(groups) of the mass found so far."""
+        n = len(run.text)
         groups.sort(key=lambda g: -(g[1] + math.log(g[3][0])) if len(g[3]) else math.inf)
         top = max((g[1] for g in groups), default=0.0)
-        mass, bound = np.zeros(END + 1), -math.inf
-        for e, log_e, ids, probs, following, end in groups:
+        exact = [g[1] for g in groups if run.pos[g[0]] == n]  # covers of the text ending with it
+        # the lower bound budgets are held to: of Q(text), or of the next symbols' mass (which may be less)
+        bound = float(np.logaddexp.reduce(exact)) if exact and not following else -math.inf
+        mass, total = np.zeros(END + 1), sum(math.exp(x - top) for x in exact)
+        for e, log_e, ids, probs, nexts, end in groups:
+            at_end = run.pos[e] == n
             found, k, step = 0.0, 0, 32
-            while k < len(ids):
+            while k < len(ids) and (following or not at_end):
                 rest = float(probs[k:].sum())
                 own = log_e + math.log(found) if found > 0 else -math.inf
                 if rest <= 0 or log_e + math.log(rest) <= self.log_tol + max(bound, own) - math.log(len(groups)):
                     break
                 part = slice(k, min(len(ids), k + step))
                 ok = self._canonical(run, e, ids[part])
-                np.add.at(mass, following[part][ok], math.exp(log_e - top) * probs[part][ok])
+                np.add.at(mass, nexts[part][ok], math.exp(log_e - top) * probs[part][ok])
                 found += float(probs[part][ok].sum())
                 k, step = part.stop, step * 2
-            if end > 0 and self._complete(run, e):
+            if not at_end:
+                total += math.exp(log_e - top) * found
+            elif following and end > 0 and self._complete(run, e):
                 mass[END] += math.exp(log_e - top) * end
                 found += end
             if found > 0:
                 bound = np.logaddexp(bound, log_e + math.log(found))
-        total = mass.sum()
-        return mass / total if total > 0 else mass
+        log_total = math.log(total) + top if total > 0 else -math.inf
+        return (mass / mass.sum() if mass.sum() > 0 else mass) if following else None, log_total
 
     def _canonical(self, run: _Run, e: int, tokens: np.ndarray) -> np.ndarray:
         """Whether e + [t] is a canonical prefix, for each t. Where a pre-token boundary falls between e and t
@@ -406,8 +439,12 @@ class ByteLevel(Scorer):
     def nll(self, model: torch.nn.Module, tokenizer, text: str) -> list[float]:
         return ByteLM(model, tokenizer, self.config.tol, self.config.block).byte_nll(text)
 
+    def total_nll(self, model: torch.nn.Module, tokenizer, text: str) -> float:
+        """sum(nll(...)) by the cheaper route (what bits per byte needs)."""
+        return ByteLM(model, tokenizer, self.config.tol, self.config.block).total_nll(text)
+
 
 def byte_nll(model: torch.nn.Module, tokenizer, text: str, tol: float = 1e-4) -> list[float]:
     """The negative log-likelihood (nats) of each UTF-8 byte of `text`, as a document, over every canonical
-    tokenization: sum = -log Q(text)."""
+    tokenization: sum = -log Q(text) (`ByteLM.total_nll` gives the sum alone, cheaper)."""
     return ByteLM(model, tokenizer, tol).byte_nll(text)

@@ -144,6 +144,13 @@ def test_byte_nll_telescopes_to_the_brute_force_prefix_probabilities(tok, model,
     assert sum(nll) <= -brute.log_p(tuple(brute.encode(text))) + 1e-6
 
 
+@pytest.mark.parametrize("text", ["ab ba\n\nab  abba aab ab", "ba a", "aab\n\n"])
+def test_the_total_from_the_covers_at_the_end_equals_the_chain_rule(tok, model, text):
+    """total_nll scores the text's tokens up to its last stable anchor in one pass and the covers of the rest."""
+    lm = ByteLM(model, tok, tol=0.0)
+    assert lm.total_nll(text) == pytest.approx(sum(lm.byte_nll(text)), rel=1e-6)  # float32 passes of other shapes
+
+
 def test_non_canonical_encodings_are_excluded_and_it_matters(tok, model, brute):
     s = b"aab"
     canonical, every = brute.q(s), brute.q(s, canonical=False)
