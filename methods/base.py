@@ -389,10 +389,47 @@ _TRANSFORMS: dict[str, type] = {}
 
 def register_transform(name: str):
     def wrap(cls: type) -> type:
-        if (name in _TRANSFORMS and _TRANSFORMS[name] is not cls) or name in _REGISTRY or name in _POLICIES:
+        if (name in _TRANSFORMS and _TRANSFORMS[name] is not cls) or name in _REGISTRY or name in _POLICIES \
+                or name in _SCORERS:
             raise ValueError(f"transform name {name!r} registered twice")
         cls.name = name
         _TRANSFORMS[name] = cls
+        return cls
+
+    return wrap
+
+
+# Scorers (a third modifier kind, beside decoders and cache policies): they change how a likelihood suite turns
+# the target's token probabilities into a document's log-likelihood (byte_level: per byte, over every canonical
+# tokenization), never what a decoder generates.
+_SCORERS: dict[str, type] = {}
+
+
+class Scorer:
+    """Base of every scorer: `paper`, a `Config` (Settings) and `nll(model, tokenizer, text)`, the negative
+    log-likelihood (nats) of each scored unit of `text` under `model`, in order."""
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[Paper | None] = None
+    unit: ClassVar[str] = "byte"  # what one entry of nll() scores
+
+    @dataclass
+    class Config(Settings):
+        pass
+
+    def __init__(self, **overrides: Any) -> None:
+        self.config = build_config(self.name, self.Config, overrides)
+
+    def nll(self, model: torch.nn.Module, tokenizer: Any, text: str) -> list[float]:
+        raise NotImplementedError
+
+
+def register_scorer(name: str):
+    def wrap(cls: type) -> type:
+        if (name in _SCORERS and _SCORERS[name] is not cls) or name in _REGISTRY or name in _POLICIES or name in _TRANSFORMS:
+            raise ValueError(f"scorer name {name!r} registered twice")
+        cls.name = name
+        _SCORERS[name] = cls
         return cls
 
     return wrap
@@ -407,4 +444,16 @@ def get_transform(name: str) -> type:
     known = transforms()
     if name not in known:
         raise KeyError(f"unknown transform {name!r}; known transforms: {', '.join(known)}")
+    return known[name]
+
+
+def scorers() -> dict[str, type]:
+    _discover()
+    return dict(sorted(_SCORERS.items()))
+
+
+def get_scorer(name: str) -> type:
+    known = scorers()
+    if name not in known:
+        raise KeyError(f"unknown scorer {name!r}; known scorers: {', '.join(known)}")
     return known[name]

@@ -13,7 +13,8 @@ API (shared by every tree, graph and beam method):
   order. `fed`: set when the drafter fed another tree than this one (GSD's graph), see `TreeDrafter.follow`.
 - `tree_attention(parents, prefix, pending, dtype)`: THE tree/forest attention mask (additive 4D) and
   position ids, batched over rows (a single tree is one row; beams pass a forest per row).
-- `TreeKV(model, pending)`: a model's KV cache holding a committed prefix plus tree nodes.
+- `TreeKV(model, pending, cache=None)`: a model's KV cache holding a committed prefix (a given cache's tokens)
+  plus tree nodes.
   `feed(tree, nodes)` runs ONE forward pass over the pending committed tokens (causal) and the
   given nodes (tree attention: each node sees the prefix, its ancestors and itself, at position
   prefix + depth - 1) and returns the logits: row 0 for the root (only if pending tokens were fed),
@@ -178,11 +179,11 @@ def tree_attention(parents: list[list[int]], prefix: int, pending: int, dtype: t
 class TreeKV:
     """One model's KV cache: a committed prefix, then tree nodes in the order they were fed."""
 
-    def __init__(self, model: torch.nn.Module, pending: list[int]) -> None:
+    def __init__(self, model: torch.nn.Module, pending: list[int], cache: DynamicCache | None = None) -> None:
         self.model = model
-        self.cache: DynamicCache = new_cache(model)
+        self.cache: DynamicCache = new_cache(model) if cache is None else cache  # a given cache: its tokens are the prefix
         self.pending = list(pending)  # committed tokens the model has not processed yet
-        self.prefix = 0  # committed tokens in the cache
+        self.prefix = 0 if cache is None else cache.get_seq_length()  # committed tokens in the cache
         self.slots: dict[int, int] = {}  # tree node -> its slot (cache position - prefix)
         self.slot_parents: list[int] = []  # slot -> its parent's slot (-1: the root)
         self.dtype = next(model.parameters()).dtype
