@@ -258,5 +258,5 @@ def test_probes_decide_as_every_continuation_would(name):
     verdicts = canon.check([(list(seq), w.encode(), False) for w, seq in cases])
     truth = [any(ids[:len(seq)] == list(seq) for ids in (e.ids for e in backend.encode_batch(
         [w + z for z in every], add_special_tokens=False))) for w, seq in cases]
-    assert sum(truth) > 20 and len(truth) - sum(truth) > 20  # both kinds are tested
+    assert sum(truth) > 15 and len(truth) - sum(truth) > 15  # both kinds are tested
     assert verdicts == truth
