@@ -317,7 +317,8 @@ def cmd_selfcheck(args) -> int:
     """Validate this device; exit 0 when no check failed, 1 when one did (skips are not failures)."""
     from harness.selfcheck import selfcheck
 
-    result = selfcheck(args.device, args.out, args.quick, args.dtype, console)
+    only = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    result = selfcheck(args.device, args.out, args.quick, args.dtype, only, console)
     for check in result["checks"]:
         colour = {"pass": "green", "fail": "red", "skip": "yellow"}[check["status"]]
         console.print(f"[{colour}]{check['status']:>4}[/] {check['name']}: {escape(check['reason'])}")
@@ -561,6 +562,7 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU, fp32 on a CPU), float32, bfloat16, float16")
     check.add_argument("--out", default="runs/selfcheck", help="folder for selfcheck.json, selfcheck.md, the profile "
                                                                "and the run")
+    check.add_argument("--methods", help="comma-separated lossless methods to compare with ar (default: every one)")
     check.add_argument("--quick", action="store_true", help="fewer prompts and tokens, a smaller grid (and on a CPU "
                                                             "a 4-layer model): a test of the path, not figures")
     check.set_defaults(func=cmd_selfcheck)

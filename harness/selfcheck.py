@@ -42,7 +42,7 @@ PROMPTS = ("Explain in two sentences why the sky looks blue during the day.",
            "Summarize a story about a robot who learns to paint.")
 INIT_STD = 0.06  # the configs' 0.02 makes a random model repeat one token
 HEAD_SPREAD = 0.5  # log-normal spread of the LM head rows' norms
-RATIO_RANGE = (0.90, 1.02)  # `ar`: sum of its pass times over its wall time
+MAX_RATIO = 1.02  # `ar`: its pass times may add up to its wall time (timer noise), never more
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,9 @@ class Plan:
     widths: tuple[int, ...]
     contexts: tuple[int, ...]
     repeats: int
+    # `ar`'s pass times over its wall time, at least: a real-size model's passes are nearly all of it; the quick
+    # variant's tiny passes leave a larger share to the host (and to a loaded machine's scheduling)
+    min_ratio: float = 0.90
 
 
 def plan(device: str, quick: bool) -> Plan:
@@ -68,7 +71,8 @@ def plan(device: str, quick: bool) -> Plan:
         return Plan("qwen2.5-coder-1.5b", {}, 4, 0.15, 3, 64, "qwen2.5-coder-0.5b", costmodel.WIDTHS,
                     costmodel.CONTEXTS, 5)
     if quick:  # a test of the path: SmolLM2's width, 4 layers, a smaller vocabulary
-        return Plan("smollm2-135m", {"num_hidden_layers": 4, "vocab_size": 8192}, 1, 0.4, 1, 12, None, (1, 4), (32,), 1)
+        return Plan("smollm2-135m", {"num_hidden_layers": 4, "vocab_size": 8192}, 1, 0.2, 1, 12, None, (1, 4), (32,), 1,
+                    min_ratio=0.70)
     return Plan("smollm2-135m", {}, 4, 0.15, 2, 24, None, (1, 2, 4, 8, 16, 32), (128, 512), 2)
 
 
@@ -126,11 +130,15 @@ def _shape_label(arch: str, shape: dict) -> str:
 # ------------------------------------------------------------------ the run
 
 
-def lossless_methods() -> list[str]:
-    """`ar` first, then every registered lossless decoder that needs no trained parts."""
-    from methods.base import registry
+def lossless_methods(only: list[str] | None = None) -> list[str]:
+    """`ar` first, then every registered lossless decoder that needs no trained parts (of `only`, if given)."""
+    from methods.base import get_method, registry
 
-    return ["ar"] + [n for n, c in registry().items() if c.lossless and not c.needs.trained and n != "ar"]
+    for name in only or []:
+        if not get_method(name).lossless:
+            raise ValueError(f"selfcheck --methods: {name} is not lossless (selfcheck compares lossless methods with ar)")
+    return ["ar"] + [n for n, c in registry().items()
+                     if c.lossless and not c.needs.trained and n != "ar" and (only is None or n in only)]
 
 
 def _fresh_run_dir(path: Path) -> Path:
@@ -142,14 +150,14 @@ def _fresh_run_dir(path: Path) -> Path:
     return path
 
 
-def _run(out: Path, device: str, dtype, plan_: Plan, target, draft, console):
+def _run(out: Path, device: str, dtype, plan_: Plan, target, draft, methods: list[str], console):
     from harness.results import read_records
     from harness.runner import RunConfig, Runner
 
     data = out / "prompts.jsonl"
     data.write_text("".join(json.dumps({"question_id": f"selfcheck-{i}", "category": "mt_bench", "turns": [p]}) + "\n"
                             for i, p in enumerate(PROMPTS[: plan_.items])))
-    cfg = RunConfig(suite="specbench", methods=lossless_methods(), target=target.spec, draft=draft.spec,
+    cfg = RunConfig(suite="specbench", methods=methods, target=target.spec, draft=draft.spec,
                     data=str(data), max_new_tokens=plan_.max_new_tokens, device=device,
                     dtype=str(dtype).removeprefix("torch."), out=str(_fresh_run_dir(out / "run")))
     runner = Runner(cfg, console, models={"target": target, "draft": draft})
@@ -165,7 +173,7 @@ def _ok(records: list[dict], method: str) -> list[dict]:
     return [r for r in records if r["method"] == method and not r.get("error")]
 
 
-def check_timing(records: list[dict], device: str) -> Check:
+def check_timing(records: list[dict], device: str, min_ratio: float = 0.90) -> Check:
     ar = _ok(records, "ar")
     if not ar:
         return Check("timing", "fail", "ar produced no record without an error")
@@ -179,10 +187,9 @@ def check_timing(records: list[dict], device: str) -> Check:
                "prefill_s": statistics.fmean(r["prefill_s"] for r in ar),
                "decode_ms_per_token": 1000 * statistics.fmean(r["decode_s"] / max(1, r["new_tokens"] - 1) for r in ar),
                "first_pass_over_prefill_max": first, "prefill_plus_decode_minus_wall_max_s": split}
-    low, high = RATIO_RANGE
     problems = []
-    if not low <= ratio <= high:
-        problems.append(f"ar's pass times add up to {ratio:.3f} of its wall time (expected {low}-{high})")
+    if not min_ratio <= ratio <= MAX_RATIO:
+        problems.append(f"ar's pass times add up to {ratio:.3f} of its wall time (expected {min_ratio}-{MAX_RATIO})")
     if first > 1.02:
         problems.append(f"a first pass lasted {first:.3f} x the prefill time that contains it")
     if split > 1e-6:
@@ -195,10 +202,11 @@ def check_timing(records: list[dict], device: str) -> Check:
 def check_nvml(records: list[dict], device: str) -> Check:
     ar = _ok(records, "ar")
     if not device.startswith("cuda"):
-        where = (f"this CPU: energy {ar[0].get('energy_source') or 'not measured'}, peak memory "
-                 f"{ar[0].get('peak_mem_bytes')} bytes" if ar else "this CPU")
-        return Check("nvml", "skip", f"no CUDA device (NVML reads GPUs); {where}",
-                     {"energy_source": ar[0].get("energy_source") if ar else None})
+        energy = (ar[0].get("energy_source") or ar[0].get("energy_unavailable_reason")) if ar else None
+        memory = ar[0].get("peak_mem_bytes") if ar else None
+        return Check("nvml", "skip", f"no CUDA device (NVML reads GPUs); on this CPU, energy: {energy}; peak RSS: "
+                                     + (f"{memory / 2**20:.0f} MiB" if memory else "not measured"),
+                     {"energy_source": energy, "peak_mem_bytes": memory})
     if not ar:
         return Check("nvml", "fail", "ar produced no record without an error")
     r = ar[-1]
@@ -253,6 +261,8 @@ def check_lossless(records: list[dict], methods: list[str], tie_share: float | N
         per[name] = row
         if row["mismatches"] or row["errors"] or row["unchecked"]:
             failures.append(name)
+    if not per:
+        return Check("lossless", "skip", "--methods names no lossless method besides ar")
     ties = [n for n, row in per.items() if row["ties"]]
     figures = {"methods": per, "tie_epsilon": epsilon, "ar_tie_prone_share": tie_share}
     clean = [n for n, row in per.items() if row["equal"] and not (row["ties"] or row["mismatches"] or row["errors"])]
@@ -275,8 +285,11 @@ def _mean(values) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def check_peers(records: list[dict]) -> Check:
-    pairs = (("ar", "hf_generate"), ("sps", "hf_assisted"))
+def check_peers(records: list[dict], methods: list[str]) -> Check:
+    pairs = [(ours, theirs) for ours, theirs in (("ar", "hf_generate"), ("sps", "hf_assisted"))
+             if ours in methods and theirs in methods]
+    if not pairs:
+        return Check("peers", "skip", "--methods names no peer pair (hf_generate for ar, sps with hf_assisted)")
     speeds = {m: _mean([r.get("tokens_per_s") for r in _ok(records, m)]) for pair in pairs for m in pair}
     missing = [m for m, s in speeds.items() if s is None]
     if missing:
@@ -379,8 +392,9 @@ def tie_prone_share(runner, records: list[dict], epsilon: float) -> float | None
 
 
 def selfcheck(device: str = "auto", out: str | Path = "runs/selfcheck", quick: bool = False, dtype: str = "auto",
-              console=None) -> dict:
-    """Run every check; write OUT/selfcheck.json and OUT/selfcheck.md; return the JSON's content."""
+              methods: list[str] | None = None, console=None) -> dict:
+    """Run every check; write OUT/selfcheck.json and OUT/selfcheck.md; return the JSON's content. `methods`:
+    the lossless methods compared with `ar` (default: every one registered)."""
     from harness.models import pick_dtype
     from harness.runner import TIE_EPSILON, resolve_device
 
@@ -388,6 +402,7 @@ def selfcheck(device: str = "auto", out: str | Path = "runs/selfcheck", quick: b
     start = time.perf_counter()
     device = resolve_device(device)
     torch_dtype = pick_dtype(dtype, device)
+    names = lossless_methods(methods)  # an unknown or lossy name fails before any model is built
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     p = plan(device, quick)
@@ -398,12 +413,11 @@ def selfcheck(device: str = "auto", out: str | Path = "runs/selfcheck", quick: b
     label = _shape_label(p.arch, p.shape)
     target = _loaded(f"{label} (random weights)", target_model, torch_dtype, device, how)
     draft = _loaded(f"{label}, first {p.draft_layers} layers (random weights)", draft_model, torch_dtype, device, how)
-    runner, records = _run(out, device, torch_dtype, p, target, draft, console)
-    methods = list(runner.methods)
+    runner, records = _run(out, device, torch_dtype, p, target, draft, names, console)
     epsilon = TIE_EPSILON.get(target.info["dtype"], 1e-5)
-    checks = [check_timing(records, device), check_nvml(records, device),
-              check_lossless(records, methods, tie_prone_share(runner, records, epsilon), epsilon),
-              check_peers(records), check_host_overhead(records, methods)]
+    checks = [check_timing(records, device, p.min_ratio), check_nvml(records, device),
+              check_lossless(records, names, tie_prone_share(runner, records, epsilon), epsilon),
+              check_peers(records, names), check_host_overhead(records, names)]
     with progress(console) as bar:
         profile_check, profile = check_profile(out, device, p, target_model, draft_model, torch_dtype, bar)
     checks += [profile_check, check_report(runner.out, profile)]
@@ -420,16 +434,23 @@ def selfcheck(device: str = "auto", out: str | Path = "runs/selfcheck", quick: b
 
 
 def _packages() -> dict[str, str | None]:
-    """Versions of what decodebench can use, None where a package is absent (its checks skip)."""
+    """What decodebench can import here, with its version; None where a module cannot be imported (then the
+    checks that need it skip)."""
+    import importlib.util
     from importlib import metadata
 
     found = {}
-    for name in ("torch", "transformers", "numpy", "pandas", "matplotlib", "jinja2", "rich", "psutil",
-                 "nvidia-ml-py", "filelock", "platformdirs"):
+    for module, dist in (("torch", "torch"), ("transformers", "transformers"), ("numpy", "numpy"),
+                         ("pandas", "pandas"), ("matplotlib", "matplotlib"), ("jinja2", "jinja2"), ("rich", "rich"),
+                         ("psutil", "psutil"), ("pynvml", "nvidia-ml-py"), ("filelock", "filelock"),
+                         ("platformdirs", "platformdirs")):
+        if importlib.util.find_spec(module) is None:
+            found[module] = None
+            continue
         try:
-            found[name] = metadata.version(name)
+            found[module] = metadata.version(dist)
         except metadata.PackageNotFoundError:
-            found[name] = None
+            found[module] = "(version unknown)"
     return found
 
 
