@@ -7,11 +7,9 @@ import sys
 import time
 from pathlib import Path
 
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+from harness.console import escape, make_console, progress
 
-console = Console(soft_wrap=True)  # messages stay one line each (paths unbroken, grep finds them)
+console = make_console(soft_wrap=True)  # messages stay one line each (paths unbroken, grep finds them)
 
 
 def _settings(pairs: list[str]) -> dict[str, dict]:
@@ -257,12 +255,12 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from rich.progress import Progress
-
-    from harness import costmodel, models, roofline
+    from harness import costmodel, models
     from harness.manifest import device_description
     from harness.runner import resolve_device
 
+    if args.compare and (err := _unreadable_profile(args.compare)):  # before minutes of measuring
+        return err
     device = resolve_device(args.device)
     if args.arch:  # random weights of an embedded model's exact shape: the same pass cost, no weights needed
         from harness import archs
@@ -275,16 +273,10 @@ def cmd_profile(args) -> int:
         roles = {"target": args.target, **({"draft": args.draft} if args.draft else {})}
     widths = [int(w) for w in args.widths.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
-    tables, roof = {}, {}
-    with Progress(console=console) as progress:
-        for role, spec in roles.items():
-            model = _profiled_model(spec, device, args.dtype, args.arch is not None)
-            if not roof:
-                roof["device"] = roofline.measure(device, str(next(model.parameters()).dtype).removeprefix("torch."))
-            roof[role] = roofline.model_roof(model)
-            task = progress.add_task(f"{role} {spec}", total=len(widths) * len(contexts))
-            tables[role] = costmodel.measure(model, widths, contexts, args.repeats, lambda: progress.advance(task))
-            del model
+    builders = {role: (lambda spec=spec: _profiled_model(spec, device, args.dtype, args.arch is not None))
+                for role, spec in roles.items()}
+    with progress(console) as bar:
+        tables, roof = costmodel.profile(builders, device, widths, contexts, args.repeats, bar)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     labels = {role: f"{spec} (architecture, random weights)" if args.arch else spec for role, spec in roles.items()}
@@ -295,7 +287,38 @@ def cmd_profile(args) -> int:
         console.print(f"{role}: " + ", ".join(f"w={w}: {s * 1000:.0f} ms" for w, s in zip(table.widths, table.seconds[0]))
                       + f" (context {table.contexts[0]})")
     console.print(f"profile: {out}")
+    if args.compare:
+        _print_comparison(costmodel.load_profile(out), args.compare)
     return 0
+
+
+def _unreadable_profile(path: str) -> int | None:
+    """Exit 2, said in one line, when `path` is not a readable profile; None when it is."""
+    from harness.costmodel import load_profile
+
+    try:
+        load_profile(Path(path))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        console.print(f"[red]error:[/] profile {escape(path)} cannot be read ({escape(str(err) or type(err).__name__)})")
+        return EXIT_USAGE
+    return None
+
+
+def _print_comparison(profile: dict, other_path: str) -> None:
+    """This profile's latency over another's, per cell (e.g. random weights of an architecture against the
+    real weights: a pass should cost the same)."""
+    from harness.costmodel import compare, load_profile
+
+    rows = compare(profile, load_profile(Path(other_path)))
+    if not rows:
+        console.print(f"[yellow]no cell in common with {escape(other_path)}[/]")
+        return
+    print(f"this profile / {other_path} (same role, context and width):")
+    print("role\tcontext\twidth\tthis_ms\tother_ms\tratio")
+    for r in rows:
+        print(f"{r['role']}\t{r['context']}\t{r['width']}\t{r['a_s'] * 1000:.1f}\t{r['b_s'] * 1000:.1f}\t{r['ratio']:.2f}")
+    ratios = sorted(r["ratio"] for r in rows)
+    print(f"ratio: median {ratios[len(ratios) // 2]:.2f}, range {ratios[0]:.2f}-{ratios[-1]:.2f} over {len(rows)} cells")
 
 
 def _profiled_model(spec: str, device: str, dtype: str, random_weights: bool):
@@ -306,6 +329,19 @@ def _profiled_model(spec: str, device: str, dtype: str, random_weights: bool):
     return models.load(spec, device, dtype).model
 
 
+def cmd_selfcheck(args) -> int:
+    """Validate this device; exit 0 when no check failed, 1 when one did (skips are not failures)."""
+    from harness.selfcheck import selfcheck
+
+    only = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    result = selfcheck(args.device, args.out, args.quick, args.dtype, only, console)
+    for check in result["checks"]:
+        colour = {"pass": "green", "fail": "red", "skip": "yellow"}[check["status"]]
+        console.print(f"[{colour}]{check['status']:>4}[/] {check['name']}: {escape(check['reason'])}")
+    console.print(f"selfcheck: {args.out}/selfcheck.md  {args.out}/selfcheck.json ({result['wall_s']:.0f} s)")
+    return EXIT_FAILED if result["summary"]["fail"] else EXIT_OK
+
+
 def cmd_report(args) -> int:
     from harness.record import SchemaError
 
@@ -314,13 +350,8 @@ def cmd_report(args) -> int:
         console.print(f"[red]error:[/] {run_dir} has no results.jsonl")
         return 2
     for path in args.profile or []:  # checked before any work: a missing or foreign file names itself
-        try:
-            from harness.costmodel import load_profile
-
-            load_profile(Path(path))
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            console.print(f"[red]error:[/] profile {escape(path)} cannot be read ({escape(str(err) or type(err).__name__)})")
-            return 2
+        if err := _unreadable_profile(path):
+            return err
     try:
         report = _build_report(run_dir, baseline=args.baseline, profile=args.profile)
     except SchemaError as err:  # a run written by another decodebench
@@ -336,11 +367,15 @@ def _show(title: str, columns: list[str], rows: list[dict], as_json: bool) -> No
     if as_json:
         print(json.dumps(rows, indent=1, default=str))
         return
-    if not sys.stdout.isatty():
+    from harness.console import Console
+
+    if not sys.stdout.isatty() or Console is None:  # piped, or no rich installed
         print("\t".join(columns))
         for row in rows:
             print("\t".join("" if row.get(c) is None else str(row.get(c)) for c in columns))
         return
+    from rich.table import Table
+
     table = Table(title=title)
     for i, col in enumerate(columns):  # the first column (the name) is never cut or wrapped
         table.add_column(col, no_wrap=i == 0, min_width=max((len(str(r.get(col, ""))) for r in rows), default=4)
@@ -554,7 +589,20 @@ def parser() -> argparse.ArgumentParser:
     prof.add_argument("--device", default="auto")
     prof.add_argument("--dtype", default="auto")
     prof.add_argument("--out", default="runs/profile.json")
+    prof.add_argument("--compare", metavar="PROFILE.json",
+                      help="also print this profile's latency over another profile's, cell by cell")
     prof.set_defaults(func=cmd_profile)
+
+    check = sub.add_parser("selfcheck", help="validate this device: timing, NVML, lossless methods, transformers' "
+                                             "peers, host overhead, latency profile (random-weight models, a few minutes)")
+    check.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    check.add_argument("--dtype", default="auto", help="auto (bf16 on a GPU, fp32 on a CPU), float32, bfloat16, float16")
+    check.add_argument("--out", default="runs/selfcheck", help="folder for selfcheck.json, selfcheck.md, the profile "
+                                                               "and the run")
+    check.add_argument("--methods", help="comma-separated lossless methods to compare with ar (default: every one)")
+    check.add_argument("--quick", action="store_true", help="fewer prompts and tokens, a smaller grid (and on a CPU "
+                                                            "a 4-layer model): a test of the path, not figures")
+    check.set_defaults(func=cmd_selfcheck)
 
     meth = sub.add_parser("methods", help="list registered methods; with NAME, its settings (types, defaults, help)")
     meth.add_argument("name", nargs="?")

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
+from harness import roofline
 from harness.instrument import synchronize
 from methods.common.kv import crop, extend, new_cache
 
@@ -72,6 +72,39 @@ def measure(model: torch.nn.Module, widths=WIDTHS, contexts=CONTEXTS, repeats: i
     return LatencyTable(list(widths), list(contexts), seconds)
 
 
+def profile(models: dict, device: str, widths=WIDTHS, contexts=CONTEXTS, repeats: int = 3,
+            bar=None) -> tuple[dict[str, LatencyTable], dict]:
+    """`models`: role -> a function giving that role's model. Each is built, measured and dropped in turn
+    (two large models need not fit at once); also the roofline: the device's (measured once) and each model's.
+    `bar`: a progress display (harness.console.progress), one task per role."""
+    tables, roof = {}, {}
+    for role, build in models.items():
+        model = build()
+        if not roof:
+            roof["device"] = roofline.measure(device, str(next(model.parameters()).dtype).removeprefix("torch."))
+        roof[role] = roofline.model_roof(model)
+        task = bar.add_task(f"profile {role}", total=len(widths) * len(contexts)) if bar else None
+        tables[role] = measure(model, widths, contexts, repeats, (lambda t=task: bar.advance(t)) if bar else None)
+        del model
+    return tables, roof
+
+
+def compare(profile_a: dict, profile_b: dict) -> list[dict]:
+    """Cell by cell, A's latency over B's, for every role and (context, width) both profiles measured."""
+    rows = []
+    for role, a in profile_a["tables"].items():
+        b = profile_b["tables"].get(role)
+        if b is None:
+            continue
+        for i, context in enumerate(a.contexts):
+            for j, width in enumerate(a.widths):
+                if context in b.contexts and width in b.widths:
+                    theirs = b.seconds[b.contexts.index(context)][b.widths.index(width)]
+                    rows.append({"role": role, "context": context, "width": width, "a_s": a.seconds[i][j],
+                                 "b_s": theirs, "ratio": a.seconds[i][j] / theirs if theirs > 0 else float("nan")})
+    return rows
+
+
 def save_profile(path: Path, device: str, tables: dict[str, LatencyTable], models: dict[str, str],
                  roofline: dict | None = None) -> None:
     Path(path).write_text(json.dumps({
@@ -113,6 +146,8 @@ def predicted_seconds(record: dict, tables: dict[str, LatencyTable]) -> float | 
 def predicted_speedups(records: list[dict], tables: dict[str, LatencyTable], baseline: str = "ar") -> dict[str, float]:
     """The speed table's speed-up (Spec-Bench's definition, harness.tables) with each record's wall time
     replaced by its predicted time; a record that cannot be priced leaves its question out."""
+    import pandas as pd
+
     from harness.tables import OVERALL, speed_table
 
     priced = []

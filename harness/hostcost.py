@@ -30,6 +30,13 @@ class HostCost:
     def host_ms_per_target_pass(self) -> float:
         return 1000 * self.host_s / max(1, self.target_calls)
 
+    @classmethod
+    def from_record(cls, record: dict) -> HostCost:
+        """The same split for a run's record: its wall time, and the passes the runner's hooks timed (target,
+        draft and self-draft)."""
+        forward = sum(record.get("target_pass_s") or []) + sum(record.get("draft_pass_s") or [])
+        return cls(record["wall_s"], forward, record["target_calls"], record["new_tokens"])
+
 
 def measure_host_cost(method: Method, target: torch.nn.Module, draft: torch.nn.Module | None,
                       prompt_ids: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),

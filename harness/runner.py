@@ -14,19 +14,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from harness import likelihood, quality, roofline
 from harness import models as model_specs
+from harness.console import escape, make_console, progress
 from harness.instrument import (
     Budget,
     KVWatch,
@@ -169,10 +160,14 @@ def item_seed(seed: int, item_id: str, turn: int, repeat: int) -> int:
 
 
 class Runner:
-    def __init__(self, cfg: RunConfig, console: Console | None = None, suite: Suite | None = None) -> None:
-        """`suite`: an instance to run instead of the one cfg.suite names (the lm-eval adapter's requests)."""
+    def __init__(self, cfg: RunConfig, console=None, suite: Suite | None = None,
+                 models: dict[str, model_specs.LoadedModel] | None = None) -> None:
+        """`suite`: an instance to run instead of the one cfg.suite names (the lm-eval adapter's requests).
+        `models`: models the caller built itself, by role ("target", "draft"), used instead of loading
+        cfg.target and cfg.draft, which then only name them (selfcheck's random-weight models)."""
         self.cfg = cfg
-        self.console = console or Console()
+        self.console = console or make_console()
+        self.given = dict(models or {})
         self.device = resolve_device(cfg.device)
         self.out = Path(cfg.out)
         self.methods: dict[str, Method] = {}
@@ -181,8 +176,10 @@ class Runner:
         if suite is None:
             suite_cls, options = resolve(cfg.suite, cfg.suite_options)  # NAME or NAME:VALUE (lm-eval:TASK)
             # a suite sized in tokens gets the target's tokenizer now: only the tokenizer, no weights, loads
-            tokenizer = (model_specs.load_tokenizer(cfg.target, cfg.trust_remote_code)
-                         if suite_cls.needs_tokenizer or suite_cls.needs == "loglikelihood" else None)
+            tokenizer = None
+            if suite_cls.needs_tokenizer or suite_cls.needs == "loglikelihood":
+                tokenizer = (self.given["target"].tokenizer if "target" in self.given
+                             else model_specs.load_tokenizer(cfg.target, cfg.trust_remote_code))
             suite = suite_cls(data=cfg.data, tokenizer=tokenizer, **options)
         self.suite = suite
         if self.suite.needs == "loglikelihood":
@@ -211,11 +208,13 @@ class Runner:
         if needs_draft and not cfg.draft:
             raise model_specs.ModelError(f"{', '.join(needs_draft)} need a draft model: pass --draft")
         self.console.print(f"loading target [bold]{cfg.target}[/] on {self.device}")
-        self.target = model_specs.load(cfg.target, self.device, cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        self.target = self.given.get("target") or model_specs.load(cfg.target, self.device, cfg.dtype,
+                                                                   trust_remote_code=cfg.trust_remote_code)
         self.draft = None
         if needs_draft:
             self.console.print(f"loading draft [bold]{cfg.draft}[/]")
-            self.draft = model_specs.load(cfg.draft, self.device, cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+            self.draft = self.given.get("draft") or model_specs.load(cfg.draft, self.device, cfg.dtype,
+                                                                     trust_remote_code=cfg.trust_remote_code)
             model_specs.check_same_tokenizer(self.target, self.draft)
         self.eos = model_specs.eos_ids(self.target)
         strict = self.cfg.strict_counting
@@ -224,6 +223,12 @@ class Runner:
         # passes a self-drafting method runs through the target (layers skipped) are draft passes
         self.self_draft_counter = PassCounter(self.target.model, "self-draft", self_draft=True, strict=strict)
         self.kv_watch = KVWatch(self.target.model)
+
+    def detach(self) -> None:
+        """Take the harness's hooks off the models, for a caller that goes on using them (selfcheck)."""
+        for watcher in (self.target_counter, self.draft_counter, self.self_draft_counter, self.kv_watch):
+            if watcher is not None:
+                watcher.remove()
 
     def _roofline(self) -> dict:
         """The device's bandwidth and matmul throughput (measured once per process) and the weight
@@ -501,13 +506,11 @@ class Runner:
         skipped = sum(len(i.turns) for i in self.items) * per_item - len(todo)
         if skipped:
             self.console.print(f"resuming: {skipped} records already done, {len(todo)} to go")
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=self.console) as progress:
-            task = progress.add_task("run", total=len(todo))
+        with progress(self.console) as bar:
+            task = bar.add_task("run", total=len(todo))
             warmed: set[str] = set()
             for name, item, turn, repeat, budget in todo:
-                progress.update(task, description=f"{name:>12} {item.item_id} turn {turn} {budget.label}")
+                bar.update(task, description=f"{name:>12} {item.item_id} turn {turn} {budget.label}")
                 if self.cfg.warmup and name not in warmed and self.suite.needs == "generation":
                     self._warm_up(self.methods[name])
                     warmed.add(name)
@@ -516,7 +519,7 @@ class Runner:
                 self.written += 1
                 if record.error:
                     self.failures.append(record.error)
-                progress.advance(task)
+                bar.advance(task)
         for name, error in self.states.save_errors.items():
             self.console.print(f"[yellow]{name}: its method state could not be saved ({escape(error)}); "
                                f"a resumed run cannot restore it[/]")

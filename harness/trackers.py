@@ -8,14 +8,13 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
 
 
 class PeakMemory:
     """Context manager; `.peak_bytes` after exit: the CUDA allocator's peak on a GPU; on a CPU the
     kernel's own peak resident set (VmHWM, reset through /proc/self/clear_refs: exact, no sampling),
-    or, where that reset is not allowed, an RSS sampler waking every `interval` s."""
+    or, where that reset is not allowed, an RSS sampler waking every `interval` s (psutil; without it, None)."""
 
     def __init__(self, device: str, interval: float = 0.05) -> None:
         self.cuda = device.startswith("cuda") and torch.cuda.is_available()
@@ -25,12 +24,15 @@ class PeakMemory:
         self.thread_cpu_s = 0.0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._hwm = False  # the kernel's peak was reset at enter: read it at exit
 
     def __enter__(self) -> PeakMemory:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif not _reset_peak_rss():
-            self._process = psutil.Process()
+        elif _reset_peak_rss():
+            self._hwm = True
+        elif (process := _this_process()) is not None:
+            self._process = process
             self.peak_bytes = self._process.memory_info().rss
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
@@ -45,12 +47,21 @@ class PeakMemory:
         if self.cuda:
             torch.cuda.synchronize(self.device)
             self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
-        elif self._thread is None:
+        elif self._hwm:
             self.peak_bytes = _peak_rss()
-        else:
+        elif self._thread is not None:
             self._stop.set()
             self._thread.join()
             self.peak_bytes = max(self.peak_bytes or 0, self._process.memory_info().rss)
+
+
+def _this_process():
+    """psutil's handle on this process, or None without psutil (then there is no peak memory on a CPU)."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.Process()
 
 
 def _reset_peak_rss() -> bool:
