@@ -127,10 +127,18 @@ def test_second_writer_is_refused_with_the_holders_pid(base, tmp_path, capsys, m
 
 def test_two_concurrent_runs_one_is_refused(base, tmp_path):
     out = tmp_path / "run"
+    # the second starts while the first holds the folder: the first is paused (SIGSTOP) after its first record,
+    # so it keeps the lock however slowly the second starts (two started together race on a loaded machine)
     argv = [sys.executable, "-m", "harness.cli", *base, "--methods", "ar,pld", "--limit", "5", "--out", str(out)]
-    runs = [subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for _ in range(2)]
-    results = [(p.wait(timeout=300), p.stdout.read()) for p in runs]
+    first = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_records(out, 1, first)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        second_result = (second.wait(timeout=300), second.stdout.read())
+    finally:
+        first.send_signal(signal.SIGCONT)
+    results = [(first.wait(timeout=300), first.stdout.read()), second_result]
     codes = sorted(code for code, _ in results)
     assert codes == [0, 2], results
     refused = next(text for code, text in results if code == 2)
