@@ -7,7 +7,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -353,14 +352,13 @@ def test_likelihood_suites_take_transforms(model_dirs, tmp_path, capsys):
 
 
 def test_a_bad_transform_setting_exits_2_before_any_model_loads(tmp_path):
-    start = time.perf_counter()
     for args, message in ((["--methods", "ar,w4", "--set", "w4.bits=9"], "w4.bits must be in [2, 8]"),
                           (["--methods", "ar,sps+w8+w4"], "one transform per run")):
         result = subprocess.run([sys.executable, "-m", "harness.cli", "run", *args, "--target",
                                  str(tmp_path / "no-such-model"), "--out", str(tmp_path / "run")],
                                 capture_output=True, text=True, timeout=120, check=False)
         assert result.returncode == 2 and message in result.stdout + result.stderr, result.stdout + result.stderr
-    assert time.perf_counter() - start < 60 and not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists()  # refused before the folder, the tokenizer or any model
 
 
 def test_int8_packs_each_weight_once_and_again_after_a_change():
