@@ -53,12 +53,16 @@ The next-byte distribution after a prompt conditions on the prompt's stable part
 anchor are the same in every canonical cover, so their probability cancels) and reuses that part's KV cache
 between the steps of a greedy byte continuation (`kv.extend`, `kv.crop`).
 
+Paper defaults: nothing to set (the method is exact; the release's generate.py samples bytes with a
+temperature and top-p). Here: scores and greedy bytes; `tol` and `block` are ours.
 Deviations: the release handles SentencePiece only and takes the encoding before the prompt's last whitespace
 as fixed; here byte-level BPE, with canonicality decided by re-encoding under pre-tokenization with probe
 continuations (re-encoding the bytes alone, as the release's cover check does, drops SmolLM2's own encoding
-of "a\\n\\n" in "a\\n\\nb": see canonical.py) and the fixed part chosen by the anchors. The unchecked-candidate tolerance is ours (the release masks the whole vocabulary per step for
-SentencePiece, where a rule gives the mask). The document context is the tokenizer's end-of-text token
-(both embedded models separate pre-training documents with it); end of document = that token.
+of "a\\n\\n" in "a\\n\\nb": see canonical.py) and the fixed part chosen by the anchors. The unchecked-candidate
+tolerance is ours (the release masks the whole vocabulary per step, by a rule that holds for SentencePiece).
+The document context is the tokenizer's end-of-text token (both embedded models separate pre-training
+documents with it); end of document = that token. Prefixes cut inside a multi-byte character are handled, with
+one approximation (canonical.py); a text must be as the tokenizer's normalizer leaves it (NFC for Qwen2).
 """
 from __future__ import annotations
 
