@@ -170,7 +170,7 @@ class ByteLM:
         after text[:j] start from), or only the covers of all of `text` (`ends`: "total" for log Q(text),
         "next" for it and the next-byte distribution; anchors None: every check from byte 0, which must be
         stable for every text extending `text`, and log_q is not computed)."""
-        next_byte = ends is not None
+        only_ends = ends is not None
         n, vocab = len(text), self.vocab
         run = _Run(text, anchors if anchors is not None else [0] * (n + 1), whole=anchors is None)
         matches = self._encodings(run)
@@ -192,16 +192,16 @@ class ByteLM:
                     self._children(run, e, row)
                 for e, row in rows:
                     j = run.pos[e]
-                    if j < n and not next_byte:
+                    if j < n and not only_ends:
                         self._candidates(run, e, row, *matches[j])
-                    if next_byte and j > n - vocab.maxlen:  # a token can still run past the end
+                    if only_ends and j > n - vocab.maxlen:  # a token can still run past the end
                         groups.append(self._extensions(run, e, row, matches.get(j)))
                 rows = []
         finally:
             kv.crop(cache, len(context))
         log_q = [float(np.logaddexp.reduce(t)) if t else -math.inf for t in run.terms]
         log_q[0] = 0.0
-        following, log_total = self._ends(run, groups, ends == "next") if next_byte else (None, None)
+        following, log_total = self._ends(run, groups, ends == "next") if only_ends else (None, None)
         return Prefixes(log_q, following, log_total, len(run.tree), run.checked)
 
     def _encodings(self, run: _Run) -> dict[int, tuple[np.ndarray, np.ndarray]]:
