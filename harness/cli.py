@@ -390,17 +390,19 @@ def cmd_methods(args) -> int:
         describe_settings,
         get_method,
         get_policy,
+        get_scorer,
         get_transform,
         policies,
         registry,
+        scorers,
         transforms,
     )
 
     if args.name:
-        is_policy, is_transform = args.name in policies(), args.name in transforms()
+        is_policy, is_transform, is_scorer = args.name in policies(), args.name in transforms(), args.name in scorers()
         try:
             cls = (get_policy(args.name) if is_policy else get_transform(args.name) if is_transform
-                   else get_method(args.name))
+                   else get_scorer(args.name) if is_scorer else get_method(args.name))
         except KeyError as err:
             console.print(f"[red]error:[/] {err.args[0]}")
             return 2
@@ -418,6 +420,9 @@ def cmd_methods(args) -> int:
             print(f"a model transform of the target and the draft: runs under ar (`{args.name}`) or another decoder "
                   f"(`sps+{args.name}`); " + ("simulated (fake quantization: accuracy, not speed)" if d["simulated"]
                                               else "real kernels (speed)"))
+        elif is_scorer:
+            print(f"a scorer: reads a document's likelihood per {d['unit']} in likelihood suites "
+                  f"(`--suite perplexity --methods ar,{args.name}`; with a transform: `{args.name}+w8`)")
         else:
             print(f"needs: {d['needs']}; lossless: {'yes' if d['lossless'] else 'no'}; "
                   f"keeps state across prompts: {'yes' if d['stateful'] else 'no'}")
@@ -431,7 +436,7 @@ def cmd_methods(args) -> int:
         return 0
     if args.json:
         print(json.dumps([{"name": name, **cls.describe(), "settings": describe_settings(cls.Config)}
-                          for name, cls in {**registry(), **policies(), **transforms()}.items()], indent=1,
+                          for name, cls in {**registry(), **policies(), **transforms(), **scorers()}.items()], indent=1,
                          default=str))
         return 0
     rows = []
@@ -453,6 +458,11 @@ def cmd_methods(args) -> int:
         kind = "simulated" if d["simulated"] else "int8 kernels"
         rows.append({"name": name, "paper": (d["paper"] or "—") + f" (transform, {kind}: ar+NAME, DECODER+NAME)",
                      "arXiv": d["arxiv"] or "", "needs": "nothing", "lossless": "no", "defaults": defaults})
+    for name, cls in scorers().items():
+        d = cls.describe()
+        defaults = ", ".join(f"{s['name']}={_setting_text(s['default'])}" for s in describe_settings(cls.Config))
+        rows.append({"name": name, "paper": d["paper"] + f" (scorer, per {d['unit']}: likelihood suites)",
+                     "arXiv": d["arxiv"] or "", "needs": "nothing", "lossless": "—", "defaults": defaults})
     _show("methods (decodebench methods NAME: settings with types and help)",
           ["name", "paper", "arXiv", "needs", "lossless", "defaults"], rows, False)
     return 0

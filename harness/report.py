@@ -614,7 +614,7 @@ def _perplexity_section(reading: pd.DataFrame, methods: list[str], manifest: dic
     if not reading.empty:
         smoothing = longtables.running_window(int(reading["token_nll"].map(len).max()))
         for method in methods:
-            nlls = list(reading.loc[reading["method"] == method, "token_nll"])
+            nlls = [nll for nll in reading.loc[reading["method"] == method, "token_nll"] if nll]  # scorers: none
             if nlls:
                 curves[method] = longtables.running_perplexity(longtables.mean_nll_by_position(nlls), smoothing)
     plot = _plot_into(folder, "perplexity_by_position.png", "Perplexity against position",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import pkgutil
 import types
 import typing
@@ -422,6 +423,15 @@ class Scorer:
 
     def nll(self, model: torch.nn.Module, tokenizer: Any, text: str) -> list[float]:
         raise NotImplementedError
+
+    def total_nll(self, model: torch.nn.Module, tokenizer: Any, text: str) -> float:
+        """The whole text's negative log-likelihood (nats): sum(nll(...)), or a cheaper route to it."""
+        return math.fsum(self.nll(model, tokenizer, text))
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        return {"paper": cls.paper.title if cls.paper else "", "arxiv": cls.paper.arxiv if cls.paper else None,
+                "unit": cls.unit}
 
 
 def register_scorer(name: str):

@@ -244,7 +244,7 @@ def test_compose_and_split_parse_transforms():
     assert compose("sps+perturb", {"perturb": {"on": "activations", "kind": "clip"}}).lossless
     with pytest.raises(SettingError, match="one transform per run"):
         compose("sps+w8+w4")
-    with pytest.raises(SettingError, match="not a cache policy or a transform"):
+    with pytest.raises(SettingError, match="not a cache policy, a transform or a scorer"):
         compose("sps+w9")
     with pytest.raises(KeyError, match="unknown method 'nope'"):
         compose("nope+w8")
