@@ -248,3 +248,29 @@ def plot_perplexity_by_position(curves: dict[str, tuple[np.ndarray, np.ndarray]]
     ax.legend(fontsize=8)
     ax.set_title("Perplexity against position")
     return _save(fig, path)
+
+
+def plot_perturbation_sweep(sweep: pd.DataFrame, levels: dict[str, float], path: Path) -> Path | None:
+    """Word perplexity against the perturbation's relative strength ||D|| / ||W||, one line per kind (and per
+    run when there are several), log-log; dashed lines at the baseline's and each quantizer's perplexity."""
+    if sweep.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(8.0, 4.8))
+    groups = ["run", "on", "kind"] if "run" in sweep else ["on", "kind"]
+    for key, own in sweep.groupby(groups, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        label = " ".join(str(part) for part in key if part != "weights")
+        own = own.sort_values("strength")
+        ax.plot(own["strength"], own["word ppl"], marker="o", markersize=3, linewidth=1.2, label=label)
+    for index, (method, level) in enumerate(levels.items()):
+        if np.isfinite(level):
+            ax.axhline(level, color=f"C{(index + 7) % 10}", linestyle="--", linewidth=0.9)
+            ax.annotate(method, (0, level), xycoords=("axes fraction", "data"), xytext=(4, 2),
+                        textcoords="offset points", fontsize=7, color="dimgray")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("relative perturbation strength ||D|| / ||W||")
+    ax.set_ylabel("word perplexity")
+    ax.legend(fontsize=7)
+    ax.set_title("Perturbation sweep (Gong et al.)")
+    return _save(fig, path)

@@ -14,13 +14,14 @@ from pathlib import Path
 import jinja2
 import pandas as pd
 
-from harness import longtables
+from harness import longtables, transformtables
 from harness.plots import (
     draw_plots,
     plot_entry,
     plot_latency_by_length,
     plot_needle_heatmaps,
     plot_perplexity_by_position,
+    plot_perturbation_sweep,
     plot_quality_vs_speed,
 )
 from harness.record import check_manifest
@@ -608,7 +609,8 @@ PERPLEXITY_NOTE = (
 )
 
 
-def _perplexity_section(reading: pd.DataFrame, methods: list[str], manifest: dict, folder: Path) -> dict | None:
+def _perplexity_section(reading: pd.DataFrame, methods: list[str], manifest: dict, folder: Path,
+                        baseline: str = "ar") -> dict | None:
     window, source = longtables.model_window(manifest, reading)
     curves, smoothing = {}, longtables.PPL_WINDOW
     if not reading.empty:
@@ -624,17 +626,44 @@ def _perplexity_section(reading: pd.DataFrame, methods: list[str], manifest: dic
         return None
     ppl = lambda value: _formatted(value, "{:.2f}", MISSING_IN_COST_TABLE)
     model = _model_text(manifest.get("target")).split(" (sha256")[0]
+    reference = table["word ppl"].get(baseline) if baseline in table.index else None
+    change = lambda value: ("—" if reference is None or not reference > 0 or pd.isna(value)
+                            else f"{100 * (value / reference - 1):+.2f}%")
     rows = [[method, model, int(r["documents"]), int(r["scored tokens"]), int(r["words"]), int(r["bytes"]),
-             ppl(r["token ppl"]), ppl(r["word ppl"]),
+             ppl(r["token ppl"]), ppl(r["word ppl"]), change(r["word ppl"]),
              _formatted(r["byte ppl"], "{:.4f}", MISSING_IN_COST_TABLE),
              _formatted(r["bits per byte"], "{:.4f}", MISSING_IN_COST_TABLE), ppl(r["ppl inside window"]),
              ppl(r["ppl past window"]), r["read as"], _formatted(r["ms per token"], "{:.3f}", MISSING_IN_COST_TABLE)]
             for method, r in table.iterrows()]
-    columns = ["Method", "Model", "Documents", "Scored tokens", "Words", "Bytes", "Token PPL", "Word PPL", "Byte PPL",
+    columns = ["Method", "Model", "Documents", "Scored tokens", "Words", "Bytes", "Token PPL", "Word PPL",
+               f"Word PPL vs {baseline}", "Byte PPL",
                "Bits/byte",
                "Token PPL inside window", "Token PPL past window", "Read as", "Reading ms/token"]
     note = PERPLEXITY_NOTE.format(window=window or "unknown", smoothing=smoothing, window_source=source)
-    return {"note": note, "plot": plot, **_table(columns, rows)}
+    return {"note": note, "plot": plot, "perturbation": _perturbation_section(reading, baseline, folder),
+            **_table(columns, rows)}
+
+
+PERTURBATION_NOTE = (
+    "The perturbations of Gong et al. (arXiv 2403.06408) added to every weight matrix at a relative L2 strength "
+    "||D|| / ||W||, each kind at the same norm, read as the table above reads; word perplexity pooled over the "
+    "documents. Dashed lines: the unperturbed model and the run's quantizers (simulated). The paper's finding to "
+    "compare with: at equal norm, perturbations that grow with |w| hurt least and clipping (the outliers) most."
+)
+
+
+def _perturbation_section(reading: pd.DataFrame, baseline: str, folder: Path) -> dict | None:
+    sweep = transformtables.perturbation_sweep(reading)
+    levels = transformtables.baseline_levels(reading, baseline)
+    plot = _plot_into(folder, "perturbation_sweep.png", "Perturbation sweep",
+                      lambda path: plot_perturbation_sweep(sweep, levels, path))
+    if sweep.empty:
+        return None
+    runs = ["run"] if "run" in sweep else []
+    rows = [[*(str(r[key]) for key in runs), r["on"], r["kind"], f"{r['strength']:g}", int(r["documents"]),
+             f"{r['word ppl']:.2f}", f"{r['bits per byte']:.4f}"] for _, r in sweep.iterrows()]
+    columns = [*(k.title() for k in runs), "On", "Kind", "Strength", "Documents", "Word PPL", "Bits/byte"]
+    return {"note": PERTURBATION_NOTE, "plot": plot, **_table(columns, rows)}
 
 
 LM_EVAL_NOTE = (
@@ -713,7 +742,7 @@ def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path 
         "accuracy": _accuracy_section(ok, methods, folder),
         "kv": _kv_display(successful(records), every_method),
         "latency": _latency_section(ok, methods, folder),
-        "perplexity": _perplexity_section(reading, every_method, manifest, folder),
+        "perplexity": _perplexity_section(reading, every_method, manifest, folder, baseline),
         "speed": _frame_table(_speed_display(table), methods_manifest),
         "definitions": DEFINITIONS.format(baseline=baseline, resamples=BOOTSTRAP_RESAMPLES),
         "spec_bench_relation": SPEC_BENCH_RELATION,
