@@ -93,6 +93,8 @@ def _run_config(args):
     from methods.common.cache_policy import split
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
+    if getattr(args, "transform", None):
+        names = _transformed(names, args.transform)
     explicit = _settings(args.set)
     parts = {part for name in names for decoder, policies in [split(name)] for part in (decoder, *policies)}
     stray = sorted(set(explicit) - parts)
@@ -109,6 +111,20 @@ def _run_config(args):
         method_state=args.method_state, strict_counting=args.strict_counting,
         trust_remote_code=args.trust_remote_code, suite_options=_suite_options(args),
     )
+
+
+def _transformed(names: list[str], transform: str) -> list[str]:
+    """`--transform T`: every method on the transformed models (`sps` -> `sps+T`; `ar` -> `ar+T`, the run's
+    baseline). A method naming its own transform is an error, not silently overridden."""
+    from methods.base import transforms
+    from methods.common.cache_policy import parse
+
+    if transform not in transforms():
+        raise SystemExit(f"--transform {transform}: not a transform; transforms: {', '.join(transforms())}")
+    taken = [name for name in names if parse(name).transform]
+    if taken:
+        raise SystemExit(f"--transform {transform} and methods with their own transform: {', '.join(taken)}")
+    return [f"{name}+{transform}" for name in names]
 
 
 def _default_methods(suite: str) -> str:
@@ -171,15 +187,16 @@ def _run_outcome(runner) -> int:
 
 
 def _print_table(run_dir: Path) -> None:
-    from harness.report import format_table_markdown, lm_eval_section
+    from harness.report import format_table_markdown, lm_eval_section, run_baseline
     from harness.tables import load_records, main_records, method_order, speed_table
 
     report = _build_report(run_dir)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     records = main_records(load_records(run_dir / "results.jsonl"))
-    table = format_table_markdown(speed_table(records), manifest["methods"])
+    baseline = run_baseline(records, "ar")
+    table = format_table_markdown(speed_table(records, baseline), manifest["methods"])
     console.print(table, markup=False, soft_wrap=True)
-    evaluated = lm_eval_section(records, method_order(records, "ar"), manifest)
+    evaluated = lm_eval_section(records, method_order(records, baseline), manifest)
     if evaluated:  # an lm-eval run: its tasks' scores too
         console.print(evaluated["markdown"], markup=False, soft_wrap=True)
     console.print(f"report: {report / 'report.md'}  {report / 'report.html'}")
@@ -205,6 +222,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED, EXIT_TERMINATE
 
 DEFAULT_METHODS = "ar,sps,pld"
 DEMO_METHODS = "ar,sps,pld,hf_generate,hf_assisted"
+# int8 weights on a CPU without a GPU: faster than float32 for every method here (README, "Model transforms")
+CPU_DEMO_TRANSFORM = "int8"
 
 
 def cmd_demo(args) -> int:
@@ -217,7 +236,20 @@ def cmd_demo(args) -> int:
         models.install(missing)
     argv = ["run", "--methods", DEMO_METHODS, "--limit", str(args.limit), "--max-new-tokens",
             str(args.max_new_tokens), "--out", args.out]
+    transform = demo_transform(args.transform)
+    if transform:
+        console.print(f"every method runs on {transform} models (the CPU default; `--transform none` for float32)")
+        argv += ["--transform", transform]
     return main(argv)
+
+
+def demo_transform(asked: str) -> str | None:
+    """The demo's transform: `auto` is CPU_DEMO_TRANSFORM without a CUDA device, else none; `none`: none."""
+    if asked == "auto":
+        import torch
+
+        return None if torch.cuda.is_available() else CPU_DEMO_TRANSFORM
+    return None if asked == "none" else asked
 
 
 def cmd_reproduce(args) -> int:
@@ -549,6 +581,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--budget", action="append", default=[], help="target_calls=N | target_tokens=N | wall_s=S; N,N,... sweeps")
     run.add_argument("--set", action="append", default=[], metavar="METHOD.KNOB=VALUE", help="override a method default")
+    run.add_argument("--transform", help="run every method on models under this transform (e.g. int8: sps -> "
+                     "sps+int8, ar -> ar+int8, the baseline); `decodebench methods` lists transforms")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     run.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
     run.add_argument("--repeats", type=int, default=1, help="run every record K times; the report shows the timing spread")
@@ -573,6 +607,8 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--limit", type=int, default=1)
     demo.add_argument("--max-new-tokens", type=int, default=32)
     demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--transform", default="auto", help="auto: int8 models on a CPU, as loaded on a GPU; none: "
+                      "as loaded (float32 on a CPU); or any transform (`decodebench methods`)")
     demo.set_defaults(func=cmd_demo)
 
     repro = sub.add_parser("reproduce", help="re-run a run from its manifest and compare outputs, counts and speed")

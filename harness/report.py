@@ -703,6 +703,18 @@ def _without_duplicates(records: list[dict]) -> tuple[list[dict], str | None]:
     return list(kept.values()), note
 
 
+def run_baseline(records: pd.DataFrame, baseline: str) -> str:
+    """`baseline`, or where the run has no such method and asked for `ar`, its one `ar` under a transform
+    (`run --transform int8`: ar+int8), so every figure is against the same models."""
+    present = set(records["method"]) if "method" in records else set()
+    if baseline in present or baseline != "ar":
+        return baseline
+    from methods.common.cache_policy import Spec, parse
+
+    plain = [name for name in present if parse(name) == Spec("ar", None, parse(name).transform)]
+    return plain[0] if len(plain) == 1 else baseline
+
+
 def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path | list | None = None) -> Path:
     """Read run_dir/results.jsonl and run_dir/manifest.json, write run_dir/report/report.md,
     run_dir/report/report.html (self-contained: PNG plots embedded as base64 data URIs),
@@ -716,6 +728,7 @@ def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path 
     folder = run_dir / "report"
     folder.mkdir(parents=True, exist_ok=True)
 
+    baseline = run_baseline(records, baseline)
     sweep = budget_sweep(records)
     label = main_budget(records)
     records = main_records(records)

@@ -376,3 +376,29 @@ def test_int8_packs_each_weight_once_and_again_after_a_change():
     with transform.attach(model):
         assert not torch.equal(_logits(model), first)
     assert transform._derived[id(model.lm_head.weight)][2] is not held[id(model.lm_head.weight)]
+
+
+def test_run_transform_option_moves_every_method_and_the_baseline(model_dirs, tmp_path, capsys):
+    """`run --transform w8`: ar -> ar+w8 (the report's baseline), pld -> pld+w8 checked against it; a method
+    with its own transform, or an unknown transform, is an error before any model loads."""
+    from harness.cli import demo_transform
+
+    data = tmp_path / "q.jsonl"
+    data.write_text('{"question_id": "q1", "category": "qa", "turns": ["the cat reads the cat reads"]}\n')
+    out = tmp_path / "run"
+    code = cli.main(["run", "--data", str(data), "--target", model_dirs[0], "--methods", "ar,pld", "--transform",
+                     "w8", "--max-new-tokens", "8", "--no-warmup", "--out", str(out)])
+    said = capsys.readouterr().out
+    assert code == 0, said
+    records = {r["method"]: r for r in read_records(out / "results.jsonl")}
+    assert set(records) == {"ar+w8", "pld+w8"} and records["pld+w8"]["lossless_check"]["reference"] == "ar+w8"
+    report = (out / "report" / "report.md").read_text()
+    table = report.split("## Spec-Bench table")[1].split("\n## ")[0]
+    row = next(line for line in table.splitlines() if line.startswith("| ar+w8 |"))
+    assert "1.00x" in row  # the baseline against itself
+    for args, message in ((["--transform", "w9"], "not a transform"),
+                          (["--methods", "ar,sps+w4", "--transform", "w8"], "with their own transform: sps+w4")):
+        assert cli.main(["run", "--target", str(tmp_path / "none"), "--out", str(tmp_path / "x"), *args]) == 2
+        assert message in capsys.readouterr().out
+    assert demo_transform("none") is None and demo_transform("w8") == "w8"
+    assert demo_transform("auto") == (None if torch.cuda.is_available() else "int8")
