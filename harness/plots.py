@@ -169,6 +169,7 @@ def plot_quality_vs_speed(quality: pd.DataFrame, speed: pd.DataFrame, path: Path
         ax.scatter(joined[x_column], joined[column], color="tab:blue")
         for method, (x, y) in joined.iterrows():
             ax.annotate(str(method), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.margins(x=0.15)  # room for the label of the rightmost point (it was cut at the frame)
         ax.set_xlabel("overall speed-up" if x_column == OVERALL else "tokens/s")
         ax.set_ylabel(label)
     fig.suptitle("Quality against speed (one point per method)")

@@ -113,10 +113,10 @@ def _runs_table(runs: list[Run]) -> dict:
         git = m.get("git") or {}
         commit = (git.get("commit") or "?")[:12] + (" (uncommitted changes)" if git.get("dirty") else "")
         failed = int(run.records["error"].notna().sum())
-        rows.append([run.label, str(run.path), m.get("device", "?"), _spec(m.get("target")), _spec(m.get("draft")),
-                     m.get("suite", "?"), m.get("created", "?"), commit, len(run.records), failed])
-    return _table(["Run", "Folder", "Device", "Target", "Draft", "Suite", "Created", "Commit", "Records",
-                   "Failed"], rows)
+        rows.append([run.label, m.get("device", "?"), _spec(m.get("target")), _spec(m.get("draft")),
+                     m.get("suite", "?"), m.get("created", "?"), commit, len(run.records), failed, str(run.path)])
+    return _table(["Run", "Device", "Target", "Draft", "Suite", "Created", "Commit", "Records", "Failed",
+                   "Folder"], rows)
 
 
 def _spec(model) -> str:
