@@ -110,10 +110,12 @@ def _check_in_browser(driver, folder: Path, screenshot: Path) -> None:
         "  for (const m of (el.textContent + ' ' + (el.getAttribute('style') || '')).matchAll("
         "      /(?:url\\(\\s*['\"]?|@import\\s+['\"])([^'\")\\s]+)/g)) urls.push(m[1]);"
         "return urls;")
-    assert not [u for u in urls if EXTERNAL.match(u)], urls
+    external = [u for u in urls if EXTERNAL.match(u)]
+    assert not external, f"external URLs in the page: {external}"
     assert not driver.find_elements(By.CSS_SELECTOR, "script[src], link[rel=stylesheet], link[rel=preload], iframe")
     loaded = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
-    assert all(name.startswith(("data:", "file:")) for name in loaded), loaded
+    fetched = [name for name in loaded if not name.startswith(("data:", "file:"))]
+    assert not fetched, f"the page fetched {fetched}"
     fonts = driver.execute_script("return [...document.fonts].map(f => f.family)")
     assert not fonts, f"web fonts loaded: {fonts}"  # system fonts only
 
