@@ -377,7 +377,9 @@ def cmd_selfcheck(args) -> int:
 def cmd_report(args) -> int:
     from harness.record import SchemaError
 
-    run_dir = Path(args.run_dir)
+    if len(args.runs) > 1 or args.out:
+        return _report_runs(args)
+    run_dir = Path(args.runs[0])
     if not (run_dir / "results.jsonl").is_file():
         console.print(f"[red]error:[/] {run_dir} has no results.jsonl")
         return 2
@@ -391,6 +393,48 @@ def cmd_report(args) -> int:
         return 2
     console.print(f"report: {report / 'report.md'}  {report / 'report.html'}")
     return 0
+
+
+def _report_runs(args) -> int:
+    """Several runs in one report (harness/runsreport.py), written to --out."""
+    import warnings
+
+    from harness.record import SchemaError
+    from harness.runsreport import RunsReportError, build_runs_report, parse_runs
+
+    if not args.out:
+        return _error("several runs make one report in a folder of its own: give --out DIR")
+    if len(args.runs) < 2:
+        return _error(f"--out is for a report of several runs; one run's report goes to {args.runs[0]}/report "
+                      "(leave --out out)")
+    try:
+        runs = parse_runs(args.runs)
+        for path in args.profile or []:
+            if err := _unreadable_profile(path):
+                return err
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            folder = build_runs_report(runs, args.out, baseline=args.baseline, profile=args.profile)
+    except (RunsReportError, SchemaError) as err:
+        return _error(err)
+    for warning in caught:
+        console.print(f"[yellow]warning:[/] {escape(str(warning.message))}")
+    console.print(f"report of {len(runs)} runs ({', '.join(label for _, label in runs)}): "
+                  f"{folder / 'report.md'}  {folder / 'report.html'}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    """A run's records as one Parquet or CSV file (harness/export.py says how types and nesting are kept)."""
+    from harness.export import ExportError, export
+    from harness.record import SchemaError
+
+    try:
+        path, count = export(Path(args.run_dir), args.format, args.out)
+    except (ExportError, SchemaError, OSError) as err:
+        return _error(err)
+    console.print(f"exported {count} records: {path}")
+    return EXIT_OK
 
 
 def _show(title: str, columns: list[str], rows: list[dict], as_json: bool) -> None:
@@ -616,12 +660,22 @@ def parser() -> argparse.ArgumentParser:
     repro.add_argument("--out", required=True, help="folder for the new run")
     repro.set_defaults(func=cmd_reproduce)
 
-    rep = sub.add_parser("report", help="(re)build DIR/report from DIR/results.jsonl")
-    rep.add_argument("run_dir")
+    rep = sub.add_parser("report", help="(re)build DIR/report from DIR/results.jsonl; several runs: one report "
+                                        "of them all in --out")
+    rep.add_argument("runs", nargs="+", metavar="RUN[=LABEL]",
+                     help="a run folder; several: one report with a Run column (label: the folder's name, or LABEL)")
+    rep.add_argument("--out", help="with several runs: the folder for their report (required)")
     rep.add_argument("--baseline", default="ar")
     rep.add_argument("--profile", action="append", help="a `decodebench profile` file (repeatable; e.g. "
                      "reports/profiles/*.json): one column of the speed-up it predicts from this run's trace")
     rep.set_defaults(func=cmd_report)
+
+    exp = sub.add_parser("export", help="write a run's records as one Parquet or CSV file (typed columns, the run's "
+                                        "identity beside them)")
+    exp.add_argument("run_dir")
+    exp.add_argument("--format", choices=("parquet", "csv"), default="parquet")
+    exp.add_argument("--out", help="the file to write (default RUN/results.parquet or RUN/results.csv)")
+    exp.set_defaults(func=cmd_export)
 
     prof = sub.add_parser("profile", help="measure forward latency against tokens per pass and context length")
     prof.add_argument("--target", default=DEFAULT_TARGET)

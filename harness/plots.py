@@ -169,6 +169,7 @@ def plot_quality_vs_speed(quality: pd.DataFrame, speed: pd.DataFrame, path: Path
         ax.scatter(joined[x_column], joined[column], color="tab:blue")
         for method, (x, y) in joined.iterrows():
             ax.annotate(str(method), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.margins(x=0.15)  # room for the label of the rightmost point (it was cut at the frame)
         ax.set_xlabel("overall speed-up" if x_column == OVERALL else "tokens/s")
         ax.set_ylabel(label)
     fig.suptitle("Quality against speed (one point per method)")
@@ -273,4 +274,37 @@ def plot_perturbation_sweep(sweep: pd.DataFrame, levels: dict[str, float], path:
     ax.set_ylabel("word perplexity")
     ax.legend(fontsize=7)
     ax.set_title("Perturbation sweep (Gong et al.)")
+
+
+def draw_run_plots(tables: dict[str, pd.DataFrame], baseline: str, folder: Path) -> list[dict]:
+    """Several runs side by side (harness/runsreport.py): each method's overall speed-up over its own run's
+    baseline, and its tokens/s; one bar per run in each method's group."""
+    plots = [("runs_speedup.png", "Speed-up over each run's own baseline by run",
+              lambda path: _plot_by_run(tables, OVERALL, f"Speed-up over {baseline} (of the same run)",
+                                        path, drop=baseline)),
+             ("runs_tokens_per_s.png", "Tokens/s by run", lambda path: _plot_by_run(tables, TOKENS_PER_S,
+                                                                                       "Tokens/s", path))]
+    drawn = []
+    for name, title, draw in plots:
+        path = folder / name
+        path.unlink(missing_ok=True)
+        if draw(path):
+            drawn.append(plot_entry(path, title))
+    return drawn
+
+
+def _plot_by_run(tables: dict[str, pd.DataFrame], column: str, label: str, path: Path,
+                 drop: str | None = None) -> Path | None:
+    methods = list(dict.fromkeys(m for table in tables.values() if column in table for m in table.index if m != drop))
+    series = {run: [table.loc[m, column] if column in table and m in table.index else np.nan for m in methods]
+              for run, table in tables.items()}
+    series = {run: values for run, values in series.items() if not np.all(np.isnan(values))}
+    if not methods or not series:
+        return None
+    fig, ax = _figure(len(methods))
+    _grouped_bars(ax, methods, series)
+    if column == OVERALL:
+        ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+    ax.set_ylabel(label)
+    ax.set_title(label.split(" (")[0] + " by run")
     return _save(fig, path)

@@ -99,7 +99,8 @@ def _load_manifest(manifest_path: Path) -> dict:
     return manifest
 
 
-def _load_templates() -> tuple[jinja2.Template, jinja2.Template]:
+def _load_templates(name: str = "report") -> tuple[jinja2.Template, jinja2.Template]:
+    """NAME.md.j2 and NAME.html.j2 (report: one run's; runs: several runs side by side)."""
     if not TEMPLATE_DIR.is_dir():
         raise FileNotFoundError(
             f"report templates folder {TEMPLATE_DIR} is missing; it ships with the repository "
@@ -114,7 +115,7 @@ def _load_templates() -> tuple[jinja2.Template, jinja2.Template]:
         undefined=jinja2.StrictUndefined,
     )
     try:
-        return environment.get_template("report.md.j2"), environment.get_template("report.html.j2")
+        return environment.get_template(f"{name}.md.j2"), environment.get_template(f"{name}.html.j2")
     except jinja2.TemplateNotFound as missing:
         raise FileNotFoundError(f"report template {missing.name} not found in {TEMPLATE_DIR}") from missing
 
