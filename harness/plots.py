@@ -253,11 +253,11 @@ def plot_perplexity_by_position(curves: dict[str, tuple[np.ndarray, np.ndarray]]
 
 def plot_perturbation_sweep(sweep: pd.DataFrame, levels: dict[str, float], path: Path) -> Path | None:
     """Word perplexity against the perturbation's relative strength ||D|| / ||W||, one line per kind (and per
-    run when there are several), log-log; dashed lines at the baseline's and each quantizer's perplexity."""
+    model when there are several), log-log; dashed lines at the baseline's and each quantizer's perplexity."""
     if sweep.empty:
         return None
     fig, ax = plt.subplots(figsize=(8.0, 4.8))
-    groups = ["run", "on", "kind"] if "run" in sweep else ["on", "kind"]
+    groups = ["model", "on", "kind"] if "model" in sweep else ["on", "kind"]
     for key, own in sweep.groupby(groups, sort=False):
         key = key if isinstance(key, tuple) else (key,)
         label = " ".join(str(part) for part in key if part != "weights")
@@ -274,6 +274,7 @@ def plot_perturbation_sweep(sweep: pd.DataFrame, levels: dict[str, float], path:
     ax.set_ylabel("word perplexity")
     ax.legend(fontsize=7)
     ax.set_title("Perturbation sweep (Gong et al.)")
+    return _save(fig, path)
 
 
 def draw_run_plots(tables: dict[str, pd.DataFrame], baseline: str, folder: Path) -> list[dict]:

@@ -660,10 +660,10 @@ def _perturbation_section(reading: pd.DataFrame, baseline: str, folder: Path) ->
                       lambda path: plot_perturbation_sweep(sweep, levels, path))
     if sweep.empty:
         return None
-    runs = ["run"] if "run" in sweep else []
-    rows = [[*(str(r[key]) for key in runs), r["on"], r["kind"], f"{r['strength']:g}", int(r["documents"]),
+    models = ["model"] if "model" in sweep else []
+    rows = [[*(str(r[key]) for key in models), r["on"], r["kind"], f"{r['strength']:g}", int(r["documents"]),
              f"{r['word ppl']:.2f}", f"{r['bits per byte']:.4f}"] for _, r in sweep.iterrows()]
-    columns = [*(k.title() for k in runs), "On", "Kind", "Strength", "Documents", "Word PPL", "Bits/byte"]
+    columns = [*(k.title() for k in models), "On", "Kind", "Strength", "Documents", "Word PPL", "Bits/byte"]
     return {"note": PERTURBATION_NOTE, "plot": plot, **_table(columns, rows)}
 
 

@@ -17,6 +17,7 @@ from harness import longtables
 from harness.plots import draw_run_plots
 from harness.report import (
     MISSING_IN_SPEED_TABLE,
+    _perturbation_section,
     _cost_table,
     _load_manifest,
     _load_templates,
@@ -166,6 +167,36 @@ def _prediction_by_run(runs: list[Run], baseline: str, profiles: list[str] | Non
     return _table(["Run", *columns], rows) if rows else None
 
 
+def _reading(runs: list[Run]) -> pd.DataFrame:
+    """Every run's scored documents (likelihood suites), with the run's label and target model."""
+    frames = [longtables.likelihood_records(successful(run.records)).assign(
+        run=run.label, model=_spec(run.manifest.get("target"))) for run in runs]
+    frames = [frame for frame in frames if not frame.empty]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _perplexity_by_run(reading: pd.DataFrame, baseline: str) -> dict | None:
+    """Per run and method, pooled as a single run's perplexity table pools them, with the change in word
+    perplexity against the run's own baseline."""
+    if reading.empty:
+        return None
+    rows = []
+    for label, own in reading.groupby("run", sort=False):
+        table = longtables.perplexity_table(own, list(dict.fromkeys(own["method"])), None)
+        reference = table["word ppl"].get(baseline)
+        for method, r in table.iterrows():
+            change = f"{100 * (r['word ppl'] / reference - 1):+.2f}%" if reference and reference > 0 else "—"
+            rows.append([label, own["model"].iloc[0], method, int(r["documents"]), int(r["bytes"]),
+                         _number(r["token ppl"], "{:.2f}"), _number(r["word ppl"], "{:.2f}"), change,
+                         _number(r["bits per byte"], "{:.4f}")])
+    return _table(["Run", "Model", "Method", "Documents", "Bytes", "Token PPL", "Word PPL", f"Word PPL vs {baseline}",
+                   "Bits/byte"], rows)
+
+
+def _number(value, fmt: str) -> str:
+    return MISSING_IN_SPEED_TABLE if pd.isna(value) else fmt.format(value)
+
+
 def build_runs_report(runs: list[tuple[Path, str]], out: str | Path, baseline: str = "ar",
                       profile: list[str] | None = None) -> Path:
     """Write OUT/report.md, OUT/report.html (self-contained, plots embedded) and OUT's PNG plots for several
@@ -174,7 +205,12 @@ def build_runs_report(runs: list[tuple[Path, str]], out: str | Path, baseline: s
     loaded = [load_run(path, label, baseline) for path, label in runs]
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
+    reading = _reading(loaded)
+    generates = any(not run.ok.empty for run in loaded) or reading.empty
     context = {
+        "generates": generates,
+        "perplexity": _perplexity_by_run(reading, baseline),
+        "perturbation": _perturbation_section(reading, baseline, folder),
         "title": f"decodebench report: {len(loaded)} runs",
         "baseline": baseline,
         "runs": _runs_table(loaded),

@@ -30,8 +30,8 @@ def _perturbation(settings) -> tuple | None:
 
 
 def perturbation_sweep(reading: pd.DataFrame) -> pd.DataFrame:
-    """One row per (group, on, kind, strength) of perturbed records, group being the `run` column when the
-    records come from several runs; empty unless at least two strengths of one kind are there."""
+    """One row per (model, on, kind, strength) of perturbed records (`model`: a column the records of several
+    runs carry; one run has one model); empty unless at least two strengths of one kind are there."""
     if reading.empty or "transform_settings" not in reading:
         return pd.DataFrame()
     keys = reading["transform_settings"].map(_perturbation)
@@ -39,18 +39,23 @@ def perturbation_sweep(reading: pd.DataFrame) -> pd.DataFrame:
                                                 for i, key in enumerate(SWEEP_KEYS)})
     if perturbed.empty or perturbed.groupby(["on", "kind"])["strength"].nunique().max() < 2:
         return pd.DataFrame()
-    group = ["run"] if "run" in perturbed else []
+    group = ["model"] if "model" in perturbed else []
     rows = [{**dict(zip(group + list(SWEEP_KEYS), key if isinstance(key, tuple) else (key,))), **_pooled(own)}
             for key, own in perturbed.groupby(group + list(SWEEP_KEYS), sort=True)]
     return pd.DataFrame(rows)
 
 
 def baseline_levels(reading: pd.DataFrame, baseline: str) -> dict[str, float]:
-    """Word perplexity of the untransformed baseline and of every quantization method, pooled (the plot's
-    reference lines)."""
+    """Word perplexity of the untransformed baseline and of every quantization method, pooled, per model when
+    the records carry several (the plot's reference lines)."""
     levels = {}
-    for method, own in reading.groupby("method", sort=False):
+    if reading.empty:
+        return levels
+    models = reading["model"].nunique() if "model" in reading else 1
+    keys = ["model", "method"] if models > 1 else ["method"]
+    for key, own in reading.groupby(keys, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
         settings = own["transform_settings"].iloc[0] if "transform_settings" in own else None
-        if method == baseline or (isinstance(settings, dict) and settings.get("mode") == "quant"):
-            levels[method] = _pooled(own)["word ppl"]
+        if key[-1] == baseline or (isinstance(settings, dict) and settings.get("mode") == "quant"):
+            levels[" ".join(map(str, key))] = _pooled(own)["word ppl"]
     return levels

@@ -198,3 +198,11 @@ def test_perturbation_sweep_from_runs_at_several_strengths(model_dirs, tmp_path,
     assert plot_perturbation_sweep(sweep, levels, tmp_path / "sweep.png").stat().st_size > 0
     assert transformtables.perturbation_sweep(reading[reading["transform_settings"].map(
         lambda s: not s or s["strength"] == 0.05)]).empty  # one strength: no sweep
+    # the report over both runs: perplexity by run, the sweep's table and plot, no Spec-Bench table
+    code = cli.main(["report", str(tmp_path / "run-0.05"), str(tmp_path / "run-0.5"), "--out", str(tmp_path / "both")])
+    assert code == 0, capsys.readouterr().out
+    report = (tmp_path / "both" / "report.md").read_text()
+    sweep_section = report.split("## Perturbation sweep")[1].split("\n## ")[0]
+    assert f"| rademacher | 0.5 | 1 | {own[0.5]:.2f} |" in sweep_section.replace(f"| {model_dirs[0]} | weights ", "| ")
+    assert "## Perplexity by run" in report and "## Spec-Bench table" not in report
+    assert (tmp_path / "both" / "perturbation_sweep.png").stat().st_size > 0
