@@ -366,16 +366,19 @@ def test_int8_packs_each_weight_once_and_again_after_a_change():
     transform = get_transform("int8_wo")()
     with transform.attach(model):
         first = _logits(model)
-    held = {key: value[2] for key, value in transform._derived.items()}
+    held = {key: value[2] for key, value in transform.derived_cache().items()}
     assert len(held) == len([m for m in model.modules() if isinstance(m, torch.nn.Linear)])  # the head included
     with transform.attach(model):
         assert torch.equal(_logits(model), first)
-    assert all(transform._derived[key][2] is value for key, value in held.items())  # reused, not packed again
+    assert all(transform.derived_cache()[key][2] is value for key, value in held.items())  # reused, not packed again
     with torch.no_grad():
         model.lm_head.weight.mul_(2)  # changed in place: packed again
     with transform.attach(model):
         assert not torch.equal(_logits(model), first)
-    assert transform._derived[id(model.lm_head.weight)][2] is not held[id(model.lm_head.weight)]
+    assert transform.derived_cache()[id(model.lm_head.weight)][2] is not held[id(model.lm_head.weight)]
+    # another instance with the same settings (`pld+int8_wo` beside `int8_wo`) reuses the packs; others do not
+    assert get_transform("int8_wo")().derived_cache() is transform.derived_cache()
+    assert get_transform("int8_wo")(head=False).derived_cache() is not transform.derived_cache()
 
 
 def test_run_transform_option_moves_every_method_and_the_baseline(model_dirs, tmp_path, capsys):
