@@ -79,3 +79,14 @@ def model_dirs(tmp_path_factory, pair):
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("DECODEBENCH_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Benchmarks (`bench`) run only when asked for: `--benchmark-only`, or a -m expression that names bench
+    (`-m bench`). A plain `pytest` (CI) deselects them, since they take minutes."""
+    if config.getoption("benchmark_only", default=False) or "bench" in (config.option.markexpr or ""):
+        return
+    benches = [item for item in items if item.get_closest_marker("bench")]
+    if benches:
+        config.hook.pytest_deselected(items=benches)
+        items[:] = [item for item in items if not item.get_closest_marker("bench")]
