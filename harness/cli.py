@@ -345,6 +345,12 @@ def cmd_selfcheck(args) -> int:
 def cmd_report(args) -> int:
     from harness.record import SchemaError
 
+    if args.pytest_benchmark:
+        return _report_pytest_benchmark(args)
+    if args.run_dir is None:
+        console.print("[red]error:[/] name a run folder (decodebench report DIR) or a pytest-benchmark file "
+                      "(--pytest-benchmark FILE.json)")
+        return 2
     run_dir = Path(args.run_dir)
     if not (run_dir / "results.jsonl").is_file():
         console.print(f"[red]error:[/] {run_dir} has no results.jsonl")
@@ -358,6 +364,24 @@ def cmd_report(args) -> int:
         console.print(f"[red]error:[/] {escape(str(err))}")
         return 2
     console.print(f"report: {report / 'report.md'}  {report / 'report.html'}")
+    return 0
+
+
+def _report_pytest_benchmark(args) -> int:
+    """The decode-loop benchmarks of a pytest-benchmark JSON file as a decodebench table (harness/benchreport.py)."""
+    from harness.benchreport import BenchmarkFileError, build
+
+    if args.run_dir is not None:
+        console.print("[red]error:[/] give a run folder or --pytest-benchmark FILE, not both")
+        return 2
+    try:
+        folder, tables = build(args.pytest_benchmark, args.out, baseline=args.baseline)
+    except BenchmarkFileError as err:
+        console.print(f"[red]error:[/] {escape(str(err))}")
+        return 2
+    for table in tables:
+        console.print(f"{table['title']}\n{table['markdown']}\n", markup=False, soft_wrap=True)
+    console.print(f"report: {folder / 'report.md'}  {folder / 'report.html'}")
     return 0
 
 
@@ -570,8 +594,11 @@ def parser() -> argparse.ArgumentParser:
     repro.add_argument("--out", required=True, help="folder for the new run")
     repro.set_defaults(func=cmd_reproduce)
 
-    rep = sub.add_parser("report", help="(re)build DIR/report from DIR/results.jsonl")
-    rep.add_argument("run_dir")
+    rep = sub.add_parser("report", help="(re)build DIR/report from DIR/results.jsonl, or tabulate a pytest-benchmark file")
+    rep.add_argument("run_dir", nargs="?")
+    rep.add_argument("--pytest-benchmark", metavar="FILE.json", help="the JSON pytest-benchmark saved (--benchmark-json "
+                     "or --benchmark-autosave) from tests/benchmarks/test_decode_loop.py: its decode loops as a table")
+    rep.add_argument("--out", help="with --pytest-benchmark: the report folder (default: FILE's folder/FILE-report)")
     rep.add_argument("--baseline", default="ar")
     rep.add_argument("--profile", action="append", help="a `decodebench profile` file (repeatable; e.g. "
                      "reports/profiles/*.json): one column of the speed-up it predicts from this run's trace")

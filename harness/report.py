@@ -98,7 +98,7 @@ def _load_manifest(manifest_path: Path) -> dict:
     return manifest
 
 
-def _load_templates() -> tuple[jinja2.Template, jinja2.Template]:
+def load_templates(markdown: str = "report.md.j2", html: str = "report.html.j2") -> tuple[jinja2.Template, jinja2.Template]:
     if not TEMPLATE_DIR.is_dir():
         raise FileNotFoundError(
             f"report templates folder {TEMPLATE_DIR} is missing; it ships with the repository "
@@ -113,7 +113,7 @@ def _load_templates() -> tuple[jinja2.Template, jinja2.Template]:
         undefined=jinja2.StrictUndefined,
     )
     try:
-        return environment.get_template("report.md.j2"), environment.get_template("report.html.j2")
+        return environment.get_template(markdown), environment.get_template(html)
     except jinja2.TemplateNotFound as missing:
         raise FileNotFoundError(f"report template {missing.name} not found in {TEMPLATE_DIR}") from missing
 
@@ -679,7 +679,7 @@ def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path 
     run_dir/report/report.html (self-contained: PNG plots embedded as base64 data URIs),
     and PNG plots in run_dir/report/. Returns the report folder."""
     run_dir = Path(run_dir)
-    markdown_template, html_template = _load_templates()  # fail before any work if they are missing
+    markdown_template, html_template = load_templates()  # fail before any work if they are missing
     raw, duplicates = _without_duplicates(read_records(run_dir / "results.jsonl"))
     records = normalized(pd.DataFrame(raw))
     manifest = _load_manifest(run_dir / "manifest.json")
