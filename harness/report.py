@@ -622,7 +622,10 @@ def _perplexity_section(reading: pd.DataFrame, methods: list[str], manifest: dic
     table = longtables.perplexity_table(reading, methods, window)
     if table.empty:
         return None
-    ppl = lambda value: _formatted(value, "{:.2f}", MISSING_IN_COST_TABLE)
+
+    def ppl(value) -> str:
+        return _formatted(value, "{:.2f}", MISSING_IN_COST_TABLE)
+
     model = _model_text(manifest.get("target")).split(" (sha256")[0]
     rows = [[method, model, int(r["documents"]), int(r["scored tokens"]), int(r["words"]), int(r["bytes"]),
              ppl(r["token ppl"]), ppl(r["word ppl"]),
@@ -652,7 +655,10 @@ def lm_eval_section(records: pd.DataFrame, methods: list[str], manifest: dict) -
     if table.empty:
         return None
     model = _model_text(manifest.get("target")).split(" (sha256")[0]
-    number = lambda value: _formatted(value, "{:.4g}", MISSING_IN_COST_TABLE)
+
+    def number(value) -> str:
+        return _formatted(value, "{:.4g}", MISSING_IN_COST_TABLE)
+
     rows = [[r["task"], r["metric"] + {True: " ↑", False: " ↓"}.get(r["higher is better"], ""), model, r["method"],
              number(r["value"]), number(r["stderr"]), _formatted(r["documents"], "{:.0f}", MISSING_IN_COST_TABLE)]
             for _, r in table.iterrows()]

@@ -41,7 +41,7 @@ def test_plain_pytest_deselects_the_benchmarks():
 def test_saved_benchmarks_carry_the_harness_counts(saved_json):
     benches = {b["extra_info"]["method"]: b for b in json.loads(saved_json.read_text())["benchmarks"]}
     assert sorted(benches) == sorted(METHODS)
-    for name, bench in benches.items():
+    for bench in benches.values():
         info, stats = bench["extra_info"], bench["stats"]
         assert stats["rounds"] == 2 and info["prompts"] == 2 and info["max_new_tokens"] == 8
         assert 0 < info["new_tokens_per_round"] <= 16 and info["tokens_per_s"] > 0
