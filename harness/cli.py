@@ -377,6 +377,12 @@ def cmd_selfcheck(args) -> int:
 def cmd_report(args) -> int:
     from harness.record import SchemaError
 
+    if args.pytest_benchmark:
+        return _report_pytest_benchmark(args)
+    if not args.runs:
+        console.print("[red]error:[/] name a run folder (decodebench report DIR), several (with --out DIR), or a "
+                      "pytest-benchmark file (--pytest-benchmark FILE.json)")
+        return 2
     if len(args.runs) > 1 or args.out:
         return _report_runs(args)
     run_dir = Path(args.runs[0])
@@ -435,6 +441,24 @@ def cmd_export(args) -> int:
         return _error(err)
     console.print(f"exported {count} records: {path}")
     return EXIT_OK
+
+
+def _report_pytest_benchmark(args) -> int:
+    """The decode-loop benchmarks of a pytest-benchmark JSON file as a decodebench table (harness/benchreport.py)."""
+    from harness.benchreport import BenchmarkFileError, build
+
+    if args.runs:
+        console.print("[red]error:[/] give run folders or --pytest-benchmark FILE, not both")
+        return 2
+    try:
+        folder, tables = build(args.pytest_benchmark, args.out, baseline=args.baseline)
+    except BenchmarkFileError as err:
+        console.print(f"[red]error:[/] {escape(str(err))}")
+        return 2
+    for table in tables:
+        console.print(f"{table['title']}\n{table['markdown']}\n", markup=False, soft_wrap=True)
+    console.print(f"report: {folder / 'report.md'}  {folder / 'report.html'}")
+    return 0
 
 
 def _show(title: str, columns: list[str], rows: list[dict], as_json: bool) -> None:
@@ -661,10 +685,13 @@ def parser() -> argparse.ArgumentParser:
     repro.set_defaults(func=cmd_reproduce)
 
     rep = sub.add_parser("report", help="(re)build DIR/report from DIR/results.jsonl; several runs: one report "
-                                        "of them all in --out")
-    rep.add_argument("runs", nargs="+", metavar="RUN[=LABEL]",
+                                        "of them all in --out; or tabulate a pytest-benchmark file")
+    rep.add_argument("runs", nargs="*", metavar="RUN[=LABEL]",
                      help="a run folder; several: one report with a Run column (label: the folder's name, or LABEL)")
-    rep.add_argument("--out", help="with several runs: the folder for their report (required)")
+    rep.add_argument("--pytest-benchmark", metavar="FILE.json", help="the JSON pytest-benchmark saved (--benchmark-json "
+                     "or --benchmark-autosave) from tests/benchmarks/test_decode_loop.py: its decode loops as a table")
+    rep.add_argument("--out", help="with several runs: the folder for their report (required); with "
+                     "--pytest-benchmark: the report folder (default: FILE's folder/FILE-report)")
     rep.add_argument("--baseline", default="ar")
     rep.add_argument("--profile", action="append", help="a `decodebench profile` file (repeatable; e.g. "
                      "reports/profiles/*.json): one column of the speed-up it predicts from this run's trace")

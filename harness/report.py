@@ -99,8 +99,9 @@ def _load_manifest(manifest_path: Path) -> dict:
     return manifest
 
 
-def _load_templates(name: str = "report") -> tuple[jinja2.Template, jinja2.Template]:
-    """NAME.md.j2 and NAME.html.j2 (report: one run's; runs: several runs side by side)."""
+def load_templates(name: str = "report") -> tuple[jinja2.Template, jinja2.Template]:
+    """NAME.md.j2 and NAME.html.j2 (report: one run's; runs: several runs side by side; benchmark: a
+    pytest-benchmark file's table)."""
     if not TEMPLATE_DIR.is_dir():
         raise FileNotFoundError(
             f"report templates folder {TEMPLATE_DIR} is missing; it ships with the repository "
@@ -625,11 +626,16 @@ def _perplexity_section(reading: pd.DataFrame, methods: list[str], manifest: dic
     table = longtables.perplexity_table(reading, methods, window)
     if table.empty:
         return None
-    ppl = lambda value: _formatted(value, "{:.2f}", MISSING_IN_COST_TABLE)
+
+    def ppl(value) -> str:
+        return _formatted(value, "{:.2f}", MISSING_IN_COST_TABLE)
+
     model = _model_text(manifest.get("target")).split(" (sha256")[0]
     reference = table["word ppl"].get(baseline) if baseline in table.index else None
-    change = lambda value: ("—" if reference is None or not reference > 0 or pd.isna(value)
-                            else f"{100 * (value / reference - 1):+.2f}%")
+
+    def change(value) -> str:
+        return "—" if reference is None or not reference > 0 or pd.isna(value) else f"{100 * (value / reference - 1):+.2f}%"
+
     rows = [[method, model, int(r["documents"]), int(r["scored tokens"]), int(r["words"]), int(r["bytes"]),
              ppl(r["token ppl"]), ppl(r["word ppl"]), change(r["word ppl"]),
              _formatted(r["byte ppl"], "{:.4f}", MISSING_IN_COST_TABLE),
@@ -682,7 +688,10 @@ def lm_eval_section(records: pd.DataFrame, methods: list[str], manifest: dict) -
     if table.empty:
         return None
     model = _model_text(manifest.get("target")).split(" (sha256")[0]
-    number = lambda value: _formatted(value, "{:.4g}", MISSING_IN_COST_TABLE)
+
+    def number(value) -> str:
+        return _formatted(value, "{:.4g}", MISSING_IN_COST_TABLE)
+
     rows = [[r["task"], r["metric"] + {True: " ↑", False: " ↓"}.get(r["higher is better"], ""), model, r["method"],
              number(r["value"]), number(r["stderr"]), _formatted(r["documents"], "{:.0f}", MISSING_IN_COST_TABLE)]
             for _, r in table.iterrows()]
@@ -721,7 +730,7 @@ def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path 
     run_dir/report/report.html (self-contained: PNG plots embedded as base64 data URIs),
     and PNG plots in run_dir/report/. Returns the report folder."""
     run_dir = Path(run_dir)
-    markdown_template, html_template = _load_templates()  # fail before any work if they are missing
+    markdown_template, html_template = load_templates()  # fail before any work if they are missing
     raw, duplicates = _without_duplicates(read_records(run_dir / "results.jsonl"))
     records = normalized(pd.DataFrame(raw))
     manifest = _load_manifest(run_dir / "manifest.json")

@@ -17,16 +17,16 @@ from harness import longtables
 from harness.plots import draw_run_plots
 from harness.report import (
     MISSING_IN_SPEED_TABLE,
-    _perturbation_section,
     _cost_table,
     _load_manifest,
-    _load_templates,
     _lossless_section,
     _method_label,
+    _perturbation_section,
     _prediction_display,
     _speed_display,
     _table,
     _without_duplicates,
+    load_templates,
 )
 from harness.results import read_records
 from harness.tables import (
@@ -201,7 +201,7 @@ def build_runs_report(runs: list[tuple[Path, str]], out: str | Path, baseline: s
                       profile: list[str] | None = None) -> Path:
     """Write OUT/report.md, OUT/report.html (self-contained, plots embedded) and OUT's PNG plots for several
     runs; returns OUT."""
-    markdown_template, html_template = _load_templates("runs")  # fail before any work if they are missing
+    markdown_template, html_template = load_templates("runs")  # fail before any work if they are missing
     loaded = [load_run(path, label, baseline) for path, label in runs]
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)

@@ -247,7 +247,7 @@ def describe_settings(config_cls: type) -> list[dict[str, Any]]:
     hints = _hints(config_cls)
     out = []
     for f in dataclasses.fields(config_cls):
-        kind, choices = _kind(hints.get(f.name, Any))
+        _, choices = _kind(hints.get(f.name, Any))
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
         low, high = f.metadata.get("low"), f.metadata.get("high")

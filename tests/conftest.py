@@ -108,3 +108,14 @@ def tiny_runs(tmp_path_factory, model_dirs):
             Runner(cfg).run()
             folders.append(root / name)
     return folders
+
+
+def pytest_collection_modifyitems(config, items):
+    """Benchmarks (`bench`) run only when asked for: `--benchmark-only`, or a -m expression that names bench
+    (`-m bench`). A plain `pytest` (CI) deselects them, since they take minutes."""
+    if config.getoption("benchmark_only", default=False) or "bench" in (config.option.markexpr or ""):
+        return
+    benches = [item for item in items if item.get_closest_marker("bench")]
+    if benches:
+        config.hook.pytest_deselected(items=benches)
+        items[:] = [item for item in items if not item.get_closest_marker("bench")]
