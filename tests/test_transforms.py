@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 from conftest import WORDS, tiny_llama
+from transformers import DynamicCache
 
 from harness import cli
 from harness.report import build_report
@@ -24,6 +25,7 @@ from methods.base import (
     get_transform,
     transforms,
 )
+from methods.common import kv
 from methods.common.cache_policy import Composition, Spec, compose, parse, split
 from methods.common.quantize import fake_quantize, per_group, rtn, signed_power
 from methods.common.transform import Edit, ModelTransform
@@ -238,7 +240,7 @@ def test_compose_and_split_parse_transforms():
     assert isinstance(composed, Composition) and composed.transform.config.group_size == 64
     assert composed.decoder.config.gamma == 3 and composed.policy.name == "streaming_llm"
     assert compose("sps+w8").lossless and compose("pld+w8a8").lossless
-    assert not compose("sps+int8").lossless  # one activation scale per pass
+    assert compose("sps+int8").lossless  # one activation scale per token (methods/int8.py)
     assert compose("sps+int8_wo").lossless
     assert not compose("sps+perturb", {"perturb": {"on": "activations"}}).lossless
     assert compose("sps+perturb", {"perturb": {"on": "activations", "kind": "clip"}}).lossless
@@ -302,7 +304,7 @@ def test_a_run_records_the_transform_and_checks_against_ar_on_it(model_dirs, tmp
     data = tmp_path / "q.jsonl"
     data.write_text('{"question_id": "q1", "category": "qa", "turns": ["the cat reads"]}\n'
                     '{"question_id": "q2", "category": "qa", "turns": ["one plus two equals"]}\n')
-    cfg = RunConfig(methods=["ar", "w4", "sps+w4", "sps+int8"], target=model_dirs[0], draft=model_dirs[1],
+    cfg = RunConfig(methods=["ar", "w4", "sps+w4", "int8", "sps+int8"], target=model_dirs[0], draft=model_dirs[1],
                     data=str(data), max_new_tokens=10, out=str(tmp_path / "run"), warmup=False,
                     settings={"w4": {"group_size": "32"}}, strict_counting=True)
     runner = Runner(cfg)
@@ -319,7 +321,7 @@ def test_a_run_records_the_transform_and_checks_against_ar_on_it(model_dirs, tmp
         assert w4["lossless_check"] is None  # ar on the transform is the reference itself
         assert sps["lossless_check"] == {"reference": "w4", "equal": True, "position": None, "margin": None,
                                          "relative_margin": None, "numerical_tie": False}
-        assert records[("sps+int8", item)]["lossless_check"] is None  # lossy (per-pass activation scales)
+        assert records[("sps+int8", item)]["lossless_check"]["equal"]  # token-wise activation scales
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
     assert manifest["methods"]["sps+int8"]["transform"]["simulated"] is False
     assert manifest["methods"]["sps+w4"]["transform"]["config"]["group_size"] == 32
@@ -359,6 +361,25 @@ def test_a_bad_transform_setting_exits_2_before_any_model_loads(tmp_path):
                                 capture_output=True, text=True, timeout=120, check=False)
         assert result.returncode == 2 and message in result.stdout + result.stderr, result.stdout + result.stderr
     assert not (tmp_path / "run").exists()  # refused before the folder, the tokenizer or any model
+
+
+def test_int8_layers_give_each_token_the_same_output_in_any_pass():
+    """The CPU `int8` kernel quantizes a whole pass with one scale; our per-token scaling makes a token's output
+    bit-for-bit independent of the other tokens of its pass (what a lossless decoder needs), and the model's
+    logits for a sequence read at once equal those read token by token on a cache."""
+    model = tiny_llama(seed=11)
+    ids = [5, 6, 7, 8, 9, 10, 11, 12]
+    with get_transform("int8")().attach(model), torch.inference_mode():
+        layer = model.model.layers[0].mlp.up_proj
+        x = torch.randn(1, 6, layer.in_features) * torch.tensor([1e-3, 1, 10, 0.5, 100, 2])[None, :, None]
+        whole = layer(x)
+        assert all(torch.equal(whole[:, i], layer(x[:, i:i + 1])[:, 0]) for i in range(6))
+        wide = model(torch.tensor([ids])).logits[0]
+        cache = DynamicCache(config=model.config)
+        steps = [kv.forward(model, cache, input_ids=torch.tensor([ids[:3]])).logits[0]]
+        steps += [kv.forward(model, cache, input_ids=torch.tensor([[token]])).logits[0] for token in ids[3:]]
+        stepped = torch.cat(steps)
+    assert relative_error(wide, stepped) < 1e-5  # attention's float sums differ by order only
 
 
 def test_int8_packs_each_weight_once_and_again_after_a_change():
