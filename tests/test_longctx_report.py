@@ -194,9 +194,9 @@ def test_likelihood_report_has_its_own_sections_and_no_spec_bench(tmp_path):
                    "Long-context accuracy", "Latency against context length"):
         assert f"## {absent}\n" not in markdown, absent
     ppl = _section(markdown, "Perplexity against position")
-    assert ("| streaming_llm | tiny | 2 | 6 | 4 | 24 | 7.39 | 20.09 | 1.6487 | 0.7213 | 4.48 | 20.09 | cached, chunks of 2 | 75.000 |"
+    assert ("| streaming_llm | tiny | 2 | 6 | 4 | 24 | 7.39 | 20.09 | +171.83% | 1.6487 | 0.7213 | 4.48 | 20.09 | cached, chunks of 2 | 75.000 |"
             in ppl)
-    assert "| ar | tiny | 1 | 4 | 2 | 10 | 2.72 | 7.39 | 1.4918 | 0.5771 | 2.72 | 2.72 | sliding 3/1 | 80.000 |" in ppl
+    assert "| ar | tiny | 1 | 4 | 2 | 10 | 2.72 | 7.39 | +0.00% | 1.4918 | 0.5771 | 2.72 | 2.72 | sliding 3/1 | 80.000 |" in ppl
     assert "model's trained window (3)" in ppl and "![Perplexity against position](perplexity_by_position.png)" in ppl
     kv = _section(markdown, "KV-cache memory")
     assert "| ar | 0/1 | n/a |" in kv and "| streaming_llm | 2/2 | 1.00 | 1.00 |" in kv
