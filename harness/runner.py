@@ -6,6 +6,8 @@ import contextlib
 import dataclasses
 import hashlib
 import math
+import signal
+import threading
 import time
 import traceback
 import zlib
@@ -109,6 +111,24 @@ class RunConfig:
 
 class RunConfigError(ValueError):
     """A run setting out of range or unusable here; raised before anything loads."""
+
+
+@contextlib.contextmanager
+def interrupts_deferred():
+    """SIGINT inside the block is acted on when the block ends (in the main thread; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[tuple] = []
+    previous = signal.signal(signal.SIGINT, lambda *args: caught.append(args))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught and previous is signal.default_int_handler:
+            raise KeyboardInterrupt
+        if caught and callable(previous):
+            previous(*caught[0])
 
 
 def resolve_device(name: str) -> str:
@@ -551,8 +571,9 @@ class Runner:
                     self._warm_up(self.methods[name])
                     warmed.add(name)
                 record = self._record(name, item, turn, repeat, budget)
-                self.store.append(record)
-                self.written += 1
+                with interrupts_deferred():  # Ctrl-C mid-write: the record and its count both land first
+                    self.store.append(record)
+                    self.written += 1
                 if record.error:
                     self.failures.append(record.error)
                 bar.advance(task)

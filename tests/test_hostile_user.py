@@ -358,3 +358,22 @@ def test_kill_9_at_random_points_then_resume(base, tmp_path):
     found = keys(out)
     assert len(found) == len(set(found)) == expected
     assert not _orphans(out), _orphans(out)
+
+
+def test_an_interrupt_during_a_record_write_waits_for_the_write_and_its_count():
+    import os
+    import signal
+
+    from harness.runner import interrupts_deferred
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    done = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                done.append("written")  # still runs: the interrupt waits for the block's end
+                done.append("counted")
+        assert done == ["written", "counted"]
+    finally:
+        signal.signal(signal.SIGINT, previous)
