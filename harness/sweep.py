@@ -155,6 +155,7 @@ def expand(spec: dict, source: str = "sweep file") -> list[Job]:
     options = _options(parser)
     fixed: dict[str, object] = {}
     axes: list[tuple[str, list]] = []
+    order = [str(raw).replace("-", "_") for raw in spec]
     for raw, value in spec.items():
         key = str(raw).replace("-", "_")
         if key not in options:
@@ -175,6 +176,8 @@ def expand(spec: dict, source: str = "sweep file") -> list[Job]:
         for (name, _), value in zip(axes, point):
             key = name.split(".")[0]
             settings[key] = settings.get(key, []) + value if isinstance(value, list) else value
+        settings = {k: settings[k] for k in order if k in settings}  # the file's order
+        _absolute(settings)
         argv = _argv(settings, options)
         try:
             args = parser.parse_args(argv)
@@ -188,6 +191,16 @@ def expand(spec: dict, source: str = "sweep file") -> list[Job]:
         seen[job.id] = job
         jobs.append(job)
     return jobs
+
+
+def _absolute(settings: dict) -> None:
+    """Paths as absolute paths: a job may run in another working directory (a Ray worker's). `data` always
+    (as `run` stores it), a model when it names a local file or folder."""
+    if isinstance(settings.get("data"), str):
+        settings["data"] = str(Path(settings["data"]).expanduser().resolve())
+    for key in ("target", "draft"):
+        if isinstance(settings.get(key), str) and Path(settings[key]).expanduser().exists():
+            settings[key] = str(Path(settings[key]).expanduser().resolve())
 
 
 def varying(jobs: list[Job] | list[dict]) -> list[str]:

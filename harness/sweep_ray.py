@@ -66,10 +66,22 @@ class ModelWorker:
             except input_errors() as err:
                 console.print(f"error: {err}", markup=False)
                 return f"error: {err}"
+            _job_report(runner.out, console)
             failed = len(runner.failures)
             if not failed:
                 return None
             return f"{failed} of {runner.written} records failed; the first: {runner.failures[0]}"
+
+
+def _job_report(run_dir: Path, console) -> None:
+    """The job's own report, as `run` writes one (a report that cannot be built does not fail the job)."""
+    from harness.report import build_report
+
+    try:
+        report = build_report(run_dir)
+        console.print(f"report: {report / 'report.md'}  {report / 'report.html'}")
+    except Exception as err:  # noqa: BLE001 - the records are what the job is for
+        console.print(f"report not built: {type(err).__name__}: {err}", markup=False)
 
 
 def _pair(job: Job) -> tuple:

@@ -67,7 +67,8 @@ class Sweep:
     """One invocation of a sweep over `jobs` into `folder`, with `retries` more tries for a failing job."""
 
     def __init__(self, jobs: list[Job], folder: Path, console, retries: int = 1) -> None:
-        self.jobs, self.folder, self.console, self.retries = jobs, Path(folder), console, retries
+        self.jobs, self.console, self.retries = jobs, console, retries
+        self.folder = Path(folder).resolve()  # a Ray worker may run elsewhere
         self.keys = varying(jobs)
         self.tries: dict[str, int] = {}  # attempts in this invocation, by job
 
