@@ -39,6 +39,7 @@ class ModelWorker:
         from harness import models
 
         if spec not in self.loaded:
+            self.log.write(f"ray worker {os.getpid()}: loading {spec} (once for this worker)\n")
             self.loaded[spec] = models.load(spec, device, self.dtype, trust_remote_code=self.trust_remote_code)
         return self.loaded[spec]
 
@@ -50,7 +51,7 @@ class ModelWorker:
 
         with open(log_path, "a", encoding="utf-8") as log:
             log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} ray worker {os.getpid()}: run {' '.join(argv)}\n")
-            console = make_console(file=log, width=160, soft_wrap=True)
+            console, self.log = make_console(file=log, width=160, soft_wrap=True), log
             try:
                 runner = Runner(run_config(run_parser().parse_args(argv)), console)
                 if any(m.needs.draft for m in runner.methods.values()) and runner.cfg.draft:
