@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from harness import cli, sweep
 from harness import models as model_specs
-from harness import sweep
 from harness.console import make_console
 from harness.results import read_records, record_key
 from harness.sweeprun import Sweep, read_state
@@ -28,10 +28,10 @@ def questions(path: Path, texts: list[str]) -> Path:
     return path
 
 
-def sweep_command(spec: dict, folder: Path, *extra: str) -> list[str]:
+def sweep_argv(spec: dict, folder: Path, *extra: str) -> list[str]:
     path = folder.parent / f"{folder.name}.yaml"
     path.write_text(yaml.safe_dump(spec))
-    return [sys.executable, "-m", "harness.cli", "sweep", str(path), "--out", str(folder), *extra]
+    return ["sweep", str(path), "--out", str(folder), *extra]
 
 
 def env() -> dict:
@@ -50,13 +50,13 @@ def alive(pid: int) -> bool:
     return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text().lower()
 
 
-def test_sigkill_of_the_driver_mid_sweep_then_rerun_loses_and_duplicates_nothing(model_dirs, tmp_path):
+def test_sigkill_of_the_driver_mid_sweep_then_rerun_loses_and_duplicates_nothing(model_dirs, tmp_path, capsys):
     spec = {"target": model_dirs[0], "draft": model_dirs[1], "data": str(questions(tmp_path / "q.jsonl", QUESTIONS)),
             "methods": ["ar", "pld"], "max_new_tokens": 12, "no_warmup": True, "temperature": [0.0, 1.0]}
     out = tmp_path / "sweep"
-    command = sweep_command(spec, out)
+    argv = sweep_argv(spec, out)
     first, second = (job.id for job in sweep.expand(spec))
-    driver = subprocess.Popen(command, cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    driver = subprocess.Popen([sys.executable, "-m", "harness.cli", *argv], cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
     writer = out / "jobs" / second / ".writer"
     while time.monotonic() < deadline:  # the first job done, the second one's process writing its folder
@@ -80,9 +80,8 @@ def test_sigkill_of_the_driver_mid_sweep_then_rerun_loses_and_duplicates_nothing
         time.sleep(0.1)
     assert not alive(pid), "the killed sweep's job is still running"
 
-    rerun = subprocess.run(command, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert "resuming: 1 of 2 jobs already done" in rerun.stdout
+    assert cli.main(argv) == cli.EXIT_OK  # the same command, run again (here, in this process)
+    assert "resuming: 1 of 2 jobs already done" in capsys.readouterr().out
     rows = {row["job"]: row for row in read_state(out / "sweep.jsonl")}
     assert [rows[j]["status"] for j in (first, second)] == ["done", "done"]
     assert rows[first]["attempts"] == 1  # skipped, not run again
@@ -96,22 +95,21 @@ def test_sigkill_of_the_driver_mid_sweep_then_rerun_loses_and_duplicates_nothing
     assert report.count("| done |") == 4 and "| temperature | job | method |" in report
 
 
-def test_a_failing_job_is_retried_then_recorded_failed_and_the_others_run(model_dirs, tmp_path):
+def test_a_failing_job_is_retried_then_recorded_failed_and_the_others_run(model_dirs, tmp_path, capsys):
     missing = tmp_path / "no-such-model"
     missing.mkdir()  # a folder, but not a model: the job fails when it loads, after the file was checked
     spec = {"target": [model_dirs[0], str(missing)], "data": str(questions(tmp_path / "q.jsonl", QUESTIONS[:1])),
             "methods": "ar", "max_new_tokens": 4, "no_warmup": True}
     out = tmp_path / "sweep"
-    done = subprocess.run(sweep_command(spec, out, "--retries", "1"), cwd=tmp_path, env=env(), capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 3, done.stdout + done.stderr  # some jobs failed
+    assert cli.main(sweep_argv(spec, out, "--retries", "1")) == cli.EXIT_PARTIAL  # some jobs failed
+    said = capsys.readouterr().out
     good, bad = (job.id for job in sweep.expand(spec))
     rows = {row["job"]: row for row in read_state(out / "sweep.jsonl")}
     assert rows[good]["status"] == "done" and rows[good]["attempts"] == 1
     assert rows[bad]["status"] == "failed" and rows[bad]["attempts"] == 2
     assert rows[bad]["error"].startswith("exit 2: error:") and "config.json" in rows[bad]["error"]
     assert (out / "logs" / f"{bad}.log").read_text().count("--- ") == 2  # both attempts logged
-    assert "failed, trying again" in done.stdout and "FAILED" in done.stdout
+    assert "failed, trying again" in said and "FAILED" in said
 
 
 @pytest.mark.integration
