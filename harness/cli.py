@@ -376,10 +376,10 @@ def cmd_sweep(args) -> int:
 
     out = Path(args.out or f"runs/sweep-{Path(args.sweep_file).stem}")
     try:
-        if args.retries < 0 or args.num_cpus <= 0 or args.num_gpus < 0 or (args.ray_cpus or 1) < 1:
+        if args.retries < 0 or args.num_cpus <= 0 or (args.num_gpus or 0) < 0 or (args.ray_cpus or 1) < 1:
             raise sweep.SweepError("--retries must be >= 0, --num-cpus > 0, --num-gpus >= 0, --ray-cpus >= 1")
-        if args.executor != "ray" and (args.address or args.ray_cpus):
-            raise sweep.SweepError("--address and --ray-cpus are for --executor ray")
+        if args.executor != "ray" and (args.address or args.ray_cpus or args.num_gpus is not None):
+            raise sweep.SweepError("--address, --ray-cpus and --num-gpus are for --executor ray")
         if args.executor == "ray":
             import importlib.util
 
@@ -637,7 +637,8 @@ def parser() -> argparse.ArgumentParser:
     swp.add_argument("--address", help="ray: a running cluster (e.g. ray://head:10001 or auto); default: start "
                                        "one on this machine")
     swp.add_argument("--num-cpus", type=float, default=1, help="ray: CPUs each job (its worker) asks for")
-    swp.add_argument("--num-gpus", type=float, default=0, help="ray: GPUs each job (its worker) asks for")
+    swp.add_argument("--num-gpus", type=float, help="ray: GPUs each job (its worker) asks for (default: 1 where "
+                                                  "the cluster has GPUs, else 0)")
     swp.add_argument("--ray-cpus", type=int, help="ray: CPUs of the Ray started here (default: all)")
     swp.add_argument("--dry-run", action="store_true", help="list the jobs and check them, run nothing")
     swp.set_defaults(func=cmd_sweep)

@@ -98,10 +98,11 @@ def _room(resources: dict, num_cpus: float, num_gpus: float) -> int:
     return max(1, int(min(fits))) if min(fits) != math.inf else 1
 
 
-def run_ray(sweep, todo: list[Job], address: str | None = None, num_cpus: float = 1, num_gpus: float = 0,
+def run_ray(sweep, todo: list[Job], address: str | None = None, num_cpus: float = 1, num_gpus: float | None = None,
             ray_cpus: int | None = None) -> None:
     """Run `todo` on the cluster at `address`, or on a Ray started here with `ray_cpus` CPUs (and this machine's
-    GPUs), shut down afterwards."""
+    GPUs), shut down afterwards. Each job asks for `num_cpus` and `num_gpus` (default: one GPU on a cluster
+    that has GPUs, else none: a worker without one sees no CUDA device)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
@@ -116,6 +117,8 @@ def run_ray(sweep, todo: list[Job], address: str | None = None, num_cpus: float 
             ray.init(num_cpus=ray_cpus or os.cpu_count(), include_dashboard=False, log_to_driver=False,
                      runtime_env={"env_vars": env})
     try:
+        if num_gpus is None:
+            num_gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         _schedule(sweep, todo, ray, num_cpus, num_gpus)
     finally:
         if started:

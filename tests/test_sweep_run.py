@@ -110,6 +110,9 @@ def test_a_failing_job_is_retried_then_recorded_failed_and_the_others_run(model_
     assert rows[bad]["error"].startswith("exit 2: error:") and "config.json" in rows[bad]["error"]
     assert (out / "logs" / f"{bad}.log").read_text().count("--- ") == 2  # both attempts logged
     assert "failed, trying again" in said and "FAILED" in said
+    assert cli.main(["report", str(out)]) == cli.EXIT_OK  # the sweep's report, built again from the folder
+    report = (out / "report" / "report.md").read_text()
+    assert "| target | job | method |" in report and "| failed | 2 |" in report and "| done | 1 | 1 | 0 |" in report
 
 
 @pytest.mark.integration
