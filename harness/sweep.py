@@ -222,8 +222,9 @@ def _text(value) -> str:
 
 
 def check(jobs: list[Job], out: Path) -> None:
-    """Every job as `run` checks its settings (methods, knobs, suite, budgets, ranges) and its folder's
-    identity if it has one: SweepError naming each problem and the jobs it hits, before any model loads."""
+    """Every job as `run` checks its settings (methods, knobs, suite, budgets, ranges), its folder's identity
+    if it has one, and its model paths: SweepError naming each problem and the jobs it hits, before any model
+    loads."""
     from harness.cli import input_errors, run_config
     from harness.runfolder import RunFolder
     from harness.runner import Runner
@@ -234,6 +235,7 @@ def check(jobs: list[Job], out: Path) -> None:
         try:
             runner = Runner(run_config(parser.parse_args(job.run_argv(out / "jobs" / job.id))), _quiet())
             RunFolder(runner.out).check(runner.identity)
+            _check_models(runner)
         except SystemExit as usage:
             problems.setdefault(str(usage.code), []).append(job)
         except input_errors() as err:
@@ -243,6 +245,17 @@ def check(jobs: list[Job], out: Path) -> None:
         lines = [f"{text} ({'every job' if len(hit) == len(jobs) else '; '.join(describe(j.settings, keys) for j in hit)})"
                  for text, hit in problems.items()]
         raise SweepError("; ".join(lines))
+
+
+def _check_models(runner) -> None:
+    """A model given as a path must be there, as a model folder or .gguf file (what `run` finds only when it
+    loads, a job later): ModelError. Embedded names and hub ids are left to the job."""
+    from harness import models
+
+    needs_draft = any(m.needs.draft for m in runner.methods.values())
+    for spec in [runner.cfg.target] + ([runner.cfg.draft] if needs_draft and runner.cfg.draft else []):
+        if spec not in models.EMBEDDED:
+            models.resolve(spec)
 
 
 def _quiet():

@@ -108,6 +108,14 @@ def test_run_checks_every_job_and_names_the_jobs_each_problem_hits(tmp_path):
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+def test_a_model_path_that_is_not_a_model_is_refused_before_the_sweep_starts(tmp_path):
+    (tmp_path / "empty").mkdir()
+    jobs = sweep.expand({"target": [str(tmp_path / "empty"), str(tmp_path / "gone")], "methods": "ar"})
+    with pytest.raises(sweep.SweepError) as err:
+        sweep.check(jobs, tmp_path / "sweep")
+    assert "is a folder without config.json" in str(err.value) and "does not exist" in str(err.value)
+
+
 def test_cli_refuses_a_bad_file_before_any_folder_is_made(tmp_path, capsys):
     path = tmp_path / "s.yaml"
     path.write_text("methods: [ar, pld]\ntemperature: [0, -1]\n")
