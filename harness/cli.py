@@ -93,6 +93,8 @@ def run_config(args):
     from methods.common.cache_policy import split
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
+    if getattr(args, "transform", None):
+        names = _transformed(names, args.transform)
     explicit = _settings(args.set)
     parts = {part for name in names for decoder, policies in [split(name)] for part in (decoder, *policies)}
     stray = sorted(set(explicit) - parts)
@@ -109,6 +111,20 @@ def run_config(args):
         method_state=args.method_state, strict_counting=args.strict_counting,
         trust_remote_code=args.trust_remote_code, suite_options=_suite_options(args),
     )
+
+
+def _transformed(names: list[str], transform: str) -> list[str]:
+    """`--transform T`: every method on the transformed models (`sps` -> `sps+T`; `ar` -> `ar+T`, the run's
+    baseline). A method naming its own transform is an error, not silently overridden."""
+    from methods.base import transforms
+    from methods.common.cache_policy import parse
+
+    if transform not in transforms():
+        raise SystemExit(f"--transform {transform}: not a transform; transforms: {', '.join(transforms())}")
+    taken = [name for name in names if parse(name).transform]
+    if taken:
+        raise SystemExit(f"--transform {transform} and methods with their own transform: {', '.join(taken)}")
+    return [f"{name}+{transform}" for name in names]
 
 
 def _default_methods(suite: str) -> str:
@@ -171,15 +187,16 @@ def _run_outcome(runner) -> int:
 
 
 def _print_table(run_dir: Path) -> None:
-    from harness.report import format_table_markdown, lm_eval_section
+    from harness.report import format_table_markdown, lm_eval_section, run_baseline
     from harness.tables import load_records, main_records, method_order, speed_table
 
     report = _build_report(run_dir)
     manifest = json.loads((run_dir / "manifest.json").read_text())
     records = main_records(load_records(run_dir / "results.jsonl"))
-    table = format_table_markdown(speed_table(records), manifest["methods"])
+    baseline = run_baseline(records, "ar")
+    table = format_table_markdown(speed_table(records, baseline), manifest["methods"])
     console.print(table, markup=False, soft_wrap=True)
-    evaluated = lm_eval_section(records, method_order(records, "ar"), manifest)
+    evaluated = lm_eval_section(records, method_order(records, baseline), manifest)
     if evaluated:  # an lm-eval run: its tasks' scores too
         console.print(evaluated["markdown"], markup=False, soft_wrap=True)
     console.print(f"report: {report / 'report.md'}  {report / 'report.html'}")
@@ -205,6 +222,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PARTIAL, EXIT_INTERRUPTED, EXIT_TERMINATE
 
 DEFAULT_METHODS = "ar,sps,pld"
 DEMO_METHODS = "ar,sps,pld,hf_generate,hf_assisted"
+# int8 weights on a CPU without a GPU: faster than float32 for every method here (README, "Model transforms")
+CPU_DEMO_TRANSFORM = "int8"
 
 
 def cmd_demo(args) -> int:
@@ -217,7 +236,20 @@ def cmd_demo(args) -> int:
         models.install(missing)
     argv = ["run", "--methods", DEMO_METHODS, "--limit", str(args.limit), "--max-new-tokens",
             str(args.max_new_tokens), "--out", args.out]
+    transform = demo_transform(args.transform)
+    if transform:
+        console.print(f"every method runs on {transform} models (the CPU default; `--transform none` for float32)")
+        argv += ["--transform", transform]
     return main(argv)
+
+
+def demo_transform(asked: str) -> str | None:
+    """The demo's transform: `auto` is CPU_DEMO_TRANSFORM without a CUDA device, else none; `none`: none."""
+    if asked == "auto":
+        import torch
+
+        return None if torch.cuda.is_available() else CPU_DEMO_TRANSFORM
+    return None if asked == "none" else asked
 
 
 def cmd_reproduce(args) -> int:
@@ -345,7 +377,15 @@ def cmd_selfcheck(args) -> int:
 def cmd_report(args) -> int:
     from harness.record import SchemaError
 
-    run_dir = Path(args.run_dir)
+    if args.pytest_benchmark:
+        return _report_pytest_benchmark(args)
+    if not args.runs:
+        console.print("[red]error:[/] name a run folder (decodebench report DIR), several (with --out DIR), or a "
+                      "pytest-benchmark file (--pytest-benchmark FILE.json)")
+        return 2
+    if len(args.runs) > 1 or args.out:
+        return _report_runs(args)
+    run_dir = Path(args.runs[0])
     if (run_dir / "sweep.jsonl").is_file() and not (run_dir / "results.jsonl").is_file():
         from harness.sweepreport import build_sweep_report
 
@@ -421,6 +461,66 @@ def cmd_sweep(args) -> int:
     return EXIT_FAILED if counts["failed"] == len(jobs) else EXIT_PARTIAL
 
 
+def _report_runs(args) -> int:
+    """Several runs in one report (harness/runsreport.py), written to --out."""
+    import warnings
+
+    from harness.record import SchemaError
+    from harness.runsreport import RunsReportError, build_runs_report, parse_runs
+
+    if not args.out:
+        return _error("several runs make one report in a folder of its own: give --out DIR")
+    if len(args.runs) < 2:
+        return _error(f"--out is for a report of several runs; one run's report goes to {args.runs[0]}/report "
+                      "(leave --out out)")
+    try:
+        runs = parse_runs(args.runs)
+        for path in args.profile or []:
+            if err := _unreadable_profile(path):
+                return err
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            folder = build_runs_report(runs, args.out, baseline=args.baseline, profile=args.profile)
+    except (RunsReportError, SchemaError) as err:
+        return _error(err)
+    for warning in caught:
+        console.print(f"[yellow]warning:[/] {escape(str(warning.message))}")
+    console.print(f"report of {len(runs)} runs ({', '.join(label for _, label in runs)}): "
+                  f"{folder / 'report.md'}  {folder / 'report.html'}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    """A run's records as one Parquet or CSV file (harness/export.py says how types and nesting are kept)."""
+    from harness.export import ExportError, export
+    from harness.record import SchemaError
+
+    try:
+        path, count = export(Path(args.run_dir), args.format, args.out)
+    except (ExportError, SchemaError, OSError) as err:
+        return _error(err)
+    console.print(f"exported {count} records: {path}")
+    return EXIT_OK
+
+
+def _report_pytest_benchmark(args) -> int:
+    """The decode-loop benchmarks of a pytest-benchmark JSON file as a decodebench table (harness/benchreport.py)."""
+    from harness.benchreport import BenchmarkFileError, build
+
+    if args.runs:
+        console.print("[red]error:[/] give run folders or --pytest-benchmark FILE, not both")
+        return 2
+    try:
+        folder, tables = build(args.pytest_benchmark, args.out, baseline=args.baseline)
+    except BenchmarkFileError as err:
+        console.print(f"[red]error:[/] {escape(str(err))}")
+        return 2
+    for table in tables:
+        console.print(f"{table['title']}\n{table['markdown']}\n", markup=False, soft_wrap=True)
+    console.print(f"report: {folder / 'report.md'}  {folder / 'report.html'}")
+    return 0
+
+
 def _show(title: str, columns: list[str], rows: list[dict], as_json: bool) -> None:
     """A listing: JSON for scripts; a table on a terminal; one tab-separated line per row when piped, so
     `decodebench methods | grep beam_sampling` finds it (a table would cut names to the pipe's 80 columns)."""
@@ -450,17 +550,19 @@ def cmd_methods(args) -> int:
         describe_settings,
         get_method,
         get_policy,
+        get_scorer,
         get_transform,
         policies,
         registry,
+        scorers,
         transforms,
     )
 
     if args.name:
-        is_policy, is_transform = args.name in policies(), args.name in transforms()
+        is_policy, is_transform, is_scorer = args.name in policies(), args.name in transforms(), args.name in scorers()
         try:
             cls = (get_policy(args.name) if is_policy else get_transform(args.name) if is_transform
-                   else get_method(args.name))
+                   else get_scorer(args.name) if is_scorer else get_method(args.name))
         except KeyError as err:
             console.print(f"[red]error:[/] {err.args[0]}")
             return 2
@@ -478,6 +580,9 @@ def cmd_methods(args) -> int:
             print(f"a model transform of the target and the draft: runs under ar (`{args.name}`) or another decoder "
                   f"(`sps+{args.name}`); " + ("simulated (fake quantization: accuracy, not speed)" if d["simulated"]
                                               else "real kernels (speed)"))
+        elif is_scorer:
+            print(f"a scorer: reads a document's likelihood per {d['unit']} in likelihood suites "
+                  f"(`--suite perplexity --methods ar,{args.name}`; with a transform: `{args.name}+w8`)")
         else:
             print(f"needs: {d['needs']}; lossless: {'yes' if d['lossless'] else 'no'}; "
                   f"keeps state across prompts: {'yes' if d['stateful'] else 'no'}")
@@ -491,7 +596,7 @@ def cmd_methods(args) -> int:
         return 0
     if args.json:
         print(json.dumps([{"name": name, **cls.describe(), "settings": describe_settings(cls.Config)}
-                          for name, cls in {**registry(), **policies(), **transforms()}.items()], indent=1,
+                          for name, cls in {**registry(), **policies(), **transforms(), **scorers()}.items()], indent=1,
                          default=str))
         return 0
     rows = []
@@ -513,6 +618,11 @@ def cmd_methods(args) -> int:
         kind = "simulated" if d["simulated"] else "int8 kernels"
         rows.append({"name": name, "paper": (d["paper"] or "—") + f" (transform, {kind}: ar+NAME, DECODER+NAME)",
                      "arXiv": d["arxiv"] or "", "needs": "nothing", "lossless": "no", "defaults": defaults})
+    for name, cls in scorers().items():
+        d = cls.describe()
+        defaults = ", ".join(f"{s['name']}={_setting_text(s['default'])}" for s in describe_settings(cls.Config))
+        rows.append({"name": name, "paper": d["paper"] + f" (scorer, per {d['unit']}: likelihood suites)",
+                     "arXiv": d["arxiv"] or "", "needs": "nothing", "lossless": "—", "defaults": defaults})
     _show("methods (decodebench methods NAME: settings with types and help)",
           ["name", "paper", "arXiv", "needs", "lossless", "defaults"], rows, False)
     return 0
@@ -596,6 +706,8 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--budget", action="append", default=[], help="target_calls=N | target_tokens=N | wall_s=S; N,N,... sweeps")
     run.add_argument("--set", action="append", default=[], metavar="METHOD.KNOB=VALUE", help="override a method default")
+    run.add_argument("--transform", help="run every method on models under this transform (e.g. int8: sps -> "
+                     "sps+int8, ar -> ar+int8, the baseline); `decodebench methods` lists transforms")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     run.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
     run.add_argument("--repeats", type=int, default=1, help="run every record K times; the report shows the timing spread")
@@ -647,6 +759,8 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--limit", type=int, default=1)
     demo.add_argument("--max-new-tokens", type=int, default=32)
     demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--transform", default="auto", help="auto: int8 models on a CPU, as loaded on a GPU; none: "
+                      "as loaded (float32 on a CPU); or any transform (`decodebench methods`)")
     demo.set_defaults(func=cmd_demo)
 
     repro = sub.add_parser("reproduce", help="re-run a run from its manifest and compare outputs, counts and speed")
@@ -654,12 +768,25 @@ def parser() -> argparse.ArgumentParser:
     repro.add_argument("--out", required=True, help="folder for the new run")
     repro.set_defaults(func=cmd_reproduce)
 
-    rep = sub.add_parser("report", help="(re)build DIR/report from DIR/results.jsonl")
-    rep.add_argument("run_dir")
+    rep = sub.add_parser("report", help="(re)build DIR/report from DIR/results.jsonl; several runs: one report "
+                                        "of them all in --out; or tabulate a pytest-benchmark file")
+    rep.add_argument("runs", nargs="*", metavar="RUN[=LABEL]",
+                     help="a run folder; several: one report with a Run column (label: the folder's name, or LABEL)")
+    rep.add_argument("--pytest-benchmark", metavar="FILE.json", help="the JSON pytest-benchmark saved (--benchmark-json "
+                     "or --benchmark-autosave) from tests/benchmarks/test_decode_loop.py: its decode loops as a table")
+    rep.add_argument("--out", help="with several runs: the folder for their report (required); with "
+                     "--pytest-benchmark: the report folder (default: FILE's folder/FILE-report)")
     rep.add_argument("--baseline", default="ar")
     rep.add_argument("--profile", action="append", help="a `decodebench profile` file (repeatable; e.g. "
                      "reports/profiles/*.json): one column of the speed-up it predicts from this run's trace")
     rep.set_defaults(func=cmd_report)
+
+    exp = sub.add_parser("export", help="write a run's records as one Parquet or CSV file (typed columns, the run's "
+                                        "identity beside them)")
+    exp.add_argument("run_dir")
+    exp.add_argument("--format", choices=("parquet", "csv"), default="parquet")
+    exp.add_argument("--out", help="the file to write (default RUN/results.parquet or RUN/results.csv)")
+    exp.set_defaults(func=cmd_export)
 
     prof = sub.add_parser("profile", help="measure forward latency against tokens per pass and context length")
     prof.add_argument("--target", default=DEFAULT_TARGET)

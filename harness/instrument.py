@@ -12,6 +12,7 @@ import sys
 import time
 import weakref
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -66,7 +67,7 @@ class ModelWatch:
     are taken off (the top-level hooks put them back after it): a hooked module takes torch's slow call
     path, a few microseconds a call, and there every part call is the pass's own, counted work."""
 
-    _watches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    _watches: ClassVar[weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()
 
     @classmethod
     def attach(cls, model: torch.nn.Module) -> ModelWatch:

@@ -145,10 +145,15 @@ def count_words(text: str) -> int:
 def perplexities(nll: list[float], text: str) -> dict:
     """Token, word and byte perplexity and bits per byte, as lm-evaluation-harness's wikitext task defines
     them: the summed log-likelihood over the scored tokens, the words (`count_words`) and the UTF-8 bytes."""
-    total = math.fsum(nll)
+    return perplexities_of_total(math.fsum(nll), text, len(nll))
+
+
+def perplexities_of_total(total: float, text: str, scored_tokens: int) -> dict:
+    """`perplexities` from the summed NLL (nats) of `text`; no token perplexity when no token was scored on its
+    own (a scorer's reading, e.g. byte_level's over every tokenization)."""
     words, size = count_words(text), len(text.encode("utf-8"))
-    return {"scored_tokens": len(nll), "words": words, "bytes": size,
-            "token_perplexity": math.exp(total / len(nll)) if nll else None,
+    return {"scored_tokens": scored_tokens, "words": words, "bytes": size,
+            "token_perplexity": math.exp(total / scored_tokens) if scored_tokens else None,
             "word_perplexity": math.exp(total / words) if words else None,
             "byte_perplexity": math.exp(total / size) if size else None,
             "bits_per_byte": total / (size * math.log(2)) if size else None}

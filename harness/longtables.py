@@ -44,8 +44,17 @@ def generation_records(records: pd.DataFrame) -> pd.DataFrame:
 
 
 def likelihood_records(records: pd.DataFrame) -> pd.DataFrame:
-    """The records holding a scored document (per-token NLLs)."""
-    return records[records["token_nll"].map(lambda nll: isinstance(nll, list) and bool(nll))]
+    """The records holding a scored document: per-token NLLs, or (a scorer's reading) only its total."""
+    scored = records["token_nll"].map(lambda nll: isinstance(nll, list) and bool(nll))
+    if "window_loglik" in records:
+        scored |= records["window_loglik"].map(lambda loglik: isinstance(loglik, list) and bool(loglik))
+    return records[scored]
+
+
+def document_nll(record) -> float:
+    """A scored document's NLL (nats): its tokens' summed, or a scorer's total (its one window's)."""
+    nll = record["token_nll"]
+    return math.fsum(nll) if isinstance(nll, list) and nll else -math.fsum(record["window_loglik"])
 
 
 # ---------------------------------------------------------------- long-context accuracy
@@ -212,7 +221,7 @@ def perplexity_table(reading: pd.DataFrame, methods: list[str], window: int | No
         if own.empty:
             continue
         nlls = [np.asarray(nll, dtype=float) for nll in own["token_nll"]]
-        total = float(sum(nll.sum() for nll in nlls))
+        total = math.fsum(document_nll(record) for _, record in own.iterrows())
         scored = sum(len(nll) for nll in nlls)
         words, size = own["words"].sum(), own["bytes"].sum()
         inside, beyond = _split_at(nlls, window)

@@ -94,7 +94,7 @@ class MethodStates:
                 slot.after = saved_after if saved_after is not None and saved_after.key == key else None
                 return saved_before
             slot.after = saved_after or slot.after
-        item, turn = key
+        _item, turn = key
         if self.mode == "fresh" and turn == 0:
             held = Held(key)
         elif slot.after is not None and slot.after.key == self._from(key):

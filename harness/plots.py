@@ -169,6 +169,7 @@ def plot_quality_vs_speed(quality: pd.DataFrame, speed: pd.DataFrame, path: Path
         ax.scatter(joined[x_column], joined[column], color="tab:blue")
         for method, (x, y) in joined.iterrows():
             ax.annotate(str(method), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.margins(x=0.15)  # room for the label of the rightmost point (it was cut at the frame)
         ax.set_xlabel("overall speed-up" if x_column == OVERALL else "tokens/s")
         ax.set_ylabel(label)
     fig.suptitle("Quality against speed (one point per method)")
@@ -247,4 +248,64 @@ def plot_perplexity_by_position(curves: dict[str, tuple[np.ndarray, np.ndarray]]
     ax.set_ylabel(f"perplexity (last {smoothing} tokens)")
     ax.legend(fontsize=8)
     ax.set_title("Perplexity against position")
+    return _save(fig, path)
+
+
+def plot_perturbation_sweep(sweep: pd.DataFrame, levels: dict[str, float], path: Path) -> Path | None:
+    """Word perplexity against the perturbation's relative strength ||D|| / ||W||, one line per kind (and per
+    model when there are several), log-log; dashed lines at the baseline's and each quantizer's perplexity."""
+    if sweep.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(8.0, 4.8))
+    groups = ["model", "on", "kind"] if "model" in sweep else ["on", "kind"]
+    for key, own in sweep.groupby(groups, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
+        label = " ".join(str(part) for part in key if part != "weights")
+        own = own.sort_values("strength")
+        ax.plot(own["strength"], own["word ppl"], marker="o", markersize=3, linewidth=1.2, label=label)
+    for index, (method, level) in enumerate(levels.items()):
+        if np.isfinite(level):
+            ax.axhline(level, color=f"C{(index + 7) % 10}", linestyle="--", linewidth=0.9)
+            ax.annotate(method, (0, level), xycoords=("axes fraction", "data"), xytext=(4, 2),
+                        textcoords="offset points", fontsize=7, color="dimgray")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("relative perturbation strength ||D|| / ||W||")
+    ax.set_ylabel("word perplexity")
+    ax.legend(fontsize=7)
+    ax.set_title("Perturbation sweep (Gong et al.)")
+    return _save(fig, path)
+
+
+def draw_run_plots(tables: dict[str, pd.DataFrame], baseline: str, folder: Path) -> list[dict]:
+    """Several runs side by side (harness/runsreport.py): each method's overall speed-up over its own run's
+    baseline, and its tokens/s; one bar per run in each method's group."""
+    plots = [("runs_speedup.png", "Speed-up over each run's own baseline by run",
+              lambda path: _plot_by_run(tables, OVERALL, f"Speed-up over {baseline} (of the same run)",
+                                        path, drop=baseline)),
+             ("runs_tokens_per_s.png", "Tokens/s by run", lambda path: _plot_by_run(tables, TOKENS_PER_S,
+                                                                                       "Tokens/s", path))]
+    drawn = []
+    for name, title, draw in plots:
+        path = folder / name
+        path.unlink(missing_ok=True)
+        if draw(path):
+            drawn.append(plot_entry(path, title))
+    return drawn
+
+
+def _plot_by_run(tables: dict[str, pd.DataFrame], column: str, label: str, path: Path,
+                 drop: str | None = None) -> Path | None:
+    methods = list(dict.fromkeys(m for table in tables.values() if column in table for m in table.index if m != drop))
+    series = {run: [table.loc[m, column] if column in table and m in table.index else np.nan for m in methods]
+              for run, table in tables.items()}
+    series = {run: values for run, values in series.items() if not np.all(np.isnan(values))}
+    if not methods or not series:
+        return None
+    fig, ax = _figure(len(methods))
+    _grouped_bars(ax, methods, series)
+    if column == OVERALL:
+        ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+    ax.set_ylabel(label)
+    ax.set_title(label.split(" (")[0] + " by run")
     return _save(fig, path)

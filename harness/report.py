@@ -14,13 +14,14 @@ from pathlib import Path
 import jinja2
 import pandas as pd
 
-from harness import longtables
+from harness import longtables, transformtables
 from harness.plots import (
     draw_plots,
     plot_entry,
     plot_latency_by_length,
     plot_needle_heatmaps,
     plot_perplexity_by_position,
+    plot_perturbation_sweep,
     plot_quality_vs_speed,
 )
 from harness.record import check_manifest
@@ -98,7 +99,9 @@ def _load_manifest(manifest_path: Path) -> dict:
     return manifest
 
 
-def _load_templates() -> tuple[jinja2.Template, jinja2.Template]:
+def load_templates(name: str = "report") -> tuple[jinja2.Template, jinja2.Template]:
+    """NAME.md.j2 and NAME.html.j2 (report: one run's; runs: several runs side by side; benchmark: a
+    pytest-benchmark file's table)."""
     if not TEMPLATE_DIR.is_dir():
         raise FileNotFoundError(
             f"report templates folder {TEMPLATE_DIR} is missing; it ships with the repository "
@@ -113,7 +116,7 @@ def _load_templates() -> tuple[jinja2.Template, jinja2.Template]:
         undefined=jinja2.StrictUndefined,
     )
     try:
-        return environment.get_template("report.md.j2"), environment.get_template("report.html.j2")
+        return environment.get_template(f"{name}.md.j2"), environment.get_template(f"{name}.html.j2")
     except jinja2.TemplateNotFound as missing:
         raise FileNotFoundError(f"report template {missing.name} not found in {TEMPLATE_DIR}") from missing
 
@@ -608,13 +611,14 @@ PERPLEXITY_NOTE = (
 )
 
 
-def _perplexity_section(reading: pd.DataFrame, methods: list[str], manifest: dict, folder: Path) -> dict | None:
+def _perplexity_section(reading: pd.DataFrame, methods: list[str], manifest: dict, folder: Path,
+                        baseline: str = "ar") -> dict | None:
     window, source = longtables.model_window(manifest, reading)
     curves, smoothing = {}, longtables.PPL_WINDOW
     if not reading.empty:
         smoothing = longtables.running_window(int(reading["token_nll"].map(len).max()))
         for method in methods:
-            nlls = list(reading.loc[reading["method"] == method, "token_nll"])
+            nlls = [nll for nll in reading.loc[reading["method"] == method, "token_nll"] if nll]  # scorers: none
             if nlls:
                 curves[method] = longtables.running_perplexity(longtables.mean_nll_by_position(nlls), smoothing)
     plot = _plot_into(folder, "perplexity_by_position.png", "Perplexity against position",
@@ -622,19 +626,51 @@ def _perplexity_section(reading: pd.DataFrame, methods: list[str], manifest: dic
     table = longtables.perplexity_table(reading, methods, window)
     if table.empty:
         return None
-    ppl = lambda value: _formatted(value, "{:.2f}", MISSING_IN_COST_TABLE)
+
+    def ppl(value) -> str:
+        return _formatted(value, "{:.2f}", MISSING_IN_COST_TABLE)
+
     model = _model_text(manifest.get("target")).split(" (sha256")[0]
+    reference = table["word ppl"].get(baseline) if baseline in table.index else None
+
+    def change(value) -> str:
+        return "—" if reference is None or not reference > 0 or pd.isna(value) else f"{100 * (value / reference - 1):+.2f}%"
+
     rows = [[method, model, int(r["documents"]), int(r["scored tokens"]), int(r["words"]), int(r["bytes"]),
-             ppl(r["token ppl"]), ppl(r["word ppl"]),
+             ppl(r["token ppl"]), ppl(r["word ppl"]), change(r["word ppl"]),
              _formatted(r["byte ppl"], "{:.4f}", MISSING_IN_COST_TABLE),
              _formatted(r["bits per byte"], "{:.4f}", MISSING_IN_COST_TABLE), ppl(r["ppl inside window"]),
              ppl(r["ppl past window"]), r["read as"], _formatted(r["ms per token"], "{:.3f}", MISSING_IN_COST_TABLE)]
             for method, r in table.iterrows()]
-    columns = ["Method", "Model", "Documents", "Scored tokens", "Words", "Bytes", "Token PPL", "Word PPL", "Byte PPL",
+    columns = ["Method", "Model", "Documents", "Scored tokens", "Words", "Bytes", "Token PPL", "Word PPL",
+               f"Word PPL vs {baseline}", "Byte PPL",
                "Bits/byte",
                "Token PPL inside window", "Token PPL past window", "Read as", "Reading ms/token"]
     note = PERPLEXITY_NOTE.format(window=window or "unknown", smoothing=smoothing, window_source=source)
-    return {"note": note, "plot": plot, **_table(columns, rows)}
+    return {"note": note, "plot": plot, "perturbation": _perturbation_section(reading, baseline, folder),
+            **_table(columns, rows)}
+
+
+PERTURBATION_NOTE = (
+    "The perturbations of Gong et al. (arXiv 2403.06408) added to every weight matrix at a relative L2 strength "
+    "||D|| / ||W||, each kind at the same norm, read as the table above reads; word perplexity pooled over the "
+    "documents. Dashed lines: the unperturbed model and the run's quantizers (simulated). The paper's finding to "
+    "compare with: at equal norm, perturbations that grow with |w| hurt least and clipping (the outliers) most."
+)
+
+
+def _perturbation_section(reading: pd.DataFrame, baseline: str, folder: Path) -> dict | None:
+    sweep = transformtables.perturbation_sweep(reading)
+    levels = transformtables.baseline_levels(reading, baseline)
+    plot = _plot_into(folder, "perturbation_sweep.png", "Perturbation sweep",
+                      lambda path: plot_perturbation_sweep(sweep, levels, path))
+    if sweep.empty:
+        return None
+    models = ["model"] if "model" in sweep else []
+    rows = [[*(str(r[key]) for key in models), r["on"], r["kind"], f"{r['strength']:g}", int(r["documents"]),
+             f"{r['word ppl']:.2f}", f"{r['bits per byte']:.4f}"] for _, r in sweep.iterrows()]
+    columns = [*(k.title() for k in models), "On", "Kind", "Strength", "Documents", "Word PPL", "Bits/byte"]
+    return {"note": PERTURBATION_NOTE, "plot": plot, **_table(columns, rows)}
 
 
 LM_EVAL_NOTE = (
@@ -652,7 +688,10 @@ def lm_eval_section(records: pd.DataFrame, methods: list[str], manifest: dict) -
     if table.empty:
         return None
     model = _model_text(manifest.get("target")).split(" (sha256")[0]
-    number = lambda value: _formatted(value, "{:.4g}", MISSING_IN_COST_TABLE)
+
+    def number(value) -> str:
+        return _formatted(value, "{:.4g}", MISSING_IN_COST_TABLE)
+
     rows = [[r["task"], r["metric"] + {True: " ↑", False: " ↓"}.get(r["higher is better"], ""), model, r["method"],
              number(r["value"]), number(r["stderr"]), _formatted(r["documents"], "{:.0f}", MISSING_IN_COST_TABLE)]
             for _, r in table.iterrows()]
@@ -674,12 +713,24 @@ def _without_duplicates(records: list[dict]) -> tuple[list[dict], str | None]:
     return list(kept.values()), note
 
 
+def run_baseline(records: pd.DataFrame, baseline: str) -> str:
+    """`baseline`, or where the run has no such method and asked for `ar`, its one `ar` under a transform
+    (`run --transform int8`: ar+int8), so every figure is against the same models."""
+    present = set(records["method"]) if "method" in records else set()
+    if baseline in present or baseline != "ar":
+        return baseline
+    from methods.common.cache_policy import Spec, parse
+
+    plain = [name for name in present if parse(name) == Spec("ar", None, parse(name).transform)]
+    return plain[0] if len(plain) == 1 else baseline
+
+
 def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path | list | None = None) -> Path:
     """Read run_dir/results.jsonl and run_dir/manifest.json, write run_dir/report/report.md,
     run_dir/report/report.html (self-contained: PNG plots embedded as base64 data URIs),
     and PNG plots in run_dir/report/. Returns the report folder."""
     run_dir = Path(run_dir)
-    markdown_template, html_template = _load_templates()  # fail before any work if they are missing
+    markdown_template, html_template = load_templates()  # fail before any work if they are missing
     raw, duplicates = _without_duplicates(read_records(run_dir / "results.jsonl"))
     records = normalized(pd.DataFrame(raw))
     manifest = _load_manifest(run_dir / "manifest.json")
@@ -687,6 +738,7 @@ def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path 
     folder = run_dir / "report"
     folder.mkdir(parents=True, exist_ok=True)
 
+    baseline = run_baseline(records, baseline)
     sweep = budget_sweep(records)
     label = main_budget(records)
     records = main_records(records)
@@ -713,7 +765,7 @@ def build_report(run_dir: str | Path, baseline: str = "ar", profile: str | Path 
         "accuracy": _accuracy_section(ok, methods, folder),
         "kv": _kv_display(successful(records), every_method),
         "latency": _latency_section(ok, methods, folder),
-        "perplexity": _perplexity_section(reading, every_method, manifest, folder),
+        "perplexity": _perplexity_section(reading, every_method, manifest, folder, baseline),
         "speed": _frame_table(_speed_display(table), methods_manifest),
         "definitions": DEFINITIONS.format(baseline=baseline, resamples=BOOTSTRAP_RESAMPLES),
         "spec_bench_relation": SPEC_BENCH_RELATION,

@@ -83,7 +83,7 @@ class RunFolder:
         try:
             return json.loads(path.read_text())
         except ValueError as err:
-            raise RunFolderError(f"{path} is not valid JSON ({err}); move the folder aside or use another --out")
+            raise RunFolderError(f"{path} is not valid JSON ({err}); move the folder aside or use another --out") from None
 
     def check(self, identity: dict) -> None:
         """Raise RunFolderError naming every setting in which this run differs from the folder's."""

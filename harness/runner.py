@@ -184,6 +184,11 @@ class Runner:
         self.suite = suite
         if self.suite.needs == "loglikelihood":
             self._check_likelihood_methods()
+        else:
+            scoring = [name for name in self.methods if parse(name).scorer]
+            if scoring:
+                raise RunConfigError(f"{', '.join(scoring)}: a scorer changes how a document's likelihood is read; "
+                                     f"suite {cfg.suite} generates (use it with --suite perplexity or longppl)")
         if self.suite.needs == "lm-eval" and (cfg.budgets != [Budget()]):
             raise RunConfigError(f"--budget does not apply to suite {cfg.suite}: lm-eval sets each task's budget")
         self.items: list[Item] = self.suite.items(cfg.limit)
@@ -361,12 +366,15 @@ class Runner:
         others = [name for name in self.methods if parse(name).decoder != BASELINE]
         if others:
             raise RunConfigError(f"suite {self.cfg.suite} scores log-likelihoods, which a decoder does not change: "
-                                 f"{', '.join(others)} would give ar's figures; run ar, cache policies and "
-                                 "transforms (e.g. --methods ar,streaming_llm,w8)")
+                                 f"{', '.join(others)} would give ar's figures; run ar, cache policies, "
+                                 "transforms and scorers (e.g. --methods ar,streaming_llm,w8,byte_level)")
         if self.cfg.budgets != [Budget()]:
             raise RunConfigError(f"--budget does not apply to suite {self.cfg.suite}: a document is read whole")
 
     def _likelihood(self, method: Method, item: Item) -> dict:
+        scorer = getattr(method, "scorer", None)
+        if scorer is not None:
+            return self._scored(method, scorer, item)
         """Read the document under the method (a transform applied and/or a policy attached, or the model
         itself), timed and counted as a generation is, as the suite's reading options say (suites/documents.py:
         ReadingOptions); the NLL of every scored token, the log-likelihood of each pass, and the perplexities
@@ -401,6 +409,34 @@ class Runner:
                 "policy_state_bytes": self.kv_watch.policy_peak,
                 "task_metric": how + (", first token after BOS" if prefix is not None else ""),
                 **likelihood.perplexities(reading.nll, text)}
+
+    def _scored(self, method: Method, scorer, item: Item) -> dict:
+        """The document's log-likelihood as the scorer reads it (byte_level: over every canonical tokenization,
+        methods/byte_level.py), timed and counted as a reading is. It has no per-token NLL, so no token
+        perplexity: word and byte perplexity and bits per byte from its total; one "window", the document."""
+        model, tokenizer, text = self.target.model, self.target.tokenizer, item.turns[0]
+        tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        if limit and tokens + 1 > limit:
+            raise RunConfigError(f"{scorer.name} reads a document in one pass: {item.item_id} has {tokens} tokens, "
+                                 f"more than the model's {limit}; cut it with --option length=N")
+        with self._transformed(method):
+            self.target_counter.reset()
+            self.kv_watch.reset()
+            synchronize(model)
+            start = time.perf_counter()
+            total = scorer.total_nll(model, tokenizer, text)
+            synchronize(model)
+            wall = time.perf_counter() - start
+        self.kv_watch.finish()
+        tc = self.target_counter
+        settings = ", ".join(f"{k} {v}" for k, v in asdict(scorer.config).items())
+        return {"prompt_tokens": tokens, "token_nll": [], "window_tokens": [tokens], "window_loglik": [-total],
+                "wall_s": wall, "target_calls": tc.calls, "target_tokens": tc.tokens, "target_widths": tc.widths,
+                "target_pass_s": tc.pass_seconds(), "tokens_per_s": tokens / wall if wall > 0 else None,
+                "extras": {}, "kv_cache_peak_bytes": self.kv_watch.peak, "kv_cache_final_bytes": self.kv_watch.last,
+                "task_metric": f"{scorer.name} ({scorer.unit}s, every canonical tokenization; {settings})",
+                **likelihood.perplexities_of_total(total, text, scored_tokens=0)}
 
     def _prompt_ids(self, item: Item, turn: int, answers: list[str]) -> list[int]:
         """The suite's own prompt ids (a prompt sized in tokens) or the chat template over the turns."""

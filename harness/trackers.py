@@ -2,6 +2,7 @@
 and energy (NVML on a GPU, RAPL on a CPU)."""
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import threading
@@ -139,14 +140,14 @@ def _rapl_packages(root: Path) -> list[Path]:
     """Package domains (intel-rapl:N, not their subdomains intel-rapl:N:M) whose counter is readable.
     A 'psys' domain covers the whole platform, packages included, so it is left out to avoid double counting."""
     domains = sorted(p for p in root.glob("intel-rapl:*") if re.fullmatch(r"intel-rapl:\d+", p.name))
-    return [p for p in domains if _try(lambda: (p / "name").read_text().strip()) != "psys"
+    return [p for p in domains if (_try((p / "name").read_text) or "").strip() != "psys"
             and _read_int(p / "energy_uj") is not None]
 
 
 def _trapezoid(points: list[tuple[float, float]]) -> float | None:
     if len(points) < 2 or points[-1][0] <= points[0][0]:
         return None
-    return sum((t1 - t0) * (y0 + y1) / 2 for (t0, y0), (t1, y1) in zip(points, points[1:]))
+    return sum((t1 - t0) * (y0 + y1) / 2 for (t0, y0), (t1, y1) in itertools.pairwise(points))
 
 
 class EnergyTracker:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import pkgutil
 import types
 import typing
@@ -246,7 +247,7 @@ def describe_settings(config_cls: type) -> list[dict[str, Any]]:
     hints = _hints(config_cls)
     out = []
     for f in dataclasses.fields(config_cls):
-        kind, choices = _kind(hints.get(f.name, Any))
+        _, choices = _kind(hints.get(f.name, Any))
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
         low, high = f.metadata.get("low"), f.metadata.get("high")
@@ -422,6 +423,15 @@ class Scorer:
 
     def nll(self, model: torch.nn.Module, tokenizer: Any, text: str) -> list[float]:
         raise NotImplementedError
+
+    def total_nll(self, model: torch.nn.Module, tokenizer: Any, text: str) -> float:
+        """The whole text's negative log-likelihood (nats): sum(nll(...)), or a cheaper route to it."""
+        return math.fsum(self.nll(model, tokenizer, text))
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        return {"paper": cls.paper.title if cls.paper else "", "arxiv": cls.paper.arxiv if cls.paper else None,
+                "unit": cls.unit}
 
 
 def register_scorer(name: str):

@@ -76,7 +76,7 @@ class MultiTokenJointSpeculativeDecoding(Method):
                 to_draft = dict(zip(checked_nodes, nodes))
                 candidates = [[_DraftBeam(node, sum(log_q[n] for n in nodes[: i + 1]))]
                               for i, node in enumerate(checked_nodes)]
-            path = verifier.step(checked, lambda t, logits: self._rule(ctx, t, logits, candidates))
+            path = verifier.step(checked, lambda t, logits, candidates=candidates: self._rule(ctx, t, logits, candidates))
             draft.commit(tree, [to_draft[n] for n in path], [verifier.pending])
         return ctx.output
 

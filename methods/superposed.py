@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from methods.base import DecodeContext, Method, Paper, SettingError, Settings, register, setting
+from methods.common import vocab
 from methods.common.kv import forward, new_cache
 from methods.common.ngram import NGramTable, check_corpus, corpus_sequences
-from methods.common import vocab
 
 NGRAM_ORDERS = (2, 3, 4, 5, 6)
 

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from methods.base import DecodeContext, Method, Paper, Settings, SettingError, register, setting
+from methods.base import DecodeContext, Method, Paper, SettingError, Settings, register, setting
+from methods.common import vocab
 from methods.common.layerskip import (
     SkipSet,
     decoder_layers,
@@ -31,7 +32,6 @@ from methods.common.layerskip import (
     prefix_view,
     skipped_forward,
 )
-from methods.common import vocab
 from methods.common.sampling import argmax
 from methods.common.speculation import ChainVerifier
 from methods.common.tree import ROOT, DraftTree, TreeVerifier

@@ -79,3 +79,43 @@ def model_dirs(tmp_path_factory, pair):
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("DECODEBENCH_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+SHARE_QUESTIONS = [
+    {"question_id": "chat-1", "category": "writing", "turns": ["hello world", "the robot paints"]},
+    {"question_id": "qa-1", "category": "qa", "turns": ["the cat reads"], "reference": ["yes"]},
+    {"question_id": "qa-2", "category": "qa", "turns": ["one plus two equals"], "reference": ["three"]},
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory, model_dirs):
+    """Two real runs of ar, sps and pld on the tiny pair, the second with the models swapped (another target):
+    what export, the several-run report and the browser test read. Returns their folders."""
+    import json
+
+    from harness.runner import RunConfig, Runner
+
+    root = tmp_path_factory.mktemp("tiny-runs")
+    data = root / "questions.jsonl"
+    data.write_text("".join(json.dumps(q) + "\n" for q in SHARE_QUESTIONS))
+    folders = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DECODEBENCH_CACHE", str(root / "cache"))
+        for name, (target, draft) in (("tiny-a", model_dirs), ("tiny-b", model_dirs[::-1])):
+            cfg = RunConfig(methods=["ar", "sps", "pld"], target=target, draft=draft, data=str(data),
+                            max_new_tokens=12, out=str(root / name), warmup=False)
+            Runner(cfg).run()
+            folders.append(root / name)
+    return folders
+
+
+def pytest_collection_modifyitems(config, items):
+    """Benchmarks (`bench`) run only when asked for: `--benchmark-only`, or a -m expression that names bench
+    (`-m bench`). A plain `pytest` (CI) deselects them, since they take minutes."""
+    if config.getoption("benchmark_only", default=False) or "bench" in (config.option.markexpr or ""):
+        return
+    benches = [item for item in items if item.get_closest_marker("bench")]
+    if benches:
+        config.hook.pytest_deselected(items=benches)
+        items[:] = [item for item in items if not item.get_closest_marker("bench")]

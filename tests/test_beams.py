@@ -141,7 +141,8 @@ def test_settings_are_checked_when_built():
 
 def test_blocked_helpers_equal_torch_on_a_large_vocabulary():
     """argmax and topk run in two stages on a CPU (block maxima first): the same indices and values as torch."""
-    from methods.common.vocab import argmax, top_k as topk
+    from methods.common.vocab import argmax
+    from methods.common.vocab import top_k as topk
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 151_936, generator=g)

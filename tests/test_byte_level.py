@@ -279,3 +279,47 @@ def test_smollm2_heals_a_cut_word_and_scores_no_worse_than_its_tokens():
     assert sum(nll) <= -sum(float(logp[i, t]) for i, t in enumerate(ids)) + 1e-3
     # the prompt ends inside a word its tokens cut as [" fur", "th"]: the next byte is "e" ("further")
     assert int(np.argmax(lm.next_byte("First Citizen:\nBefore we proceed any furth"))) == ord("e")
+
+
+# --- as a scorer in the perplexity suite (harness/runner.py `_scored`) ---
+def test_perplexity_suite_scores_a_document_per_byte(tok, model, tmp_path, capsys):
+    """`--methods ar,byte_level`: the byte_level record's log-likelihood is ByteLM's total for the document,
+    its bits per byte and word perplexity come from that total, it has no token perplexity, and the report's
+    perplexity table shows both methods; the canonical encoding being one of the covers, the byte-level NLL
+    is at most the token-level one under the same first token (EOS here: the tokenizer has no BOS)."""
+    from harness import cli
+    from harness.results import read_records
+
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    text = "ab ba\n\nab abba ab\nba ab"
+    doc = tmp_path / "doc.txt"
+    doc.write_text(text)
+    out = tmp_path / "run"
+    code = cli.main(["run", "--suite", "perplexity", "--no-warmup", "--data", str(doc), "--target", str(folder),
+                     "--methods", "ar,byte_level", "--set", "byte_level.tol=0", "--out", str(out)])
+    said = capsys.readouterr().out
+    assert code == 0, said
+    records = {r["method"]: r for r in read_records(out / "results.jsonl")}
+    scored = records["byte_level"]
+    total = ByteLM(model, tok, tol=0.0).total_nll(text)
+    assert scored["window_loglik"] == pytest.approx([-total], rel=1e-6) and scored["token_nll"] == []
+    assert scored["token_perplexity"] is None and scored["bytes"] == len(text.encode())
+    assert scored["bits_per_byte"] == pytest.approx(total / (len(text) * math.log(2)), rel=1e-6)
+    assert scored["target_calls"] >= 1 and scored["task_metric"].startswith("byte_level (bytes")
+    assert total <= sum(records["ar"]["token_nll"]) + 1e-6
+    table = (out / "report" / "report.md").read_text().split("## Perplexity against position")[1].split("\n## ")[0]
+    row = next(line for line in table.splitlines() if line.startswith("| byte_level |"))
+    assert f"{total / (len(text) * math.log(2)):.4f}" in row
+
+
+def test_a_scorer_is_refused_where_it_cannot_apply(tmp_path):
+    from harness.runner import RunConfig, RunConfigError, Runner
+    from methods.common.cache_policy import parse
+
+    assert parse("byte_level+w8").scorer == "byte_level" and parse("byte_level").decoder == "ar"
+    with pytest.raises(SettingError, match="cache policy"):
+        parse("byte_level+streaming_llm")
+    with pytest.raises(RunConfigError, match="scorer"):
+        Runner(RunConfig(suite="specbench", methods=["ar", "byte_level"], target="unused", out=str(tmp_path)))

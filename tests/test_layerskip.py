@@ -74,7 +74,7 @@ def test_confidence_threshold_stops_drafting(deep):
     drafts, _, confidence = draft_chain(context(deep), cache, 5, SkipSet.of([2], [2]), 10, stop_below=1.01)
     assert len(drafts) == 1 and len(confidence) == 1  # every confidence is below 1.01: one token, then stop
     for sampling in (Sampling(), Sampling(temperature=1.0, seed=2), Sampling(temperature=0.5, seed=2)):
-        drafts, rows, confidence = draft_chain(context(deep, sampling=sampling), cache, 5, SkipSet.of([2], [2]), 4,
+        drafts, _rows, confidence = draft_chain(context(deep, sampling=sampling), cache, 5, SkipSet.of([2], [2]), 4,
                                                stop_below=0.0)
         plain = skipped_forward(deep, [5], cache, SkipSet.of([2], [2]))[-1].softmax(-1)
         crop(cache, len(PROMPT))
@@ -155,7 +155,7 @@ def test_dynamic_tree_adds_more_alternatives_where_the_draft_is_less_sure(deep):
     first = tree.children[ROOT]
     assert list(first) == [19, 18, 17]  # confidence > 0.95: 3 candidates, the chain's token first
     second = tree.children[first[19]]
-    assert len(second) == 8 and list(second)[0] == 3 and 19 in second  # > 0.5: 8 candidates under the chain
+    assert len(second) == 8 and next(iter(second)) == 3 and 19 in second  # > 0.5: 8 candidates under the chain
     sampled = dynamic_tree(context(deep, sampling=Sampling(temperature=1.0, seed=1)), [19], dists[:1], [0.3])
     assert len(sampled.children[ROOT]) == 10 and ROOT in sampled.dists  # draws without replacement from q
 

@@ -42,7 +42,7 @@ def test_sps_any_draft_length(gamma, pair):
 
 def test_sps_with_identical_draft_accepts_everything(pair):
     target, _ = pair
-    got, ctx = decode("sps", (target, target), PROMPTS[0], max_new_tokens=25, eos=frozenset(), gamma=4)
+    _, ctx = decode("sps", (target, target), PROMPTS[0], max_new_tokens=25, eos=frozenset(), gamma=4)
     # every pass (the first also prefills the prompt) accepts 4 drafts + 1 bonus
     assert ctx.trace.accepted == [5, 5, 5, 5, 5]
 

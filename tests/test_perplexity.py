@@ -156,7 +156,8 @@ def test_report_has_the_perplexity_table_and_plot(model_dirs, tmp_path, capsys):
     row = next(line for line in section.splitlines() if line.startswith("| ar |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[1] == model_dirs[0] and cells[2:6] == ["2", str(sum(r["scored_tokens"] for r in ar)), str(words), str(size)]
-    assert cells[7] == f"{math.exp(total / words):.2f}" and cells[9] == f"{total / (size * math.log(2)):.4f}"
+    assert cells[7] == f"{math.exp(total / words):.2f}" and cells[10] == f"{total / (size * math.log(2)):.4f}"
+    assert cells[8] == "+0.00%"  # ar against itself
     assert f"| streaming_llm | {model_dirs[0]} | 2 |" in section and "cached, chunks of 8" in section
     assert (out / "report" / "perplexity_by_position.png").stat().st_size > 0
 
@@ -166,3 +167,42 @@ def tiny_tok():
     from conftest import tiny_tokenizer
 
     return tiny_tokenizer()
+
+
+def test_perturbation_sweep_from_runs_at_several_strengths(model_dirs, tmp_path, capsys):
+    """Two runs of `ar,perturb` at two strengths (one strength per run): their records pooled give one row per
+    (kind, strength), word perplexity as the records' own, rising with the strength, and a plot."""
+    import pandas as pd
+
+    from harness import transformtables
+    from harness.plots import plot_perturbation_sweep
+
+    doc = tmp_path / "doc.txt"
+    doc.write_text(_text())
+    records = []
+    for strength in ("0.05", "0.5"):
+        out = tmp_path / f"run-{strength}"
+        code, said = _run(["--data", str(doc), "--target", model_dirs[0], "--methods", "ar,perturb",
+                           "--set", f"perturb.strength={strength}", "--set", "perturb.kind=rademacher",
+                           "--out", str(out)], capsys)
+        assert code == 0, said
+        records += read_records(out / "results.jsonl")
+    reading = pd.DataFrame(records)
+    sweep = transformtables.perturbation_sweep(reading)
+    assert list(sweep["strength"]) == [0.05, 0.5] and set(sweep["kind"]) == {"rademacher"}
+    own = {r["transform_settings"]["strength"]: r["word_perplexity"] for r in records if r["transform"] == "perturb"}
+    assert list(sweep["word ppl"]) == pytest.approx([own[0.05], own[0.5]], rel=1e-9)
+    assert own[0.5] > own[0.05]
+    levels = transformtables.baseline_levels(reading, "ar")
+    assert set(levels) == {"ar"}
+    assert plot_perturbation_sweep(sweep, levels, tmp_path / "sweep.png").stat().st_size > 0
+    assert transformtables.perturbation_sweep(reading[reading["transform_settings"].map(
+        lambda s: not s or s["strength"] == 0.05)]).empty  # one strength: no sweep
+    # the report over both runs: perplexity by run, the sweep's table and plot, no Spec-Bench table
+    code = cli.main(["report", str(tmp_path / "run-0.05"), str(tmp_path / "run-0.5"), "--out", str(tmp_path / "both")])
+    assert code == 0, capsys.readouterr().out
+    report = (tmp_path / "both" / "report.md").read_text()
+    sweep_section = report.split("## Perturbation sweep")[1].split("\n## ")[0]
+    assert f"| rademacher | 0.5 | 1 | {own[0.5]:.2f} |" in sweep_section.replace(f"| {model_dirs[0]} | weights ", "| ")
+    assert "## Perplexity by run" in report and "## Spec-Bench table" not in report
+    assert (tmp_path / "both" / "perturbation_sweep.png").stat().st_size > 0

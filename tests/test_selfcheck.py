@@ -68,7 +68,7 @@ def test_every_lossless_method_is_run_and_equals_ar(quick):
 
 
 def test_timing_and_host_overhead_figures(quick):
-    out, result, by_name = quick
+    out, _, by_name = quick
     timing = by_name["timing"]["figures"]
     assert timing["timer"] == "perf_counter"
     assert plan("cpu", True).min_ratio <= timing["passes_over_wall"] <= 1.02

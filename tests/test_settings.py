@@ -19,6 +19,7 @@ from methods.base import (
     parse_setting,
     policies,
     registry,
+    scorers,
     setting,
     transforms,
 )
@@ -118,7 +119,8 @@ def test_listings_are_not_truncated_when_piped_and_have_json():
     listing = _cli("methods")
     assert listing.returncode == 0
     names = {line.split("\t")[0] for line in listing.stdout.splitlines()[1:]}
-    everything = set(METHODS) | set(policies()) | set(transforms())  # decoders and the modifiers composed with them
+    # decoders and the modifiers composed with them
+    everything = set(METHODS) | set(policies()) | set(transforms()) | set(scorers())
     assert names == everything
     described = json.loads(_cli("methods", "--json").stdout)
     assert {d["name"] for d in described} == everything and all("settings" in d for d in described)

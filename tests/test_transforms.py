@@ -244,7 +244,7 @@ def test_compose_and_split_parse_transforms():
     assert compose("sps+perturb", {"perturb": {"on": "activations", "kind": "clip"}}).lossless
     with pytest.raises(SettingError, match="one transform per run"):
         compose("sps+w8+w4")
-    with pytest.raises(SettingError, match="not a cache policy or a transform"):
+    with pytest.raises(SettingError, match="not a cache policy, a transform or a scorer"):
         compose("sps+w9")
     with pytest.raises(KeyError, match="unknown method 'nope'"):
         compose("nope+w8")
@@ -366,13 +366,42 @@ def test_int8_packs_each_weight_once_and_again_after_a_change():
     transform = get_transform("int8_wo")()
     with transform.attach(model):
         first = _logits(model)
-    held = {key: value[2] for key, value in transform._derived.items()}
+    held = {key: value[2] for key, value in transform.derived_cache().items()}
     assert len(held) == len([m for m in model.modules() if isinstance(m, torch.nn.Linear)])  # the head included
     with transform.attach(model):
         assert torch.equal(_logits(model), first)
-    assert all(transform._derived[key][2] is value for key, value in held.items())  # reused, not packed again
+    assert all(transform.derived_cache()[key][2] is value for key, value in held.items())  # reused, not packed again
     with torch.no_grad():
         model.lm_head.weight.mul_(2)  # changed in place: packed again
     with transform.attach(model):
         assert not torch.equal(_logits(model), first)
-    assert transform._derived[id(model.lm_head.weight)][2] is not held[id(model.lm_head.weight)]
+    assert transform.derived_cache()[id(model.lm_head.weight)][2] is not held[id(model.lm_head.weight)]
+    # another instance with the same settings (`pld+int8_wo` beside `int8_wo`) reuses the packs; others do not
+    assert get_transform("int8_wo")().derived_cache() is transform.derived_cache()
+    assert get_transform("int8_wo")(head=False).derived_cache() is not transform.derived_cache()
+
+
+def test_run_transform_option_moves_every_method_and_the_baseline(model_dirs, tmp_path, capsys):
+    """`run --transform w8`: ar -> ar+w8 (the report's baseline), pld -> pld+w8 checked against it; a method
+    with its own transform, or an unknown transform, is an error before any model loads."""
+    from harness.cli import demo_transform
+
+    data = tmp_path / "q.jsonl"
+    data.write_text('{"question_id": "q1", "category": "qa", "turns": ["the cat reads the cat reads"]}\n')
+    out = tmp_path / "run"
+    code = cli.main(["run", "--data", str(data), "--target", model_dirs[0], "--methods", "ar,pld", "--transform",
+                     "w8", "--max-new-tokens", "8", "--no-warmup", "--out", str(out)])
+    said = capsys.readouterr().out
+    assert code == 0, said
+    records = {r["method"]: r for r in read_records(out / "results.jsonl")}
+    assert set(records) == {"ar+w8", "pld+w8"} and records["pld+w8"]["lossless_check"]["reference"] == "ar+w8"
+    report = (out / "report" / "report.md").read_text()
+    table = report.split("## Spec-Bench table")[1].split("\n## ")[0]
+    row = next(line for line in table.splitlines() if line.startswith("| ar+w8 |"))
+    assert "1.00x" in row  # the baseline against itself
+    for args, message in ((["--transform", "w9"], "not a transform"),
+                          (["--methods", "ar,sps+w4", "--transform", "w8"], "with their own transform: sps+w4")):
+        assert cli.main(["run", "--target", str(tmp_path / "none"), "--out", str(tmp_path / "x"), *args]) == 2
+        assert message in capsys.readouterr().out
+    assert demo_transform("none") is None and demo_transform("w8") == "w8"
+    assert demo_transform("auto") == (None if torch.cuda.is_available() else "int8")

@@ -213,9 +213,11 @@ def test_greedy_tree_walk_takes_the_longest_argmax_path():
     logits = torch.full((len(tree) + 1, 40), -1.0)
     def choose(r, tok):
         logits[r, tok] = 1.0
-    choose(0, 9); choose(row(4), 10); choose(row(5), 11); choose(row(6), 3)
+    for r, tok in ((0, 9), (row(4), 10), (row(5), 11), (row(6), 3)):
+        choose(r, tok)
     assert verify_tree_greedy(tree, logits) == ([4, 5, 6], 3)
-    choose(0, 9); logits[0, 9] = -5.0; choose(0, 31)
+    logits[0, 9] = -5.0
+    choose(0, 31)
     assert verify_tree_greedy(tree, logits) == ([], 31)
 
 

@@ -92,7 +92,7 @@ def test_the_check_catches_a_wrong_sibling_rule(monkeypatch):
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_method_tree_shape(name):
     """The drafted tree respects the method's size knobs and records how siblings were drawn."""
-    target_logits, draft_logits = tables(5)
+    _, draft_logits = tables(5)
     ctx = SimpleNamespace(sampling=Sampling(temperature=1.0), generator=torch.Generator().manual_seed(0))
     tree = get_method(name)(**SETTINGS[name]).draft_tree(ctx, MarkovDrafter(ctx, draft_logits, 1), LENGTH)
     assert 1 <= len(tree) <= 6 and tree.depth <= LENGTH

@@ -49,8 +49,10 @@ from methods.base import (
     build_config,
     get_method,
     get_policy,
+    get_scorer,
     get_transform,
     policies,
+    scorers,
     setting,
     transforms,
 )
@@ -356,22 +358,28 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
 class Composition(Method):
     """A registered decoder run with a cache policy attached to the target and/or a model transform applied to
     the target and the draft (methods.common.transform). The transform goes on first, so a policy sees the
-    transformed model."""
+    transformed model. A scorer (methods.base.Scorer) replaces how a likelihood suite reads a document; it
+    generates nothing."""
 
-    def __init__(self, decoder: Method, policy: CachePolicy | None = None, transform: Any = None) -> None:
-        self.decoder, self.policy, self.transform = decoder, policy, transform
-        self.name = "+".join([decoder.name, *(part.name for part in (policy, transform) if part is not None)])
+    def __init__(self, decoder: Method, policy: CachePolicy | None = None, transform: Any = None,
+                 scorer: Any = None) -> None:
+        self.decoder, self.policy, self.transform, self.scorer = decoder, policy, transform, scorer
+        parts = (policy, transform, scorer)
+        self.name = "+".join([decoder.name, *(part.name for part in parts if part is not None)])
         self.config = decoder.config
-        self.paper = (policy or transform).paper
+        self.paper = next(part for part in parts if part is not None).paper
         self.needs, self.stateful = decoder.needs, decoder.stateful
         # lossless relative to `ar` under the same transform (the runner checks it against that method)
         self.lossless = (decoder.lossless and (policy is None or policy.lossless)
                          and (transform is None or transform.token_wise))
 
     def parts(self) -> list:
-        return [part for part in (self.decoder, self.policy, self.transform) if part is not None]
+        return [part for part in (self.decoder, self.policy, self.transform, self.scorer) if part is not None]
 
     def generate(self, ctx: DecodeContext) -> list[int]:
+        if self.scorer is not None:
+            raise SettingError(f"{self.name}: scorer {self.scorer.name} scores documents (likelihood suites); "
+                               "it generates nothing")
         with contextlib.ExitStack() as stack:
             if self.transform is not None:  # a no-op where the runner applied it already (outside the timing)
                 stack.enter_context(self.transform.attach(ctx.target, ctx.draft))
@@ -385,34 +393,40 @@ WithPolicy = Composition  # the name it had when policies were the only modifier
 
 @dataclass(frozen=True)
 class Spec:
-    """A method name taken apart: `sps+streaming_llm+w8` -> Spec("sps", "streaming_llm", "w8")."""
+    """A method name taken apart: `sps+streaming_llm+w8` -> Spec("sps", "streaming_llm", "w8");
+    `byte_level+w8` -> Spec("ar", None, "w8", "byte_level")."""
 
     decoder: str
     policy: str | None = None
     transform: str | None = None
+    scorer: str | None = None
 
     @property
     def modifiers(self) -> list[str]:
-        return [name for name in (self.policy, self.transform) if name]
+        return [name for name in (self.policy, self.transform, self.scorer) if name]
 
 
 def parse(spec: str) -> Spec:
     """The one place a method name is taken apart: a decoder (`ar` when it is left out), then at most one
     modifier of each kind in any order. Unknown names and two modifiers of one kind are SettingErrors."""
     parts = [p.strip() for p in spec.split("+") if p.strip()]
-    kinds = {"cache policy": policies(), "transform": transforms()}
+    kinds = {"cache policy": policies(), "transform": transforms(), "scorer": scorers()}
     known = {name for registry in kinds.values() for name in registry}
     decoder = parts.pop(0) if parts and parts[0] not in known else "ar"
     chosen: dict[str, str] = {}
     for name in parts:
         kind = next((kind for kind, registry in kinds.items() if name in registry), None)
         if kind is None:
-            raise SettingError(f"{name!r} in {spec!r} is not a cache policy or a transform; cache policies: "
-                               f"{', '.join(kinds['cache policy'])}; transforms: {', '.join(kinds['transform'])}")
+            raise SettingError(f"{name!r} in {spec!r} is not a cache policy, a transform or a scorer; cache policies: "
+                               f"{', '.join(kinds['cache policy'])}; transforms: {', '.join(kinds['transform'])}; "
+                               f"scorers: {', '.join(kinds['scorer'])}")
         if kind in chosen:
             raise SettingError(f"{spec!r}: one {kind} per run ({chosen[kind]} and {name})")
         chosen[kind] = name
-    return Spec(decoder, chosen.get("cache policy"), chosen.get("transform"))
+    if "scorer" in chosen and "cache policy" in chosen:  # a scorer reads with its own tree masks, which policies refuse
+        raise SettingError(f"{spec!r}: scorer {chosen['scorer']} reads the document itself (tree attention on one "
+                           f"cache); it does not run under cache policy {chosen['cache policy']}")
+    return Spec(decoder, chosen.get("cache policy"), chosen.get("transform"), chosen.get("scorer"))
 
 
 def split(spec: str) -> tuple[str, list[str]]:
@@ -437,4 +451,5 @@ def compose(spec: str, settings: dict[str, dict[str, Any]] | None = None) -> Met
         return decoder
     policy = get_policy(parsed.policy)(**settings.get(parsed.policy, {})) if parsed.policy else None
     transform = get_transform(parsed.transform)(**settings.get(parsed.transform, {})) if parsed.transform else None
-    return Composition(decoder, policy, transform)
+    scorer = get_scorer(parsed.scorer)(**settings.get(parsed.scorer, {})) if parsed.scorer else None
+    return Composition(decoder, policy, transform, scorer)

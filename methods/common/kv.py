@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import inspect
-from functools import lru_cache
+from functools import cache
 
 import torch
 from transformers import DynamicCache
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cache_argument(model_class: type) -> str:
     """`cache` where the installed transformers has it (5.24 deprecates `past_key_values`, to be removed in
     5.40), else `past_key_values` (older 5.x, e.g. the GPU machines' 5.17)."""

@@ -71,6 +71,9 @@ class Edit:
 
 
 _ACTIVE: dict[int, ModelTransform] = {}  # id(model) -> the transform attached to it
+# (transform class, its settings) -> {id(weight): (weakref, version, derived value)}: shared by every instance
+# with the same settings, so `int8`, `sps+int8` and `pld+int8` in one run pack the weights once, not thrice
+_DERIVED: dict[tuple[type, str], dict[int, tuple]] = {}
 
 
 class ModelTransform:
@@ -106,14 +109,19 @@ class ModelTransform:
         return 0
 
     def derived(self, weight: torch.Tensor, make: Callable[[torch.Tensor], Any]) -> Any:
-        """`make(weight)`, computed once per weight while the weight lives and is not changed in place."""
-        cache = self.__dict__.setdefault("_derived", {})  # id(weight) -> (weakref, version, value)
+        """`make(weight)`, computed once per weight (and per transform settings) while the weight lives and is
+        not changed in place."""
+        cache = self.derived_cache()
         key = id(weight)
         held = cache.get(key)
         if held is None or held[0]() is not weight or held[1] != weight._version:
             ref = weakref.ref(weight, lambda _, key=key: cache.pop(key, None))  # gone with the weight
             held = cache[key] = (ref, weight._version, make(weight))
         return held[2]
+
+    def derived_cache(self) -> dict[int, tuple]:
+        """What `derived` holds for this transform's class and settings: id(weight) -> (ref, version, value)."""
+        return _DERIVED.setdefault((type(self), repr(sorted(self.settings().items()))), {})
 
     def attached_to(self, model: torch.nn.Module) -> bool:
         return _ACTIVE.get(id(model)) is self
