@@ -54,10 +54,10 @@ def cmd_run(args) -> int:
     from harness.runner import Runner
 
     try:
-        runner = Runner(_run_config(args), console)  # every setting checked here, before any model loads
+        runner = Runner(run_config(args), console)  # every setting checked here, before any model loads
     except SystemExit as usage:
         return _error(usage.code)
-    except _input_errors() as err:
+    except input_errors() as err:
         return _error(err)
     code = _execute(runner, lambda: runner.run(force_new=args.force_new))
     if code is not None:
@@ -68,7 +68,7 @@ def cmd_run(args) -> int:
 
 # what bad input raises (unknown names, out-of-range settings, unreadable data, missing or untrusted
 # models, a folder holding another run or another writer): one line, exit 2, nothing run
-def _input_errors() -> tuple[type[BaseException], ...]:
+def input_errors() -> tuple[type[BaseException], ...]:
     from harness.manifest import ManifestMismatch
     from harness.models import ModelError
     from harness.runfolder import RunFolderError
@@ -82,7 +82,7 @@ def _error(err) -> int:
     return EXIT_USAGE
 
 
-def _run_config(args):
+def run_config(args):
     from harness.presets import get_preset, merged_settings
     from harness.runner import RunConfig
     from methods.base import Sampling
@@ -165,7 +165,7 @@ def _execute(runner, work) -> int | None:
     except KeyboardInterrupt as stop:
         console.print(f"interrupted after {runner.written} records; run the same command to resume")
         return EXIT_TERMINATED if stop.args == (signal.SIGTERM,) else EXIT_INTERRUPTED
-    except _input_errors() as err:
+    except input_errors() as err:
         return _error(err)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -262,7 +262,7 @@ def cmd_reproduce(args) -> int:
         original, cfg = prepare(Path(args.manifest), Path(args.out))
         runner = Runner(cfg, console)
         check_data(original, runner.data)
-    except _input_errors() + (ReproduceError,) as err:
+    except input_errors() + (ReproduceError,) as err:
         return _error(err)
     code = _execute(runner, runner.run)
     if code is not None:
@@ -386,6 +386,12 @@ def cmd_report(args) -> int:
     if len(args.runs) > 1 or args.out:
         return _report_runs(args)
     run_dir = Path(args.runs[0])
+    if (run_dir / "sweep.jsonl").is_file() and not (run_dir / "results.jsonl").is_file():
+        from harness.sweepreport import build_sweep_report
+
+        report = build_sweep_report(run_dir, args.baseline)
+        console.print(f"report: {report / 'report.md'}  {report / 'report.html'}")
+        return 0
     if not (run_dir / "results.jsonl").is_file():
         console.print(f"[red]error:[/] {run_dir} has no results.jsonl")
         return 2
@@ -399,6 +405,60 @@ def cmd_report(args) -> int:
         return 2
     console.print(f"report: {report / 'report.md'}  {report / 'report.html'}")
     return 0
+
+
+def cmd_sweep(args) -> int:
+    """Expand the sweep file, check every job as `run` would, then run the jobs not yet done (README: Sweeps)."""
+    import signal
+
+    from harness import sweep
+    from harness.sweeprun import Sweep
+
+    out = Path(args.out or f"runs/sweep-{Path(args.sweep_file).stem}")
+    try:
+        if args.retries < 0 or args.num_cpus <= 0 or (args.num_gpus or 0) < 0 or (args.ray_cpus or 1) < 1:
+            raise sweep.SweepError("--retries must be >= 0, --num-cpus > 0, --num-gpus >= 0, --ray-cpus >= 1")
+        if args.executor != "ray" and (args.address or args.ray_cpus or args.num_gpus is not None):
+            raise sweep.SweepError("--address, --ray-cpus and --num-gpus are for --executor ray")
+        if args.executor == "ray":
+            import importlib.util
+
+            if importlib.util.find_spec("ray") is None:
+                raise sweep.SweepError("--executor ray needs Ray: pip install 'decodebench[ray]'")
+        jobs = sweep.expand(sweep.load(args.sweep_file), args.sweep_file)
+        sweep.check(jobs, out)  # every job's settings, before anything runs or loads
+    except sweep.SweepError as err:
+        return _error(err)
+    keys = sweep.varying(jobs)
+    console.print(f"{len(jobs)} jobs into {out}" + (f", varying {', '.join(keys)}" if keys else ""))
+    for job in jobs:
+        console.print(f"  {job.id} {escape(sweep.describe(job.settings, keys))}", soft_wrap=True)
+    if args.dry_run:
+        return EXIT_OK
+    options = ({"address": args.address, "num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
+                "ray_cpus": args.ray_cpus} if args.executor == "ray" else {})
+
+    def terminated(signum, frame):
+        raise KeyboardInterrupt(signum)
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        counts = Sweep(jobs, out, console, args.retries).run(args.executor, **options)
+    except KeyboardInterrupt as stop:
+        console.print("sweep interrupted; run the same command to resume")
+        return EXIT_TERMINATED if stop.args == (signal.SIGTERM,) else EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    from harness.sweepreport import build_sweep_report
+
+    report = build_sweep_report(out)
+    console.print((report / "report.md").read_text(encoding="utf-8").split("\n\n", 3)[-1], markup=False,
+                  soft_wrap=True)
+    console.print(f"sweep: {counts['done']} of {len(jobs)} jobs done, {counts['failed']} failed; state "
+                  f"{out / 'sweep.jsonl'}; report: {report / 'report.md'}  {report / 'report.html'}")
+    if not counts["failed"]:
+        return EXIT_OK
+    return EXIT_FAILED if counts["failed"] == len(jobs) else EXIT_PARTIAL
 
 
 def _report_runs(args) -> int:
@@ -620,14 +680,11 @@ def cmd_models(args) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
+def add_run_arguments(run: argparse.ArgumentParser) -> None:
+    """`run`'s options (also what a sweep file's keys name: harness/sweep.py)."""
     from harness.methodstate import MODES
     from harness.models import DEFAULT_DRAFT, DEFAULT_TARGET
 
-    p = argparse.ArgumentParser(prog="decodebench", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
-
-    run = sub.add_parser("run", help="run methods over a suite and write a report")
     run.add_argument("--suite", default="specbench", help="a suite (`decodebench suites`), or lm-eval:TASK[,TASK...]")
     run.add_argument("--methods", help="comma-separated (default ar,sps,pld, or the preset's); `decodebench methods` lists them")
     run.add_argument("--preset", help="a named comparison (`decodebench presets`): methods, settings, budgets; explicit flags win")
@@ -669,7 +726,34 @@ def parser() -> argparse.ArgumentParser:
                      help="move a run with other settings in --out aside (to OUT.replaced-<time>) and start again")
     run.add_argument("--trust-remote-code", action="store_true",
                      help="let a model folder run its own Python code (transformers' trust_remote_code)")
+
+
+def parser() -> argparse.ArgumentParser:
+    from harness.models import DEFAULT_TARGET
+
+    p = argparse.ArgumentParser(prog="decodebench", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run methods over a suite and write a report")
+    add_run_arguments(run)
     run.set_defaults(func=cmd_run)
+
+    swp = sub.add_parser("sweep", help="run a grid of runs from a YAML file (README: Sweeps), locally or on Ray")
+    swp.add_argument("sweep_file", help="YAML: run's options as keys, a list = an axis of the grid")
+    swp.add_argument("--out", help="sweep folder (default runs/sweep-<file name>); re-running on it resumes")
+    swp.add_argument("--executor", choices=["local", "ray"], default="local",
+                     help="local: one job after another, each in its own process; ray: one task per job on "
+                          "actors that keep a model pair loaded")
+    swp.add_argument("--retries", type=int, default=1, help="more tries for a job that fails before it is "
+                                                           "recorded as failed")
+    swp.add_argument("--address", help="ray: a running cluster (e.g. ray://head:10001 or auto); default: start "
+                                       "one on this machine")
+    swp.add_argument("--num-cpus", type=float, default=1, help="ray: CPUs each job (its worker) asks for")
+    swp.add_argument("--num-gpus", type=float, help="ray: GPUs each job (its worker) asks for (default: 1 where "
+                                                  "the cluster has GPUs, else 0)")
+    swp.add_argument("--ray-cpus", type=int, help="ray: CPUs of the Ray started here (default: all)")
+    swp.add_argument("--dry-run", action="store_true", help="list the jobs and check them, run nothing")
+    swp.set_defaults(func=cmd_sweep)
 
     demo = sub.add_parser("demo", help="the main job on the embedded models: ar, sps, pld and transformers' peers")
     demo.add_argument("--limit", type=int, default=1)
@@ -764,7 +848,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     try:
         return args.func(args)
-    except _input_errors() as err:  # any command: bad input is one line and exit 2, never a traceback
+    except input_errors() as err:  # any command: bad input is one line and exit 2, never a traceback
         return _error(err)
     except KeyboardInterrupt:
         console.print("interrupted")
