@@ -198,7 +198,7 @@ def _number(value, fmt: str) -> str:
 
 
 def build_runs_report(runs: list[tuple[Path, str]], out: str | Path, baseline: str = "ar",
-                      profile: list[str] | None = None) -> Path:
+                      profile: list[str] | None = None, title: str | None = None, sweep: dict | None = None) -> Path:
     """Write OUT/report.md, OUT/report.html (self-contained, plots embedded) and OUT's PNG plots for several
     runs; returns OUT."""
     markdown_template, html_template = load_templates("runs")  # fail before any work if they are missing
@@ -211,7 +211,8 @@ def build_runs_report(runs: list[tuple[Path, str]], out: str | Path, baseline: s
         "generates": generates,
         "perplexity": _perplexity_by_run(reading, baseline),
         "perturbation": _perturbation_section(reading, baseline, folder),
-        "title": f"decodebench report: {len(loaded)} runs",
+        "title": title or f"decodebench report: {len(loaded)} runs",
+        "sweep": sweep,
         "baseline": baseline,
         "runs": _runs_table(loaded),
         "missing_baseline": [run.label for run in loaded if baseline not in run.methods],

@@ -6,7 +6,6 @@ job's full report. Writes SWEEP/report/report.md and report.html.
 """
 from __future__ import annotations
 
-import html
 import math
 from pathlib import Path
 
@@ -61,26 +60,24 @@ def _cell(value) -> str:
 
 
 def build_sweep_report(folder: str | Path, baseline: str = "ar") -> Path:
+    """SWEEP/report: the jobs' status and figures (a row per job and method, a column per varied setting), then
+    the jobs as runs side by side (harness/runsreport.py: Spec-Bench and cost tables by job, or perplexity by
+    job and the perturbation sweep for a likelihood grid), each job labelled by the settings it varies."""
+    from harness.runsreport import build_runs_report
+
     folder = Path(folder)
     keys, rows = sweep_rows(folder, baseline)
     columns = [*keys, "job", "method", "status", "attempts", "records", "failed records", "tokens/s", "speed-up",
                "#MAT", "lossless mismatches", "error"]
     table = _table(columns, [[_cell(row.get(c)) for c in columns] for row in rows])
-    out = folder / "report"
-    out.mkdir(parents=True, exist_ok=True)
-    title = f"decodebench sweep: {folder.name}"
-    note = (f"One row per job and method. Speed-up is over the job's own {baseline} (Spec-Bench's, as in a run's "
-            f"report); `decodebench report {folder}/jobs/JOB` gives a job's full report.")
     varied = ", ".join(keys) or "nothing (one job)"
-    (out / "report.md").write_text(f"# {title}\n\nSettings the grid varies: {varied}.\n\n{note}\n\n"
-                                   f"{table['markdown']}\n", encoding="utf-8")
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in table["columns"])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in table["rows"])
-    (out / "report.html").write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
-        "padding:2px 8px;text-align:right}</style></head>"
-        f"<body><h1>{html.escape(title)}</h1><p>Settings the grid varies: {html.escape(varied)}.</p>"
-        f"<p>{html.escape(note)}</p><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-        "</body></html>\n", encoding="utf-8")
-    return out
+    note = (f"Settings the grid varies: {varied}. One row per job and method. Speed-up is over the job's own "
+            f"{baseline} (Spec-Bench's, as in a run's report); `decodebench report {folder}/jobs/JOB` gives a job's "
+            "full report.")
+    labels = {}
+    for row in rows:
+        labels.setdefault(row["job"], " ".join(row[k] for k in keys) or row["job"])
+    runs = [(folder / "jobs" / job, label) for job, label in labels.items()
+            if (folder / "jobs" / job / "results.jsonl").is_file()]
+    return build_runs_report(runs, folder / "report", baseline, title=f"decodebench sweep: {folder.name}",
+                             sweep={"note": note, **table})
