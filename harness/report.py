@@ -485,26 +485,29 @@ def _roofline_display(manifest: dict, ok: pd.DataFrame, baseline: str) -> dict |
     roof = manifest.get("roofline") or {}
     if "device" not in roof or "target" not in roof:
         return None  # a run from before the roofline was measured
-    records = ok[ok["method"] == baseline].to_dict("records")
-    reached = roofline.efficiency(roof["device"], roof["target"], roofline.decode_tokens_per_s(records))
+    from methods.common.cache_policy import parse
+
+    decoder = parse(baseline).decoder  # `ar` of `ar+int8` (run --transform): each limit gets its own models' rows
+    plain = ok[(ok["decoder"] == decoder) & ok["policy"].isna() & ok["transform"].isna()]
+    reached = roofline.efficiency(roof["device"], roof["target"], roofline.decode_tokens_per_s(plain.to_dict("records")))
     device = roof["device"]
     rows = [
         ["Read bandwidth", f"{device['read_bandwidth_bytes_s'] / 1e9:.1f} GB/s"],
         [f"Matmul throughput ({device['dtype']})", f"{device['matmul_flops_s'] / 1e9:.0f} GFLOP/s"],
         ["Target weight bytes read per token", f"{roof['target']['weight_bytes_per_token'] / 1e9:.2f} GB"],
         ["Memory-bound limit", f"{reached['memory_bound_tokens_per_s']:.1f} tokens/s"],
-        [f"{baseline} decode speed (prefill excluded)",
+        [f"{decoder} decode speed (prefill excluded)",
          _formatted(reached["measured_tokens_per_s"], "{:.2f} tokens/s", MISSING_IN_COST_TABLE)],
         ["Fraction of the limit", _formatted(100 * reached["fraction"], "{:.0f}%", MISSING_IN_COST_TABLE)],
         ["Ridge width (tokens per pass where compute catches up)", f"{reached['ridge_width']:.1f}"],
     ]
     for name, model in (roof.get("transforms") or {}).items():  # int8 weights: fewer bytes, a higher limit
-        runs = ok[(ok["decoder"] == baseline) & ok["policy"].isna() & (ok["transform"] == name)]
+        runs = ok[(ok["decoder"] == decoder) & ok["policy"].isna() & (ok["transform"] == name)]
         under = roofline.efficiency(device, model, roofline.decode_tokens_per_s(runs.to_dict("records")))
         rows += [
             [f"Target weight bytes read per token under {name}", f"{model['weight_bytes_per_token'] / 1e9:.3f} GB"],
             [f"Memory-bound limit under {name}", f"{under['memory_bound_tokens_per_s']:.1f} tokens/s"],
-            [f"{baseline}+{name} decode speed (prefill excluded)",
+            [f"{decoder}+{name} decode speed (prefill excluded)",
              _formatted(under["measured_tokens_per_s"], "{:.2f} tokens/s", MISSING_IN_COST_TABLE)],
             [f"Fraction of the limit under {name}", _formatted(100 * under["fraction"], "{:.0f}%",
                                                                 MISSING_IN_COST_TABLE)],

@@ -9,8 +9,12 @@ kernels while the transform is attached. Weights: symmetric int8, one scale per 
   is divided by its own max |x| and two rows (+1 and -1) are appended: the pass's range is then always [-1, 1],
   the grid the same for every token, the integer products exact, and the row's output, times its scale, is
   bit-for-bit the same whatever else is in the pass (tested): per-token quantization (as llama.cpp's and
-  SmoothQuant's W8A8) and lossless decoders stay lossless against `ar+int8`, for 15-35% more time per layer
-  call than the per-pass kernel (0.61 vs 0.52 ms at 1 token, 0.81 vs 0.60 at 8, one 1536x8960 layer).
+  SmoothQuant's W8A8), for 15-35% more time per layer call than the per-pass kernel (0.61 vs 0.52 ms at 1 token,
+  0.81 vs 0.60 at 8, one 1536x8960 layer). Still NOT token-wise as a model: attention sums in another order in a
+  k-token pass than in a 1-token one, and a last-bit difference that moves an activation across a rounding
+  boundary changes it by a whole quantization step (on the demo: sps+int8 5/6 and pld+int8 4/6 turns equal to
+  ar+int8, against 3/7 with the per-pass scale). So decoders under `int8` are not checked token for token;
+  `int8_wo` (below) is.
 - `int8_wo`: weight-only int8. On the CPU, torch._weight_int8pack_mm with bfloat16 activations (its fast path;
   float32 inputs take a path slower than float32 matmul), output cast back: each token alone, so lossless
   decoders stay lossless relative to `ar+int8_wo` up to the GEMM's summation order, which differs between a
@@ -97,6 +101,10 @@ class Int8Dynamic(_Int8):
     class Config(_Int8.Config):
         reduce_range: bool = setting(False, "on the CPU: 7-bit activations, for CPUs without VNNI (their u8*s8 "
                                             "products can saturate)")
+
+    @property
+    def token_wise(self) -> bool:
+        return False  # activation rounding amplifies summation-order differences (module docstring)
 
     def _cpu_forward(self, module: torch.nn.Linear):
         packed = self.derived(module.weight, lambda w: _packed(w, None))
