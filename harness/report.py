@@ -487,8 +487,20 @@ def _roofline_display(manifest: dict, ok: pd.DataFrame, baseline: str) -> dict |
         return None  # a run from before the roofline was measured
     from methods.common.cache_policy import parse
 
+    def spec(method: str):
+        try:
+            return parse(method)
+        except (KeyError, ValueError):  # a method this checkout no longer registers
+            return None
+
     decoder = parse(baseline).decoder  # `ar` of `ar+int8` (run --transform): each limit gets its own models' rows
-    plain = ok[(ok["decoder"] == decoder) & ok["policy"].isna() & ok["transform"].isna()]
+    specs = ok["method"].map(spec)  # from the name, so records from before the decoder/transform fields count
+
+    def plain_under(transform: str | None) -> pd.DataFrame:
+        return ok[specs.map(lambda s: s is not None and s.decoder == decoder and s.policy is None
+                            and s.transform == transform).astype(bool)]
+
+    plain = plain_under(None)
     reached = roofline.efficiency(roof["device"], roof["target"], roofline.decode_tokens_per_s(plain.to_dict("records")))
     device = roof["device"]
     rows = [
@@ -502,7 +514,7 @@ def _roofline_display(manifest: dict, ok: pd.DataFrame, baseline: str) -> dict |
         ["Ridge width (tokens per pass where compute catches up)", f"{reached['ridge_width']:.1f}"],
     ]
     for name, model in (roof.get("transforms") or {}).items():  # int8 weights: fewer bytes, a higher limit
-        runs = ok[(ok["decoder"] == decoder) & ok["policy"].isna() & (ok["transform"] == name)]
+        runs = plain_under(name)
         under = roofline.efficiency(device, model, roofline.decode_tokens_per_s(runs.to_dict("records")))
         rows += [
             [f"Target weight bytes read per token under {name}", f"{model['weight_bytes_per_token'] / 1e9:.3f} GB"],
