@@ -210,6 +210,17 @@ def running_perplexity(nll: np.ndarray, window: int) -> tuple[np.ndarray, np.nda
     return np.arange(window, len(nll) + 1), np.exp(means)
 
 
+def pooled_perplexity(documents: pd.DataFrame) -> dict:
+    """Scored documents pooled as lm-eval pools a corpus: their summed NLL over their words (word perplexity)
+    and UTF-8 bytes (byte perplexity, bits per byte)."""
+    total = math.fsum(document_nll(record) for _, record in documents.iterrows())
+    words, size = documents["words"].sum(), documents["bytes"].sum()
+    return {"documents": len(documents), "words": int(words), "bytes": int(size), "nll": total,
+            "word ppl": math.exp(total / words) if words > 0 else math.nan,
+            "byte ppl": math.exp(total / size) if size > 0 else math.nan,
+            "bits per byte": total / (size * math.log(2)) if size > 0 else math.nan}
+
+
 def perplexity_table(reading: pd.DataFrame, methods: list[str], window: int | None) -> pd.DataFrame:
     """Per method, pooled over its documents as lm-eval pools a corpus: token perplexity exp(sum NLL / scored
     tokens), word exp(sum NLL / words), byte exp(sum NLL / bytes), bits per byte sum NLL / (bytes ln 2); the
@@ -221,16 +232,12 @@ def perplexity_table(reading: pd.DataFrame, methods: list[str], window: int | No
         if own.empty:
             continue
         nlls = [np.asarray(nll, dtype=float) for nll in own["token_nll"]]
-        total = math.fsum(document_nll(record) for _, record in own.iterrows())
+        pooled = pooled_perplexity(own)
         scored = sum(len(nll) for nll in nlls)
-        words, size = own["words"].sum(), own["bytes"].sum()
         inside, beyond = _split_at(nlls, window)
         rows[method] = {
-            "documents": len(own), "scored tokens": scored, "words": int(words), "bytes": int(size),
-            "token ppl": math.exp(total / scored) if scored else math.nan,
-            "word ppl": math.exp(total / words) if words > 0 else math.nan,
-            "byte ppl": math.exp(total / size) if size > 0 else math.nan,
-            "bits per byte": total / (size * math.log(2)) if size > 0 else math.nan,
+            **pooled, "scored tokens": scored,
+            "token ppl": math.exp(pooled["nll"] / scored) if scored else math.nan,
             "ppl inside window": math.exp(inside.mean()) if len(inside) else math.nan,
             "ppl past window": math.exp(beyond.mean()) if len(beyond) else math.nan,
             "read as": ", ".join(dict.fromkeys(own["task_metric"].fillna("?"))),

@@ -70,14 +70,14 @@ def run_settings(cfg) -> dict:
 
 
 def _describe(method) -> dict:
-    """A method's paper, needs and config; a DECODER[+POLICY][+TRANSFORM] composition: the decoder's, with each
-    modifier's paper and config under "policy" and "transform" (lossless: relative to `ar` on the same transform,
+    """A method's paper, needs and config; a DECODER[+POLICY][+TRANSFORM][+SCORER] composition: the decoder's,
+    with each modifier's paper and config under "policy", "transform" and "scorer" (lossless: relative to `ar` on the same transform,
     and only if the policy is lossless and the transform acts on each token alone)."""
     decoder = getattr(method, "decoder", None)
     if decoder is None:
         return {**method.describe(), "config": asdict(method.config)}
     out = {**decoder.describe(), "config": asdict(decoder.config), "decoder": decoder.name, "lossless": method.lossless}
-    for kind in ("policy", "transform"):
+    for kind in ("policy", "transform", "scorer"):
         part = getattr(method, kind, None)
         if part is not None:
             out[kind] = {"name": part.name, **part.describe(), "config": asdict(part.config)}

@@ -364,10 +364,11 @@ def _methods_table(manifest: dict, records: pd.DataFrame) -> dict:
         info = methods_manifest.get(name, {})
         lossless = info.get("lossless")
         paper, arxiv, config = info.get("paper"), info.get("arxiv"), info.get("config")
-        policy, transform = info.get("policy"), info.get("transform")
-        if isinstance(policy, dict) or isinstance(transform, dict):  # DECODER+MODIFIERS: theirs, under the decoder
-            shown = [(kind, part) for kind, part in (("policy", policy), ("transform", transform))
-                     if isinstance(part, dict)]
+        modifiers = [(kind, info.get(kind)) for kind in ("policy", "transform", "scorer")]
+        shown = [(kind, part) for kind, part in modifiers if isinstance(part, dict)]
+        if isinstance(info.get("scorer"), dict):
+            lossless = None  # a scorer reads documents: nothing generated to be lossless about
+        if shown:  # DECODER+MODIFIERS: theirs, under the decoder
             paper = "; ".join(f"{part.get('paper') or part.get('name')} ({kind}"
                               + (", simulated" if part.get("simulated") else "") + ")" for kind, part in shown)
             paper += f", under {info.get('decoder', '?')}"
@@ -485,20 +486,13 @@ def _roofline_display(manifest: dict, ok: pd.DataFrame, baseline: str) -> dict |
     roof = manifest.get("roofline") or {}
     if "device" not in roof or "target" not in roof:
         return None  # a run from before the roofline was measured
-    from methods.common.cache_policy import parse
+    from methods.common.cache_policy import Spec
 
-    def spec(method: str):
-        try:
-            return parse(method)
-        except (KeyError, ValueError):  # a method this checkout no longer registers
-            return None
-
-    decoder = parse(baseline).decoder  # `ar` of `ar+int8` (run --transform): each limit gets its own models' rows
-    specs = ok["method"].map(spec)  # from the name, so records from before the decoder/transform fields count
+    decoder = (_spec(baseline) or Spec(baseline)).decoder  # `ar` of `ar+int8` (run --transform): each limit gets its own models' rows
+    specs = ok["method"].map(_spec)  # from the name, so records from before the decoder/transform fields count
 
     def plain_under(transform: str | None) -> pd.DataFrame:
-        return ok[specs.map(lambda s: s is not None and s.decoder == decoder and s.policy is None
-                            and s.transform == transform).astype(bool)]
+        return ok[specs.map(lambda s: s == Spec(decoder, None, transform)).astype(bool)]
 
     plain = plain_under(None)
     reached = roofline.efficiency(roof["device"], roof["target"], roofline.decode_tokens_per_s(plain.to_dict("records")))
@@ -728,15 +722,26 @@ def _without_duplicates(records: list[dict]) -> tuple[list[dict], str | None]:
     return list(kept.values()), note
 
 
+def _spec(method: str):
+    """A method name taken apart (methods.common.cache_policy.parse); None for one this checkout cannot parse."""
+    from methods.common.cache_policy import parse  # here, not at import: it loads transformers' attention code
+
+    try:
+        return parse(method)
+    except (KeyError, ValueError):
+        return None
+
+
 def run_baseline(records: pd.DataFrame, baseline: str) -> str:
     """`baseline`, or where the run has no such method and asked for `ar`, its one `ar` under a transform
     (`run --transform int8`: ar+int8), so every figure is against the same models."""
     present = set(records["method"]) if "method" in records else set()
     if baseline in present or baseline != "ar":
         return baseline
-    from methods.common.cache_policy import Spec, parse
+    from methods.common.cache_policy import Spec
 
-    plain = [name for name in present if parse(name) == Spec("ar", None, parse(name).transform)]
+    specs = {name: _spec(name) for name in present}
+    plain = [name for name, spec in specs.items() if spec is not None and spec == Spec("ar", None, spec.transform)]
     return plain[0] if len(plain) == 1 else baseline
 
 

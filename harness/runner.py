@@ -14,6 +14,7 @@ import zlib
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -392,13 +393,13 @@ class Runner:
             raise RunConfigError(f"--budget does not apply to suite {self.cfg.suite}: a document is read whole")
 
     def _likelihood(self, method: Method, item: Item) -> dict:
-        scorer = getattr(method, "scorer", None)
-        if scorer is not None:
-            return self._scored(method, scorer, item)
         """Read the document under the method (a transform applied and/or a policy attached, or the model
         itself), timed and counted as a generation is, as the suite's reading options say (suites/documents.py:
         ReadingOptions); the NLL of every scored token, the log-likelihood of each pass, and the perplexities
-        lm-eval defines. The transform goes on before the timing starts."""
+        lm-eval defines. The transform goes on before the timing starts. A scorer reads it its own way."""
+        scorer = getattr(method, "scorer", None)
+        if scorer is not None:
+            return self._scored(method, scorer, item)
         opts, model, text = self.suite.options, self.target.model, item.turns[0]
         ids = self.target.tokenizer(text, add_special_tokens=False)["input_ids"]
         prefix = likelihood.prefix_token_id(self.target.tokenizer) if opts.prefix == "bos" else None
@@ -410,25 +411,32 @@ class Runner:
             window = opts.window or int(getattr(model.config, "max_position_embeddings", 0) or len(ids))
             stride = opts.stride_for(window)
             read, how = (lambda: likelihood.read_sliding(model, ids, window, stride)), f"sliding {window}/{stride}"
+        reading, counted = self._timed_reading(method, read, len(ids))
+        return {"prompt_tokens": len(ids), "token_nll": reading.nll, "window_tokens": reading.windows,
+                "window_loglik": reading.window_loglik, **counted,
+                "task_metric": how + (", first token after BOS" if prefix is not None else ""),
+                **likelihood.perplexities(reading.nll, text)}
+
+    def _timed_reading(self, method: Method, read, tokens: int) -> tuple[Any, dict]:
+        """`read()` under the method's transform (applied before the timing) and policy (attached inside it),
+        timed and counted, and the record fields it measured."""
+        model, policy = self.target.model, getattr(method, "policy", None)
         with self._transformed(method):
             self.target_counter.reset()
             self.kv_watch.reset()
             synchronize(model)
             start = time.perf_counter()
             with policy.attach(model) if policy is not None else contextlib.nullcontext():
-                reading = read()
+                result = read()
             synchronize(model)
             wall = time.perf_counter() - start
         self.kv_watch.finish()
         tc = self.target_counter
-        return {"prompt_tokens": len(ids), "token_nll": reading.nll, "window_tokens": reading.windows,
-                "window_loglik": reading.window_loglik, "wall_s": wall, "target_calls": tc.calls,
-                "target_tokens": tc.tokens, "target_widths": tc.widths, "target_pass_s": tc.pass_seconds(),
-                "tokens_per_s": len(ids) / wall if wall > 0 else None, "extras": {},
-                "kv_cache_peak_bytes": self.kv_watch.peak, "kv_cache_final_bytes": self.kv_watch.last,
-                "policy_state_bytes": self.kv_watch.policy_peak,
-                "task_metric": how + (", first token after BOS" if prefix is not None else ""),
-                **likelihood.perplexities(reading.nll, text)}
+        return result, {"wall_s": wall, "target_calls": tc.calls, "target_tokens": tc.tokens,
+                        "target_widths": tc.widths, "target_pass_s": tc.pass_seconds(),
+                        "tokens_per_s": tokens / wall if wall > 0 else None, "extras": {},
+                        "kv_cache_peak_bytes": self.kv_watch.peak, "kv_cache_final_bytes": self.kv_watch.last,
+                        "policy_state_bytes": self.kv_watch.policy_peak}
 
     def _scored(self, method: Method, scorer, item: Item) -> dict:
         """The document's log-likelihood as the scorer reads it (byte_level: over every canonical tokenization,
@@ -440,22 +448,10 @@ class Runner:
         if limit and tokens + 1 > limit:
             raise RunConfigError(f"{scorer.name} reads a document in one pass: {item.item_id} has {tokens} tokens, "
                                  f"more than the model's {limit}; cut it with --option length=N")
-        with self._transformed(method):
-            self.target_counter.reset()
-            self.kv_watch.reset()
-            synchronize(model)
-            start = time.perf_counter()
-            total = scorer.total_nll(model, tokenizer, text)
-            synchronize(model)
-            wall = time.perf_counter() - start
-        self.kv_watch.finish()
-        tc = self.target_counter
+        total, counted = self._timed_reading(method, lambda: scorer.total_nll(model, tokenizer, text), tokens)
         settings = ", ".join(f"{k} {v}" for k, v in asdict(scorer.config).items())
         return {"prompt_tokens": tokens, "token_nll": [], "window_tokens": [tokens], "window_loglik": [-total],
-                "wall_s": wall, "target_calls": tc.calls, "target_tokens": tc.tokens, "target_widths": tc.widths,
-                "target_pass_s": tc.pass_seconds(), "tokens_per_s": tokens / wall if wall > 0 else None,
-                "extras": {}, "kv_cache_peak_bytes": self.kv_watch.peak, "kv_cache_final_bytes": self.kv_watch.last,
-                "task_metric": f"{scorer.name} ({scorer.unit}s, every canonical tokenization; {settings})",
+                **counted, "task_metric": f"{scorer.name} ({scorer.unit}s, every canonical tokenization; {settings})",
                 **likelihood.perplexities_of_total(total, text, scored_tokens=0)}
 
     def _prompt_ids(self, item: Item, turn: int, answers: list[str]) -> list[int]:

@@ -4,21 +4,11 @@ of each kind of perturbation, from records of several runs (one strength per run
 """
 from __future__ import annotations
 
-import math
-
 import pandas as pd
 
-from harness.longtables import document_nll
+from harness.longtables import pooled_perplexity
 
 SWEEP_KEYS = ("on", "kind", "strength")
-
-
-def _pooled(own: pd.DataFrame) -> dict:
-    """Word perplexity and bits per byte pooled over documents, as lm-eval pools a corpus."""
-    total = math.fsum(document_nll(record) for _, record in own.iterrows())
-    words, size = own["words"].sum(), own["bytes"].sum()
-    return {"documents": len(own), "word ppl": math.exp(total / words) if words else math.nan,
-            "bits per byte": total / (size * math.log(2)) if size else math.nan}
 
 
 def _perturbation(settings) -> tuple | None:
@@ -40,7 +30,7 @@ def perturbation_sweep(reading: pd.DataFrame) -> pd.DataFrame:
     if perturbed.empty or perturbed.groupby(["on", "kind"])["strength"].nunique().max() < 2:
         return pd.DataFrame()
     group = ["model"] if "model" in perturbed else []
-    rows = [{**dict(zip(group + list(SWEEP_KEYS), key if isinstance(key, tuple) else (key,))), **_pooled(own)}
+    rows = [{**dict(zip(group + list(SWEEP_KEYS), key if isinstance(key, tuple) else (key,))), **pooled_perplexity(own)}
             for key, own in perturbed.groupby(group + list(SWEEP_KEYS), sort=True)]
     return pd.DataFrame(rows)
 
@@ -57,5 +47,5 @@ def baseline_levels(reading: pd.DataFrame, baseline: str) -> dict[str, float]:
         key = key if isinstance(key, tuple) else (key,)
         settings = own["transform_settings"].iloc[0] if "transform_settings" in own else None
         if key[-1] == baseline or (isinstance(settings, dict) and settings.get("mode") == "quant"):
-            levels[" ".join(map(str, key))] = _pooled(own)["word ppl"]
+            levels[" ".join(map(str, key))] = pooled_perplexity(own)["word ppl"]
     return levels

@@ -10,6 +10,7 @@ T, the text re-encoded whole from its first byte), and sums P(T) computed by one
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import random
@@ -312,6 +313,11 @@ def test_perplexity_suite_scores_a_document_per_byte(tok, model, tmp_path, capsy
     table = (out / "report" / "report.md").read_text().split("## Perplexity against position")[1].split("\n## ")[0]
     row = next(line for line in table.splitlines() if line.startswith("| byte_level |"))
     assert f"{total / (len(text) * math.log(2)):.4f}" in row
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["methods"]["byte_level"]["scorer"]["arxiv"] == "2410.09303"
+    methods = (out / "report" / "report.md").read_text().split("## Methods")[1]
+    listed = next(line for line in methods.splitlines() if line.startswith("| byte_level |"))
+    assert "2410.09303" in listed and "(scorer), under ar" in listed and "| — |" in listed
 
 
 def test_a_scorer_is_refused_where_it_cannot_apply(tmp_path):
